@@ -1,0 +1,45 @@
+# make demo   install everything and serve a demo Trac through nginx
+# make test   run the whole suite (real nginx, spawn-fcgi, Trac)
+# make bench  run the benchmark in bench/
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+DEBS   := nginx-light spawn-fcgi libfcgi-bin wrk
+
+.PHONY: all venv debs test demo bench clean
+
+all: test
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade 'pip' 'setuptools<81'
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Debian packages, installed only when a command is missing.
+debs:
+	@missing=""; \
+	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$$missing nginx-light"; \
+	command -v spawn-fcgi >/dev/null || missing="$$missing spawn-fcgi"; \
+	command -v cgi-fcgi >/dev/null || missing="$$missing libfcgi-bin"; \
+	command -v wrk >/dev/null || missing="$$missing wrk"; \
+	if [ -n "$$missing" ]; then \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+test: venv debs
+	$(PY) -m pytest
+
+demo: venv debs
+	$(PY) examples/demo.py
+
+bench: venv debs
+	bench/run
+
+clean:
+	rm -rf $(VENV) demo bench/work *.egg-info build

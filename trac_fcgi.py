@@ -1,0 +1,711 @@
+#!/usr/bin/env python3
+# -*- coding: utf-8 -*-
+"""trac_fcgi.py: a drop-in trac.fcgi that bounds its memory and never drops a request.
+
+Copy it over the cgi-bin/trac.fcgi that `trac-admin ENV deploy DIR` wrote, or
+run it as the launcher's WORKER_PATH.  It serves Trac (or any WSGI app) with
+flup's threaded FastCGI server, measures its resident memory, request count
+and age, and when one crosses its limit it asks its launcher for a
+replacement (SIGUSR1), keeps serving until the launcher says go (SIGHUP), then
+stops accepting and finishes every request it has accepted.
+
+The settings are environment variables, listed below with their defaults;
+`trac_fcgi.py --help` prints the same table.  Edit DEFAULT_TRAC_ENV as you
+would edit the trac.fcgi that trac-admin writes.
+"""
+
+import os
+
+# Used when neither TRAC_ENV nor TRAC_ENV_PARENT_DIR is set, like the
+# `os.environ['TRAC_ENV'] = ...` line of the trac.fcgi that trac-admin writes.
+DEFAULT_TRAC_ENV = "/var/lib/trac/project"
+
+import ctypes
+import errno
+import importlib
+import io
+import random
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.parse
+import warnings
+
+# Trac 1.6 imports pkg_resources, whose deprecation warning would open every
+# worker's log; setup.cfg pins setuptools<81, which still ships it.
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+
+__version__ = "0.1.0"
+
+# How often the main loop looks at the clock, its parent and its memory when
+# no connection arrives.  Also bounds how long a lost signal goes unnoticed.
+PERIOD_S = 0.5
+# A worker whose SIGUSR1 went unanswered asks again this often: standard
+# signals coalesce, so two workers asking at once can reach the launcher as one.
+REASK_S = 5.0
+# After EMFILE, leave the backlog alone this long instead of spinning on it.
+ACCEPT_PAUSE_S = 0.1
+
+
+# --------------------------------------------------------------------------
+# Settings: declared once; this table feeds parsing, validation and --help.
+
+class BadSetting(Exception):
+    """A setting the operator can fix: printed as one line, exit status 2."""
+
+
+def size(text):
+    """a size in bytes with an optional K, M or G suffix, e.g. 128M"""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper()
+    factor = units.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in units else text
+    if not number.isdigit():
+        raise ValueError
+    return int(number) * factor
+
+
+def count(text):
+    """a whole number, 0 or more"""
+    if not text.strip().isdigit():
+        raise ValueError
+    return int(text)
+
+
+def positive_count(text):
+    """a whole number, 1 or more"""
+    value = count(text)
+    if value < 1:
+        raise ValueError
+    return value
+
+
+def seconds(text):
+    """a number of seconds, 0 or more"""
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise ValueError
+    return value
+
+
+def positive_seconds(text):
+    """a number of seconds above 0"""
+    value = seconds(text)
+    if value == 0:
+        raise ValueError
+    return value
+
+
+def fraction(text):
+    """a fraction from 0 to 0.5"""
+    value = float(text)
+    if not 0 <= value <= 0.5:
+        raise ValueError
+    return value
+
+
+def warmup_path(text):
+    """a URL path starting with / or the word off"""
+    if text != "off" and not text.startswith("/"):
+        raise ValueError
+    return None if text == "off" else text
+
+
+def app_spec(text):
+    """module:callable"""
+    module, sep, name = text.partition(":")
+    if not module or not sep or not name:
+        raise ValueError
+    return text
+
+
+# (environment variable, parser, default, meaning)
+SETTINGS = [
+    ("TRAC_FCGI_MAX_RSS", size, "128M",
+     "resident memory limit, a promise: past it the worker stops accepting at once; 0 turns it off"),
+    ("TRAC_FCGI_SOFT_RSS", size, None,
+     "resident memory at which the worker asks for its replacement (default 90% of MAX_RSS)"),
+    ("TRAC_FCGI_MAX_REQUESTS", count, "0", "requests after which the worker is replaced; 0 is off"),
+    ("TRAC_FCGI_MAX_LIFETIME", seconds, "0", "seconds after which the worker is replaced; 0 is off"),
+    ("TRAC_FCGI_JITTER", fraction, "0.1",
+     "each worker draws its request, age and soft memory limits within +-this "
+     "fraction, so workers do not recycle in lockstep (MAX_RSS is never raised)"),
+    ("TRAC_FCGI_DRAIN_TIMEOUT", positive_seconds, "30",
+     "seconds to finish accepted requests once told to go; what is left is abandoned and logged"),
+    ("TRAC_FCGI_MAX_THREADS", positive_count, "15",
+     "worker threads; a connection is accepted only when one is free, the rest wait in the backlog"),
+    ("TRAC_FCGI_IDLE_TIMEOUT", positive_seconds, "60",
+     "seconds a connection may stay silent (nothing sent, or stopped mid-record) before it is closed"),
+    ("TRAC_FCGI_WARMUP", warmup_path, "/",
+     "path requested in-process before READY=1, so the first real request finds the worker warm; off skips it"),
+    ("TRAC_FCGI_APP", app_spec, "trac.web.main:dispatch_request", "the WSGI application, as module:callable"),
+]
+
+# Read by Trac or flup themselves; listed in --help so that one page tells all.
+PASSED_THROUGH = [
+    ("TRAC_ENV", "the Trac environment to serve (default DEFAULT_TRAC_ENV, at the top of this file)"),
+    ("TRAC_ENV_PARENT_DIR", "serve every Trac environment in this directory instead"),
+    ("PYTHON_EGG_CACHE", "where plugin eggs are unpacked (default TRAC_ENV/.egg-cache)"),
+    ("FCGI_WEB_SERVER_ADDRS", "comma-separated web server addresses allowed on a TCP socket"),
+    ("FCGI_FORCE_CGI", "Y serves one CGI request, as flup does"),
+    ("LAUNCHER_PID, NOTIFY_SOCKET", "set by trac-fcgi-launcher; see its --help"),
+]
+
+HELP = """\
+usage: trac_fcgi.py [--bind ADDR] [--help]
+
+A drop-in trac.fcgi: serves Trac over FastCGI on fd 0 and replaces itself
+before its memory, request count or age pass their limits.
+
+  with spawn-fcgi:  spawn-fcgi -n -s /run/trac/trac.sock -- /srv/trac/cgi-bin/trac.fcgi
+  with a launcher:  WORKER_PATH=/srv/trac/cgi-bin/trac.fcgi trac-fcgi-launcher --bind unix:/run/trac/trac.sock
+  by hand:          trac_fcgi.py --bind 127.0.0.1:9000   (or unix:/path)
+  in a terminal:    runs one CGI request, as flup does (REQUEST_METHOD etc. from the environment)
+
+settings (environment variables):
+%s
+
+also read:
+%s
+
+signals:
+  SIGHUP   stop accepting, finish every accepted request, exit 0 (under a
+           launcher), or re-execute in place (under plain spawn-fcgi)
+  SIGTERM  stop accepting, finish every accepted request, exit 0
+  SIGINT   same as SIGTERM
+"""
+
+
+def help_text():
+    rows = ["  %-24s %s (default %s)" % (name, meaning, default if default is not None else "see meaning")
+            for name, _, default, meaning in SETTINGS]
+    passed = ["  %-24s %s" % row for row in PASSED_THROUGH]
+    return HELP % ("\n".join(rows), "\n".join(passed))
+
+
+class Limits:
+    """Every setting, parsed and checked once at start, and this worker's draw of the jittered ones."""
+
+    def __init__(self, environ):
+        for name, parse, default, _ in SETTINGS:
+            raw = environ.get(name, default)
+            attribute = name[len("TRAC_FCGI_"):].lower()
+            if raw is None:
+                setattr(self, attribute, None)
+                continue
+            try:
+                setattr(self, attribute, parse(raw))
+            except ValueError:
+                raise BadSetting("%s=%r is not %s; fix or unset it (default %s)"
+                                 % (name, raw, parse.__doc__, default))
+        if self.soft_rss is None:
+            self.soft_rss = self.max_rss * 9 // 10
+        elif self.max_rss and self.soft_rss > self.max_rss:
+            raise BadSetting("TRAC_FCGI_SOFT_RSS=%s is above TRAC_FCGI_MAX_RSS=%s; set it lower"
+                             % (environ["TRAC_FCGI_SOFT_RSS"], environ.get("TRAC_FCGI_MAX_RSS", "128M")))
+        # Drawn once per worker, so that N workers started together spread out.
+        draw = lambda limit: int(limit * random.uniform(1 - self.jitter, 1 + self.jitter))
+        self.max_requests = draw(self.max_requests)
+        self.max_lifetime = draw(self.max_lifetime)
+        # The soft mark moves, the hard limit never: MAX_RSS is the promise.
+        self.soft_rss = min(draw(self.soft_rss), self.max_rss or sys.maxsize)
+
+
+# --------------------------------------------------------------------------
+# Logging: one line per event, key=value, on stderr.
+
+def log(event, **facts):
+    words = ["trac-fcgi[%d]" % os.getpid(), "event=%s" % event]
+    words += ["%s=%s" % (key, "%.3f" % value if isinstance(value, float) else value)
+              for key, value in facts.items() if value is not None]
+    sys.stderr.write(" ".join(words) + "\n")
+    sys.stderr.flush()
+
+
+# --------------------------------------------------------------------------
+# Measuring and talking to the launcher.
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+class ResidentMemory:
+    """Current (not peak) resident size, from one pread of a kept-open /proc/self/statm."""
+
+    def __init__(self):
+        self.fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+
+    def __call__(self):
+        return int(os.pread(self.fd, 128, 0).split()[1]) * PAGE_SIZE
+
+
+def sd_notify(message):
+    """Send one sd_notify datagram, if someone gave us a NOTIFY_SOCKET."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            sock.sendto(message.encode(), address)
+        except OSError as error:
+            log("notify-failed", message=message, error=error.strerror)
+
+
+def launcher_pid():
+    """The launcher that started us, or None (plain spawn-fcgi, a terminal)."""
+    pid = os.environ.get("LAUNCHER_PID", "")
+    return int(pid) if pid.isdigit() else None
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def hup_when_parent_dies():
+    """Have the kernel send SIGHUP the moment our launcher dies, even by SIGKILL.
+
+    The getppid() check in the main loop covers systems where prctl is not
+    to be had, and the race in which the launcher died before this call.
+    """
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGHUP, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+# --------------------------------------------------------------------------
+# The server.
+
+from flup.server import fcgi_base  # noqa: E402  (after the settings an admin edits)
+from flup.server.fcgi import WSGIServer  # noqa: E402
+from flup.server.threadpool import ThreadPool  # noqa: E402
+
+
+class QueueingThreadPool(ThreadPool):
+    """flup's pool, told never to refuse a job.
+
+    Stock flup closes a connection when no thread is idle (DESIGN.md, "Pool
+    full means 502").  The server below accepts only when one of its threads
+    is free, so a job handed in here always finds a thread; queueing only
+    covers the instant between a thread finishing a request and flup marking
+    it idle.
+    """
+
+    def addJob(self, job, allowQueuing=True):
+        return ThreadPool.addJob(self, job, allowQueuing=True)
+
+
+class CountedConnection(fcgi_base.Connection):
+    """A FastCGI connection counted from the moment it is accepted until it is closed.
+
+    Counting from accept, not from when a thread picks the job up, closes the
+    "accepted but not started" gap: flup's shutdown() drops a queued job,
+    and we never call it while the count is above zero.
+    """
+
+    def __init__(self, sock, addr, server, timeout):
+        fcgi_base.Connection.__init__(self, sock, addr, server, timeout)
+        server.connection_opened()
+        # A client that sends nothing, or stops mid-record, would otherwise
+        # pin this thread forever: flup reads with no time limit.
+        sock.settimeout(server.limits.idle_timeout)
+        self.last_heard = time.monotonic()
+
+    def run(self):
+        try:
+            fcgi_base.Connection.run(self)
+        except Exception:
+            pass  # malformed input or a vanished client ends this connection only
+        finally:
+            self._sock.close()
+            self.server.connection_closed()
+
+    def process_input(self):
+        # flup waits for the next record in 1 s selects for as long as the
+        # connection is open.  Two reasons to stop waiting: the client has been
+        # silent too long, or we are draining and the connection is between
+        # requests (kept alive by nginx, which retries a request that finds a
+        # cached connection closed).
+        while self._keepGoing:
+            ready, _, _ = select.select([self._sock], [], [], PERIOD_S)
+            if ready:
+                self.last_heard = time.monotonic()
+                return fcgi_base.Connection.process_input(self)
+            if self.server.draining and not self._requests:
+                raise EOFError
+            if time.monotonic() - self.last_heard > self.server.limits.idle_timeout:
+                self.server.idle_connection_closed(self._addr)
+                raise EOFError
+
+    def _cleanupSocket(self):
+        # flup lingers until the client closes, with no time limit; a client
+        # that never closes would pin the thread.  Linger at most idle_timeout.
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + self.server.limits.idle_timeout
+            while time.monotonic() < deadline and self._sock.recv(4096):
+                pass
+        except OSError:
+            pass
+        self._sock.close()
+
+
+class CountedRequest(fcgi_base.Request):
+    """Counts requests and measures memory after each one."""
+
+    def run(self):
+        try:
+            fcgi_base.Request.run(self)
+        finally:
+            self.server.request_finished()
+
+
+class RecyclingWSGIServer(WSGIServer):
+    """flup's threaded FastCGI server that replaces itself before it grows too big.
+
+    flup's own main loop (ThreadedServer.run) cannot keep our promises through
+    its hooks, so _serve() below replaces it, and says why at each point.
+    _mainloopPeriodic() is still called on every pass, as in flup.
+    """
+
+    request_class = CountedRequest
+
+    def __init__(self, application, limits, bindAddress=None):
+        # ThreadedServer.__init__ would start a stock pool's threads only for
+        # us to replace it, so only the FastCGI half is initialised here.
+        fcgi_base.BaseFCGIServer.__init__(self, application, multithreaded=True, multiprocess=True,
+                                          bindAddress=bindAddress, multiplexed=False)
+        # Every thread is started up front and none dies off, so "a thread is
+        # free" is simply "fewer connections than threads".
+        self._threadPool = QueueingThreadPool(minSpare=1, maxSpare=limits.max_threads,
+                                              maxThreads=limits.max_threads)
+        self.limits = limits
+        self.rss = ResidentMemory()
+        self.started = time.monotonic()
+        self.launcher = launcher_pid()
+        self.lock = threading.Lock()
+        self.connections = 0
+        self.requests = 0
+        self.draining = False
+        self.stop_reason = None      # why we stopped accepting
+        self.reexec = False          # after draining, exec ourselves in place
+        self.replacement_asked = None
+        self.accept_paused_until = 0.0
+        # Threads and signal handlers wake the main loop through this pipe.
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # -- counting (called from connection threads) -------------------------
+
+    def connection_opened(self):
+        with self.lock:
+            self.connections += 1
+
+    def connection_closed(self):
+        with self.lock:
+            self.connections -= 1
+            was_full = self.connections == self.limits.max_threads - 1
+        if was_full or self.draining:
+            self.wake()
+
+    def request_finished(self):
+        with self.lock:
+            self.requests += 1
+        # Measured after every request, so the hard limit is overshot by at
+        # most what one request allocates.
+        if self.limits.max_rss and self.rss() >= self.limits.max_rss and not self.draining:
+            self.wake()
+
+    def idle_connection_closed(self, addr):
+        log("idle-closed", peer=addr or "unix", idle_timeout_s=self.limits.idle_timeout)
+
+    def wake(self):
+        try:
+            os.write(self.wake_w, b"\0")
+        except BlockingIOError:
+            pass  # already awake
+
+    # -- the main loop -----------------------------------------------------
+
+    def _serve(self, sock):
+        """Accept only with a thread free; never block in accept(); wake at once on a signal."""
+        # O_NONBLOCK lives on the open file description that the launcher and
+        # every worker share.  We set it knowingly: a worker that loses the race
+        # for a connection must get EAGAIN, not sleep in accept() deaf to
+        # signals (DESIGN.md, "Blocked in accept() ignores signals").
+        sock.setblocking(False)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        while not self.draining:
+            watch = [self.wake_r]
+            if self.connections < self.limits.max_threads and time.monotonic() >= self.accept_paused_until:
+                watch.append(sock)
+            ready, _, _ = select.select(watch, [], [], PERIOD_S)
+            if self.wake_r in ready:
+                self.drain_pipe()
+            if sock in ready and not self.stop_reason:
+                self.accept(sock)
+            self._mainloopPeriodic()
+
+    def accept(self, sock):
+        try:
+            client, addr = sock.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return  # another worker took it, or the client gave up
+        except OSError as error:
+            if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                # The connection stays in the backlog for a worker that can
+                # take it; pausing keeps select() from spinning on it.
+                if time.monotonic() - self.accept_paused_until > 10:
+                    log("accept-failed", error=error.strerror, connections=self.connections,
+                        hint="raise the open-files limit (ulimit -n) or lower TRAC_FCGI_MAX_THREADS")
+                self.accept_paused_until = time.monotonic() + ACCEPT_PAUSE_S
+                return
+            raise
+        client.setblocking(True)
+        if not self._isClientAllowed(addr):
+            log("refused-peer", peer=addr[0], allowed=",".join(self._web_server_addrs))
+            client.close()
+            return
+        self._threadPool.addJob(CountedConnection(client, addr, self, None))
+
+    def _isClientAllowed(self, addr):
+        # FCGI_WEB_SERVER_ADDRS names IP addresses; it says nothing about unix
+        # sockets, whose peers have no address (flup would refuse them all).
+        if not isinstance(addr, tuple) or self._web_server_addrs is None:
+            return True
+        return addr[0] in self._web_server_addrs
+
+    def drain_pipe(self):
+        try:
+            while os.read(self.wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _mainloopPeriodic(self):
+        """Called on every pass of the main loop: the whole recycling policy."""
+        if self.draining:
+            return
+        rss = self.rss()
+        age = time.monotonic() - self.started
+        limits = self.limits
+        if self.stop_reason:
+            return self.stop_accepting(self.stop_reason)
+        if self.launcher is not None and os.getppid() != self.launcher:
+            return self.stop_accepting("launcher gone")
+        if limits.max_rss and rss >= limits.max_rss:
+            # The limit is a promise: stop now, replacement ready or not.
+            # Connections wait in the backlog; none is refused.
+            return self.stop_accepting("max_rss")
+        reason = ("rss" if limits.soft_rss and rss >= limits.soft_rss
+                  else "requests" if limits.max_requests and self.requests >= limits.max_requests
+                  else "age" if limits.max_lifetime and age >= limits.max_lifetime
+                  else None)
+        if reason:
+            self.ask_for_replacement(reason, rss, age)
+
+    def ask_for_replacement(self, reason, rss, age):
+        now = time.monotonic()
+        if self.replacement_asked is not None and now - self.replacement_asked < REASK_S:
+            return
+        first = self.replacement_asked is None
+        self.replacement_asked = now
+        if self.launcher is None:
+            # Plain spawn-fcgi: nobody to ask.  Drain, then exec in place;
+            # fd 0 survives exec, so new connections wait in the backlog.
+            log("recycle", reason=reason, rss=rss, requests=self.requests, age_s=age, next="re-exec")
+            self.reexec = True
+            return self.stop_accepting(reason)
+        if first:
+            log("recycle", reason=reason, rss=rss, requests=self.requests, age_s=age, next="ask launcher")
+        # Only our own launcher, never init or spawn-fcgi (the pid check above
+        # already stopped us if it is gone).
+        if os.getppid() == self.launcher:
+            os.kill(self.launcher, signal.SIGUSR1)
+
+    def stop_accepting(self, reason):
+        if not self.draining:
+            self.draining = True
+            log("drain", reason=reason, connections=self.connections, requests=self.requests, rss=self.rss())
+
+    # -- signals -------------------------------------------------------------
+
+    def _hupHandler(self, signum, frame):
+        # Under plain spawn-fcgi, SIGHUP is a graceful reload: drain, then exec.
+        if self.launcher is None:
+            self.reexec = True
+        self.stop_reason = self.stop_reason or "SIGHUP"
+
+    def _intHandler(self, signum, frame):
+        self.reexec = False
+        self.stop_reason = signal.Signals(signum).name
+
+    def _installSignalHandlers(self):
+        for signum, handler in ((signal.SIGHUP, self._hupHandler), (signal.SIGTERM, self._intHandler),
+                                (signal.SIGINT, self._intHandler)):
+            signal.signal(signum, handler)
+
+    # -- start and finish ------------------------------------------------------
+
+    def _setupSocket(self):
+        """flup's, which serves one CGI request and exits outside FastCGI.
+
+        flup wraps fd 0 as AF_INET whatever it is; we rewrap it with its real
+        family, so unix peers are told apart from TCP ones, and check that it
+        listens: accept() on anything else would fail on every pass.
+        """
+        sock = WSGIServer._setupSocket(self)
+        if self._bindAddress is not None:
+            return sock
+        real = socket.socket(fileno=os.dup(sock.fileno()))
+        sock.close()
+        if not real.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise BadSetting("fd 0 is a socket but not a listening one: start me under spawn-fcgi "
+                             "or trac-fcgi-launcher, or use --bind ADDR")
+        return real
+
+    def run(self, sock):
+        """Serve until told to go, drain, and return True to re-exec in place."""
+        self._web_server_addrs = os.environ.get("FCGI_WEB_SERVER_ADDRS")
+        if self._web_server_addrs is not None:
+            self._web_server_addrs = [a.strip() for a in self._web_server_addrs.split(",")]
+        self._installSignalHandlers()
+        self._serve(sock)
+        # Stop accepting: close our handle.  fd 0 itself stays open, for the
+        # re-exec and because the launcher holds the socket anyway.
+        sock.close()
+        self.finish_accepted()
+        return self.reexec
+
+    def finish_accepted(self):
+        """Wait, up to the drain timeout, until every accepted connection is closed."""
+        started = time.monotonic()
+        deadline = started + self.limits.drain_timeout
+        while self.connections and time.monotonic() < deadline:
+            select.select([self.wake_r], [], [], min(PERIOD_S, max(0, deadline - time.monotonic())))
+            self.drain_pipe()
+        log("drained", drain_s=time.monotonic() - started, abandoned=self.connections,
+            requests=self.requests, rss=self.rss())
+        sd_notify("STOPPING=1")
+
+
+# --------------------------------------------------------------------------
+# The application.
+
+class UnquotePathInfo:
+    """Trac's own fix for flup (trac.web.fcgi_frontend): flup leaves PATH_INFO quoted."""
+
+    def __init__(self, application):
+        self.application = application
+
+    def __call__(self, environ, start_response):
+        environ["PATH_INFO"] = urllib.parse.unquote(environ.get("PATH_INFO", ""))
+        return self.application(environ, start_response)
+
+
+def prepare_trac_environment():
+    """The environment that Trac's deploy template sets up."""
+    if "TRAC_ENV" not in os.environ and "TRAC_ENV_PARENT_DIR" not in os.environ:
+        os.environ["TRAC_ENV"] = DEFAULT_TRAC_ENV
+    if "PYTHON_EGG_CACHE" not in os.environ:
+        base = os.environ.get("TRAC_ENV") or os.environ["TRAC_ENV_PARENT_DIR"]
+        os.environ["PYTHON_EGG_CACHE"] = os.path.join(base, ".egg-cache")
+    env_path = os.environ.get("TRAC_ENV")
+    if env_path and not os.path.isfile(os.path.join(env_path, "VERSION")):
+        raise BadSetting("TRAC_ENV=%r is not a Trac environment (no VERSION file): point it at "
+                         "one made by trac-admin PATH initenv, or edit DEFAULT_TRAC_ENV" % env_path)
+    parent = os.environ.get("TRAC_ENV_PARENT_DIR")
+    if not env_path and not os.path.isdir(parent):
+        raise BadSetting("TRAC_ENV_PARENT_DIR=%r is not a directory: point it at the directory "
+                         "that holds your Trac environments" % parent)
+
+
+def load_application(spec):
+    module_name, _, name = spec.partition(":")
+    if module_name.split(".")[0] == "trac":
+        prepare_trac_environment()
+    try:
+        module = importlib.import_module(module_name)
+        application = getattr(module, name)
+    except Exception as error:  # an app that fails to import is a setting to fix
+        raise BadSetting("TRAC_FCGI_APP=%s cannot be loaded (%s: %s): install it or fix the name"
+                         % (spec, type(error).__name__, error))
+    return UnquotePathInfo(application)
+
+
+def warm_up(application, path):
+    """Serve one request in-process, so the first real one finds templates compiled.
+
+    Returns the HTTP status.  A replacement whose warm-up fails with a server
+    error must not take over from a worker that serves.
+    """
+    environ = {
+        "REQUEST_METHOD": "GET", "SCRIPT_NAME": "", "PATH_INFO": path, "QUERY_STRING": "",
+        "SERVER_NAME": "localhost", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": "127.0.0.1", "HTTP_HOST": "localhost",
+        "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(),
+        "wsgi.errors": sys.stderr, "wsgi.multithread": True, "wsgi.multiprocess": True,
+        "wsgi.run_once": False,
+    }
+    status = []
+    result = application(environ, lambda s, headers, exc_info=None: status.append(s) or (lambda data: None))
+    try:
+        for _ in result:
+            pass
+    finally:
+        if hasattr(result, "close"):
+            result.close()
+    return int(status[0].split()[0]) if status else 500
+
+
+def parse_bind(address):
+    """--bind: unix:/path or HOST:PORT, as flup's bindAddress wants it."""
+    if address.startswith("unix:"):
+        return address[len("unix:"):]
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise BadSetting("--bind %r is not an address: use unix:/path or HOST:PORT" % address)
+    return (host.strip("[]"), int(port))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        sys.stdout.write(help_text())
+        return 0
+    try:
+        bind = None
+        if argv[:1] == ["--bind"] and len(argv) == 2:
+            bind = parse_bind(argv[1])
+        elif argv:
+            raise BadSetting("unknown arguments %s: the only option is --bind ADDR (see --help)" % " ".join(argv))
+        limits = Limits(os.environ)
+        application = load_application(limits.app)
+        server = RecyclingWSGIServer(application, limits, bindAddress=bind)
+        sock = server._setupSocket()
+    except BadSetting as problem:
+        sys.stderr.write("trac-fcgi: %s\n" % problem)
+        return 2
+
+    if launcher_pid() is not None:
+        hup_when_parent_dies()
+    if limits.warmup:
+        started = time.monotonic()
+        status = warm_up(application, limits.warmup)
+        log("warm", path=limits.warmup, status=status, warm_s=time.monotonic() - started, rss=server.rss())
+        if status >= 500:
+            log("warm-failed", path=limits.warmup, status=status,
+                hint="the worker that serves now keeps serving; fix the app or set TRAC_FCGI_WARMUP")
+            return 1
+    sd_notify("READY=1")
+    # Re-exec only where fd 0 is the socket: it survives exec, a --bind one does not.
+    if server.run(sock) and bind is None:
+        log("re-exec")
+        os.execv(sys.executable, [sys.executable] + sys.argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
