@@ -1,0 +1,195 @@
+"""What the tests share: a real FastCGI client, processes with their logs, and patience.
+
+Nothing here stands in for the thing under test: every helper starts or talks
+to real processes over real sockets.
+"""
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from flup.client.fcgi_app import FCGIApp
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+LAUNCHER = str(ROOT / "launcher.py")
+TRAC_FCGI = str(ROOT / "trac_fcgi.py")
+WORKERS = ROOT / "tests" / "workers"
+
+
+# --------------------------------------------------------------------------
+# A FastCGI client: flup's own, over a unix or TCP socket.
+
+class FlupClient(FCGIApp):
+    """flup.client.fcgi_app.FCGIApp with a time limit, and unix paths that work on Python 3."""
+
+    def __init__(self, address, timeout=30):
+        FCGIApp.__init__(self, connect=address)
+        self.timeout = timeout
+
+    def _getConnection(self):
+        if isinstance(self._connect, str):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            sock.connect(self._connect)
+            return sock
+        return socket.create_connection(self._connect, timeout=self.timeout)
+
+
+class Response:
+    def __init__(self, status, headers, body):
+        self.status, self.headers, self.body = status, headers, body
+
+    def __repr__(self):
+        return "<Response %d, %d bytes>" % (self.status, len(self.body))
+
+
+def fcgi_get(address, path="/", query="", timeout=30, headers=None):
+    """One GET through a real FastCGI client; raises OSError if the worker fails us."""
+    environ = {
+        "REQUEST_METHOD": "GET", "SCRIPT_NAME": "", "PATH_INFO": path, "QUERY_STRING": query,
+        "REQUEST_URI": path + ("?" + query if query else ""),
+        "SERVER_NAME": "localhost", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": "127.0.0.1", "HTTP_HOST": "localhost", "wsgi.input": _Empty(),
+    }
+    environ.update(headers or {})
+    seen = {}
+
+    def start_response(status, response_headers):
+        seen["status"] = int(status.split()[0])
+        seen["headers"] = {k.decode().lower(): v.decode() for k, v in response_headers}
+
+    body = b"".join(FlupClient(address, timeout)(environ, start_response))
+    return Response(seen["status"], seen["headers"], body)
+
+
+class _Empty:
+    def read(self, size=-1):
+        return b""
+
+
+# --------------------------------------------------------------------------
+# Processes whose stderr goes to a file the test can watch.
+
+class Process:
+    """A real child process with its stderr in a log file that tests can wait on."""
+
+    def __init__(self, argv, log_path, env=None, stdin=None, **kw):
+        self.log_path = Path(log_path)
+        self.log_file = open(self.log_path, "ab")
+        environ = dict(os.environ)
+        environ.update(env or {})
+        self.popen = subprocess.Popen(argv, stdin=stdin if stdin is not None else subprocess.DEVNULL,
+                                      stdout=self.log_file, stderr=self.log_file, env=environ, **kw)
+        self.pid = self.popen.pid
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+    def events(self, event, **facts):
+        """Every log line with event=EVENT and the given key=value facts, as dicts."""
+        found = []
+        for line in self.log().splitlines():
+            fields = dict(re.findall(r"(\w+)=('[^']*'|\S+)", line))
+            if fields.get("event") == event and all(fields.get(k) == str(v) for k, v in facts.items()):
+                found.append(fields)
+        return found
+
+    def wait_for(self, event, count=1, timeout=30, **facts):
+        wait_until(lambda: len(self.events(event, **facts)) >= count, timeout,
+                   "%d x event=%s %s in %s:\n%s" % (count, event, facts, self.log_path, self.log()[-3000:]))
+        return self.events(event, **facts)
+
+    def signal(self, signum):
+        os.kill(self.pid, signum)
+
+    def wait(self, timeout=30):
+        return self.popen.wait(timeout)
+
+    def stop(self, timeout=30):
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                kill_tree(self.pid)
+                self.popen.wait(5)
+        self.log_file.close()
+
+
+def start_launcher(tmp_path, worker_argv, *flags, env=None, name="launcher"):
+    """The launcher on a fresh unix socket (its own --bind) running WORKER_ARGV."""
+    sock = str(tmp_path / (name + ".sock"))
+    argv = [PYTHON, LAUNCHER, "--bind", "unix:" + sock, *flags, "--", *worker_argv]
+    process = Process(argv, tmp_path / (name + ".log"), env=env)
+    process.socket = sock
+    return process
+
+
+def worker_script(name):
+    """argv for one of the small test workers in tests/workers/."""
+    return [PYTHON, str(WORKERS / name)]
+
+
+# --------------------------------------------------------------------------
+# Looking at processes through /proc.
+
+def children(pid):
+    """Live (non-zombie) direct children of PID."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path("/proc/%s/stat" % entry).read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(entry))
+    return found
+
+
+def alive(pid):
+    try:
+        stat = Path("/proc/%d/stat" % pid).read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def kill_tree(pid):
+    for child in children(pid):
+        kill_tree(child)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def wait_until(predicate, timeout=30, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %ss waiting for %s" % (timeout, what))
+        time.sleep(0.05)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_trac_env(path):
+    """A real Trac environment on SQLite, made by trac-admin initenv."""
+    trac_admin = str(Path(PYTHON).parent / "trac-admin")
+    subprocess.run([trac_admin, str(path), "initenv", "Test Project", "sqlite:db/trac.db"],
+                   check=True, capture_output=True)
+    return str(path)
