@@ -531,6 +531,9 @@ class Launcher:
     def rolling_restart(self, reason):
         if self.stopping_since is not None:
             return
+        if self.rolling:
+            # Coalesced into the restart under way: a burst costs nothing.
+            return log("coalesced", level=2, reason=reason)
         log("rolling-restart", reason=reason, workers=len(self.slots))
         self.rolling = True
         self.systemd.notify("RELOADING=1", "STATUS=rolling restart")
@@ -545,12 +548,17 @@ class Launcher:
             self.pending.append(slot)
 
     def start_next_handoff(self):
-        """At most one replacement warms up at a time, across all slots."""
+        """At most one replacement warms up at a time, across all slots.
+
+        A slot whose previous worker is still draining waits for it to exit,
+        so no slot ever has more than two processes, whatever the signals.
+        """
         if self.stopping_since is not None or any(s.replacement for s in self.slots):
             return
         now = time.monotonic()
+        draining = {w.slot for w in self.workers.values() if w.role == "draining"}
         for slot in self.pending:
-            if slot.not_before <= now:
+            if slot.not_before <= now and slot not in draining:
                 self.pending.remove(slot)
                 break
         else:

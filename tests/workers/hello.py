@@ -1,12 +1,17 @@
 """A small worker for launcher tests: trac_fcgi's server around a tiny WSGI app.
 
 Environment knobs (all optional):
-  HELLO_DELAY        seconds each request sleeps (a slow app)
-  HELLO_LEAK         bytes each request leaks (a growing app)
-  HELLO_START_DELAY  seconds to sleep before serving (a slow warm-up)
-  HELLO_NOTIFY       0: never speak the notify protocol (like a stock trac.fcgi)
+  HELLO_DELAY             seconds each request sleeps (a slow app); ?delay=S per request
+  HELLO_LEAK              bytes each request leaks (a growing app)
+  HELLO_START_DELAY       seconds to sleep before serving (a slow warm-up)
+  HELLO_NOTIFY            0: never speak the notify protocol (like a stock trac.fcgi)
+  HELLO_FAIL_IF_EXISTS    path: exit 1 at start while it exists (a broken replacement)
+  HELLO_SILENT_IF_EXISTS  path: while it exists, start but never say READY=1 nor serve
+  HELLO_TRACE             path: append "PID ready|hup MONOTONIC" lines, so a test
+                          can order events across processes
 """
 import os
+import sys
 import time
 
 _leak = []
@@ -20,19 +25,44 @@ def app(environ, start_response):
         time.sleep(delay)
     leak = int(os.environ.get("HELLO_LEAK", "0"))
     if leak:
-        _leak.append(bytearray(leak))
+        _leak.append(bytearray(b"x" * leak))
     body = ("hello from pid %d\n" % os.getpid()).encode()
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
 
 
-if __name__ == "__main__":
-    import sys
+def trace(what):
+    with open(os.environ["HELLO_TRACE"], "a") as log:
+        log.write("%d %s %.6f\n" % (os.getpid(), what, time.monotonic()))
+
+
+def main():
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
     time.sleep(float(os.environ.get("HELLO_START_DELAY", "0")))
+    if os.path.exists(os.environ.get("HELLO_FAIL_IF_EXISTS", "/nonexistent")):
+        sys.exit(1)
+    if os.path.exists(os.environ.get("HELLO_SILENT_IF_EXISTS", "/nonexistent")):
+        time.sleep(3600)
     if os.environ.get("HELLO_NOTIFY") == "0":
         os.environ.pop("NOTIFY_SOCKET", None)
     os.environ.setdefault("TRAC_FCGI_APP", "hello:app")
-    os.environ.setdefault("TRAC_FCGI_WARMUP", "/")
     import trac_fcgi
+    if os.environ.get("HELLO_TRACE"):
+        notify, hup = trac_fcgi.sd_notify, trac_fcgi.RecyclingWSGIServer._hupHandler
+
+        def traced_notify(message):
+            if message == "READY=1":
+                trace("ready")
+            notify(message)
+
+        def traced_hup(server, signum, frame):
+            trace("hup")
+            hup(server, signum, frame)
+
+        trac_fcgi.sd_notify = traced_notify
+        trac_fcgi.RecyclingWSGIServer._hupHandler = traced_hup
     sys.exit(trac_fcgi.main([]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,414 @@
+"""launcher.py, as a sysadmin would see it: real processes, sockets and signals.
+
+The workers are tests/workers/hello.py: trac_fcgi's server around a tiny app,
+with knobs to be slow, broken or silent.
+"""
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from support import (LAUNCHER, PYTHON, Process, alive, children, fcgi_get, start_launcher,
+                     wait_until, worker_script)
+
+HELLO = worker_script("hello.py")
+
+
+@pytest.fixture
+def launch(tmp_path):
+    """Start launchers on fresh sockets; stop them all at the end of the test."""
+    started = []
+
+    def launch(*flags, env=None, worker=HELLO, name="launcher"):
+        launcher = start_launcher(tmp_path, worker, *flags, env=env, name=name)
+        started.append(launcher)
+        return launcher
+
+    yield launch
+    for launcher in started:
+        launcher.stop(timeout=10)
+
+
+def serving_pid(launcher):
+    return int(fcgi_get(launcher.socket, "/").body.split()[-1])
+
+
+def slot_pids(launcher):
+    """{slot: pid} of the serving workers, from the launcher's own log."""
+    serving = {}
+    for line in launcher.events("ready"):
+        serving[line["slot"]] = int(line["pid"])
+    return serving
+
+
+class Poller(threading.Thread):
+    """A client that asks every 10 ms until stopped, and records every answer or failure."""
+
+    def __init__(self, address, path="/"):
+        super().__init__(daemon=True)
+        self.address, self.path = address, path
+        self.answers, self.failures = [], []
+        self.running = True
+
+    def run(self):
+        while self.running:
+            try:
+                response = fcgi_get(self.address, self.path, timeout=10)
+                self.answers.append((time.monotonic(), response.status, response.body))
+            except Exception as error:  # noqa: BLE001 - every failure counts
+                self.failures.append((time.monotonic(), repr(error)))
+            time.sleep(0.01)
+
+    def stop(self):
+        self.running = False
+        self.join(15)
+
+
+# --------------------------------------------------------------------------
+# Respawn and handoff
+
+def test_a_worker_that_exits_on_its_own_is_respawned_at_once(launch):
+    launcher = launch()
+    launcher.wait_for("all-ready")
+    first = serving_pid(launcher)
+    os.kill(first, signal.SIGTERM)  # it drains, says STOPPING=1 and exits 0
+    launcher.wait_for("exit", pid=first, status=0)
+    launcher.wait_for("ready", count=2, timeout=10)
+    assert serving_pid(launcher) != first
+    assert not launcher.events("backoff"), "a clean exit is no crash, however young"
+
+
+def test_a_worker_killed_young_is_a_crash_and_is_respawned_after_a_backoff(launch):
+    launcher = launch()
+    launcher.wait_for("all-ready")
+    first = serving_pid(launcher)
+    os.kill(first, signal.SIGKILL)
+    launcher.wait_for("exit", pid=first, signal="SIGKILL")
+    assert launcher.wait_for("backoff")[0]["delay_s"] == "1.000"
+    launcher.wait_for("ready", count=2, timeout=10)
+    assert serving_pid(launcher) != first
+
+
+def test_handoff_is_make_before_break_and_a_client_every_10ms_is_always_answered(launch, tmp_path):
+    trace = tmp_path / "trace"
+    launcher = launch(env={"HELLO_START_DELAY": "1", "HELLO_TRACE": str(trace)})
+    launcher.wait_for("all-ready")
+    old = serving_pid(launcher)
+    poller = Poller(launcher.socket)
+    poller.start()
+    time.sleep(0.2)
+    launcher.signal(signal.SIGUSR1)
+    launcher.wait_for("exit", pid=old, timeout=20)
+    time.sleep(0.3)
+    poller.stop()
+
+    assert poller.failures == []
+    pids = {int(body.split()[-1]) for _, status, body in poller.answers}
+    assert len(poller.answers) > 50 and all(status == 200 for _, status, _ in poller.answers)
+    new = slot_pids(launcher)["0"]
+    assert pids == {old, new}
+    # Across processes, on one monotonic clock: the old worker heard SIGHUP
+    # only after its replacement said READY=1.
+    events = {}
+    for line in trace.read_text().split("\n"):
+        if line:
+            pid, what, when = line.split()
+            events[(int(pid), what)] = float(when)
+    assert events[(new, "ready")] < events[(old, "hup")]
+    ready = launcher.events("ready", pid=new)[0]
+    assert float(ready["ready_s"]) >= 1.0, "the replacement's slow warm-up was waited for"
+
+
+def test_sigusr1_from_a_worker_replaces_only_that_worker(launch):
+    launcher = launch("--workers", "2", env={"TRAC_FCGI_MAX_REQUESTS": "3", "TRAC_FCGI_JITTER": "0"})
+    launcher.wait_for("all-ready")
+    before = slot_pids(launcher)
+    # Find slot 0's worker and send it 3 requests directly through the socket:
+    # the kernel picks the acceptor, so keep asking until that worker has served 3.
+    asker = before["0"]
+    served = 0
+    deadline = time.monotonic() + 20
+    while served < 3 and time.monotonic() < deadline:
+        if serving_pid(launcher) == asker:
+            served += 1
+    launcher.wait_for("replace", reason="'worker asked'", pid=asker)
+    launcher.wait_for("exit", pid=asker)
+    after = slot_pids(launcher)
+    assert after["0"] != before["0"]
+    assert alive(before["1"]) and after["1"] == before["1"] or launcher.events("replace", pid=before["1"])
+    assert not launcher.events("rolling-restart")
+
+
+def test_sigusr1_from_outside_replaces_every_worker_one_at_a_time(launch):
+    launcher = launch("--workers", "3")
+    launcher.wait_for("all-ready")
+    before = set(slot_pids(launcher).values())
+    launcher.signal(signal.SIGUSR1)
+    launcher.wait_for("rolling-restart-done", timeout=30)
+    after = set(slot_pids(launcher).values()) - before
+    assert len(after) == 3
+    wait_until(lambda: not any(alive(pid) for pid in before), 10, "the old workers to exit")
+    # One at a time: every warming spawn is followed by its ready before the next.
+    order = [line for line in launcher.log().splitlines() if "role=warming" in line or "by=notify" in line]
+    kinds = ["spawn" if "role=warming" in line else "ready" for line in order[3:]]
+    assert kinds == ["spawn", "ready"] * 3
+
+
+def test_a_burst_of_100_sigusr1_never_gives_a_slot_more_than_two_processes(launch):
+    launcher = launch(env={"HELLO_START_DELAY": "0.3"})
+    launcher.wait_for("all-ready")
+    most = [0]
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            most[0] = max(most[0], len(children(launcher.pid)))
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    for _ in range(100):
+        launcher.signal(signal.SIGUSR1)
+        time.sleep(0.005)
+    time.sleep(1)
+    wait_until(lambda: not launcher.events("rolling-restart")
+               or len(launcher.events("rolling-restart-done")) == len(launcher.events("rolling-restart")), 30)
+    stop.set()
+    watcher.join()
+    assert 1 <= most[0] <= 2
+    assert len(children(launcher.pid)) == 1
+    assert fcgi_get(launcher.socket).status == 200
+
+
+def test_a_replacement_that_dies_leaves_the_old_worker_serving_and_is_retried(launch, tmp_path):
+    broken = tmp_path / "broken"
+    launcher = launch(env={"HELLO_FAIL_IF_EXISTS": str(broken)})
+    launcher.wait_for("all-ready")
+    old = serving_pid(launcher)
+    broken.touch()
+    launcher.signal(signal.SIGHUP)
+    launcher.wait_for("backoff", timeout=10)
+    assert serving_pid(launcher) == old
+    broken.unlink()
+    launcher.wait_for("exit", pid=old, timeout=20)
+    assert serving_pid(launcher) != old
+
+
+def test_a_silent_replacement_is_killed_after_the_ready_timeout_when_workers_speak_notify(launch, tmp_path):
+    silent = tmp_path / "silent"
+    launcher = launch("--ready-timeout", "1", env={"HELLO_SILENT_IF_EXISTS": str(silent)})
+    launcher.wait_for("all-ready")
+    old = serving_pid(launcher)
+    silent.touch()
+    launcher.signal(signal.SIGHUP)
+    launcher.wait_for("ready-timeout", timeout=10)
+    assert serving_pid(launcher) == old
+    silent.unlink()
+    launcher.wait_for("exit", pid=old, timeout=20)
+    assert serving_pid(launcher) != old
+
+
+def test_a_worker_that_never_speaks_notify_counts_as_ready_once_the_timeout_passes(launch):
+    launcher = launch("--ready-timeout", "1", env={"HELLO_NOTIFY": "0"})
+    launcher.wait_for("all-ready")
+    assert launcher.events("ready", by="timeout")
+    old = serving_pid(launcher)
+    launcher.signal(signal.SIGHUP)
+    launcher.wait_for("exit", pid=old, timeout=20)
+    assert launcher.events("ready", by="timeout")[-1]["pid"] != str(old)
+    assert fcgi_get(launcher.socket).status == 200
+
+
+def test_without_memory_headroom_a_handoff_stops_the_old_worker_first_and_says_so(launch):
+    launcher = launch("--memory-reserve", "100000G")
+    launcher.wait_for("all-ready")
+    old = serving_pid(launcher)
+    launcher.signal(signal.SIGHUP)
+    launcher.wait_for("stop-then-start", pid=old)
+    launcher.wait_for("ready", count=2)
+    assert serving_pid(launcher) != old
+
+
+# --------------------------------------------------------------------------
+# Crashes
+
+def test_a_crashing_worker_is_respawned_with_doubling_backoff_and_sigterm_is_answered(tmp_path):
+    launcher = Process([PYTHON, LAUNCHER, "--bind", "unix:%s/s.sock" % tmp_path, "--", "/bin/false"],
+                       tmp_path / "launcher.log")
+    try:
+        spawns = launcher.wait_for("spawn", count=4, timeout=20)
+    finally:
+        launcher.signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert launcher.wait(5) == 0
+        assert time.monotonic() - started < 1.5
+    delays = [float(line["delay_s"]) for line in launcher.events("backoff")]
+    assert delays[:3] == [1.0, 2.0, 4.0]
+
+
+# --------------------------------------------------------------------------
+# Stop
+
+def test_sigterm_lets_requests_in_flight_finish_then_exits_zero(launch):
+    launcher = launch()
+    launcher.wait_for("all-ready")
+    result = {}
+    slow = threading.Thread(target=lambda: result.update(r=fcgi_get(launcher.socket, "/", query="delay=1.5")))
+    slow.start()
+    time.sleep(0.5)
+    launcher.signal(signal.SIGTERM)
+    slow.join(10)
+    assert result["r"].status == 200
+    assert launcher.wait(10) == 0
+    assert launcher.events("exit", status=0)
+
+
+def test_sigterm_kills_what_has_not_drained_by_the_stop_timeout(launch):
+    launcher = launch("--stop-timeout", "1", env={"TRAC_FCGI_DRAIN_TIMEOUT": "60"})
+    launcher.wait_for("all-ready")
+    hung = threading.Thread(target=lambda: fcgi_get(launcher.socket, "/", query="delay=60"), daemon=True)
+    hung.start()
+    time.sleep(0.5)
+    worker = children(launcher.pid)[0]
+    launcher.signal(signal.SIGTERM)
+    assert launcher.wait(10) == 0
+    assert launcher.events("kill", pid=worker, reason="'stop timeout'")
+    assert not alive(worker)
+
+
+def test_sigquit_stops_at_once(launch):
+    launcher = launch("--workers", "2")
+    launcher.wait_for("all-ready")
+    workers = children(launcher.pid)
+    launcher.signal(signal.SIGQUIT)
+    assert launcher.wait(5) == 0
+    assert not any(alive(pid) for pid in workers)
+
+
+def test_workers_leave_when_the_launcher_is_killed(launch):
+    launcher = launch("--workers", "2")
+    launcher.wait_for("all-ready")
+    workers = children(launcher.pid)
+    assert len(workers) == 2
+    launcher.signal(signal.SIGKILL)
+    launcher.wait(5)
+    wait_until(lambda: not any(alive(pid) for pid in workers), 3, "workers to leave")
+
+
+# --------------------------------------------------------------------------
+# Slots
+
+def test_workers_3_then_sigttin_adds_a_slot_and_sigttou_removes_one(launch):
+    launcher = launch("--workers", "3")
+    launcher.wait_for("all-ready")
+    assert len(children(launcher.pid)) == 3
+    launcher.signal(signal.SIGTTIN)
+    launcher.wait_for("slot-added", workers=4)
+    wait_until(lambda: len(children(launcher.pid)) == 4, 10)
+    launcher.wait_for("ready", slot=3)
+    launcher.signal(signal.SIGTTOU)
+    launcher.wait_for("slot-removed", workers=3)
+    launcher.wait_for("exit", slot=3, status=0)
+    wait_until(lambda: len(children(launcher.pid)) == 3, 10)
+    for workers in (2, 1):
+        launcher.signal(signal.SIGTTOU)
+        launcher.wait_for("slot-removed", workers=workers)
+    launcher.signal(signal.SIGTTOU)
+    wait_until(lambda: len(children(launcher.pid)) == 1, 10, "one worker left")
+    time.sleep(0.5)
+    assert len(children(launcher.pid)) == 1, "the last slot is never removed"
+    assert fcgi_get(launcher.socket).status == 200
+
+
+# --------------------------------------------------------------------------
+# Sockets
+
+def test_bind_unix_serves_and_the_socket_is_not_world_writable(launch):
+    launcher = launch()
+    launcher.wait_for("all-ready")
+    assert fcgi_get(launcher.socket).status == 200
+    assert os.stat(launcher.socket).st_mode & 0o777 == 0o660
+
+
+def test_bind_tcp_serves(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launcher = Process([PYTHON, LAUNCHER, "--bind", "127.0.0.1:%d" % port, "--", *HELLO], tmp_path / "l.log")
+    try:
+        launcher.wait_for("all-ready")
+        assert fcgi_get(("127.0.0.1", port)).status == 200
+    finally:
+        launcher.stop()
+
+
+def test_the_socket_spawn_fcgi_hands_over_on_fd_0_is_used(tmp_path):
+    sock = str(tmp_path / "s.sock")
+    launcher = Process(["spawn-fcgi", "-n", "-s", sock, "--", PYTHON, LAUNCHER, "--", *HELLO],
+                       tmp_path / "l.log")
+    try:
+        launcher.wait_for("all-ready")
+        assert fcgi_get(sock).status == 200
+    finally:
+        launcher.stop()
+
+
+def test_a_stale_unix_socket_file_is_replaced_but_a_live_one_is_not(launch, tmp_path):
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(tmp_path / "launcher.sock"))
+    stale.close()  # the file stays, nobody listens: what a SIGKILLed launcher leaves
+    first = launch()
+    first.wait_for("all-ready")
+    second = Process([PYTHON, LAUNCHER, "--bind", "unix:" + first.socket, "--", *HELLO], tmp_path / "second.log")
+    assert second.wait(10) == 2
+    assert "something is listening there already" in second.log()
+    assert fcgi_get(first.socket).status == 200
+
+
+# --------------------------------------------------------------------------
+# systemd
+
+def test_under_systemd_it_reports_ready_reloading_and_stopping(launch, tmp_path):
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(20)
+    launcher = launch("--workers", "2", env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
+
+    def next_state():
+        while True:
+            message = notify.recv(4096).decode()
+            if not message.startswith("STATUS="):
+                return message
+
+    assert next_state() == "READY=1"
+    assert fcgi_get(launcher.socket).status == 200, "workers got the launcher's NOTIFY_SOCKET, not ours"
+    launcher.signal(signal.SIGHUP)
+    assert next_state().startswith("RELOADING=1")
+    assert next_state() == "READY=1"
+    launcher.signal(signal.SIGTERM)
+    assert next_state() == "STOPPING=1"
+    assert launcher.wait(10) == 0
+
+
+def test_systemd_socket_activation_hands_over_fd_3(tmp_path):
+    sock = str(tmp_path / "s.sock")
+    launcher = Process(["systemd-socket-activate", "-l", sock, PYTHON, LAUNCHER, "--", *HELLO],
+                       tmp_path / "l.log")
+    try:
+        wait_until(lambda: os.path.exists(sock), 10, "systemd-socket-activate to listen")
+        # systemd-socket-activate starts the service on the first connection.
+        assert fcgi_get(sock).status == 200
+        launcher.wait_for("all-ready")
+    finally:
+        launcher.stop()
+
+
+def test_bad_input_is_one_line_and_exit_status_2(tmp_path):
+    result = subprocess.run([PYTHON, LAUNCHER, "--workers", "two", "--", *HELLO],
+                            capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "--workers" in result.stderr
