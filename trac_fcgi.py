@@ -28,6 +28,7 @@ import random
 import select
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -556,6 +557,10 @@ class RecyclingWSGIServer(WSGIServer):
         family, so unix peers are told apart from TCP ones, and check that it
         listens: accept() on anything else would fail on every pass.
         """
+        if self._bindAddress is None and not stat.S_ISSOCK(fd0_mode()):
+            # flup tells CGI from FastCGI by wrapping fd 0 as a socket, which
+            # Python 3 refuses for a non-socket before flup can look.
+            self.forceCGI = True
         sock = WSGIServer._setupSocket(self)
         if self._bindAddress is not None:
             return sock
@@ -593,6 +598,14 @@ class RecyclingWSGIServer(WSGIServer):
 
 # --------------------------------------------------------------------------
 # The application.
+
+def fd0_mode():
+    try:
+        return os.fstat(0).st_mode
+    except OSError:
+        raise BadSetting("fd 0 is closed: start me under spawn-fcgi or trac-fcgi-launcher, "
+                         "or use --bind ADDR")
+
 
 class UnquotePathInfo:
     """Trac's own fix for flup (trac.web.fcgi_frontend): flup leaves PATH_INFO quoted."""

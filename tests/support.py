@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -193,3 +194,56 @@ def make_trac_env(path):
     subprocess.run([trac_admin, str(path), "initenv", "Test Project", "sqlite:db/trac.db"],
                    check=True, capture_output=True)
     return str(path)
+
+
+# --------------------------------------------------------------------------
+# Raw FastCGI records, for what flup's client cannot do (kept-alive connections).
+
+FCGI_BEGIN_REQUEST, FCGI_PARAMS, FCGI_STDIN, FCGI_STDOUT, FCGI_END_REQUEST = 1, 4, 5, 6, 3
+FCGI_RESPONDER, FCGI_KEEP_CONN = 1, 1
+
+
+def fcgi_record(kind, request_id, content=b"", version=1):
+    return struct.pack("!BBHHBx", version, kind, request_id, len(content), 0) + content
+
+
+def fcgi_pairs(params):
+    out = b""
+    for name, value in params.items():
+        name, value = name.encode(), value.encode()
+        for length in (len(name), len(value)):
+            out += bytes([length]) if length < 128 else (length | 0x80000000).to_bytes(4, "big")
+        out += name + value
+    return out
+
+
+def fcgi_request_bytes(request_id=1, path="/", query="", keep_conn=False):
+    params = {"REQUEST_METHOD": "GET", "SCRIPT_NAME": "", "PATH_INFO": path, "QUERY_STRING": query,
+              "SERVER_NAME": "localhost", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1"}
+    begin = struct.pack("!HB5x", FCGI_RESPONDER, FCGI_KEEP_CONN if keep_conn else 0)
+    return (fcgi_record(FCGI_BEGIN_REQUEST, request_id, begin)
+            + fcgi_record(FCGI_PARAMS, request_id, fcgi_pairs(params)) + fcgi_record(FCGI_PARAMS, request_id)
+            + fcgi_record(FCGI_STDIN, request_id))
+
+
+def fcgi_read_response(sock):
+    """Read records until FCGI_END_REQUEST; return the STDOUT bytes.  EOFError if the peer closes first."""
+    stdout = b""
+    while True:
+        header = _read_exactly(sock, 8)
+        _, kind, _, length, padding = struct.unpack("!BBHHBx", header)
+        content = _read_exactly(sock, length + padding)[:length]
+        if kind == FCGI_STDOUT:
+            stdout += content
+        elif kind == FCGI_END_REQUEST:
+            return stdout
+
+
+def _read_exactly(sock, size):
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise EOFError("peer closed after %d of %d bytes" % (len(data), size))
+        data += chunk
+    return data

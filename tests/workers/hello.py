@@ -9,6 +9,9 @@ Environment knobs (all optional):
   HELLO_SILENT_IF_EXISTS  path: while it exists, start but never say READY=1 nor serve
   HELLO_TRACE             path: append "PID ready|hup MONOTONIC" lines, so a test
                           can order events across processes
+  HELLO_PICKUP_DELAY      seconds between a connection being accepted and its
+                          thread starting on it: widens the "accepted but not
+                          started" window so a test can hit it every time
 """
 import os
 import sys
@@ -18,6 +21,7 @@ _leak = []
 
 
 def app(environ, start_response):
+    """Says which process answered; /broken answers 500."""
     delay = float(os.environ.get("HELLO_DELAY", "0"))
     if environ.get("QUERY_STRING", "").startswith("delay="):
         delay = float(environ["QUERY_STRING"][len("delay="):])
@@ -27,7 +31,7 @@ def app(environ, start_response):
     if leak:
         _leak.append(bytearray(b"x" * leak))
     body = ("hello from pid %d\n" % os.getpid()).encode()
-    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    start_response("500 Broken" if environ["PATH_INFO"] == "/broken" else "200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
 
 
@@ -61,6 +65,15 @@ def main():
 
         trac_fcgi.sd_notify = traced_notify
         trac_fcgi.RecyclingWSGIServer._hupHandler = traced_hup
+    pickup_delay = float(os.environ.get("HELLO_PICKUP_DELAY", "0"))
+    if pickup_delay:
+        run = trac_fcgi.CountedConnection.run
+
+        def late_run(connection):
+            time.sleep(pickup_delay)
+            run(connection)
+
+        trac_fcgi.CountedConnection.run = late_run
     sys.exit(trac_fcgi.main([]))
 
 
