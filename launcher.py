@@ -426,7 +426,7 @@ class Launcher:
     def run(self):
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         close_inherited_fds(keep={self.listener.fileno(), self.notify.fileno()})
-        log("start", workers=len(self.slots), socket=describe(self.listener), worker=self.path)
+        log("start", workers=len(self.slots), socket=describe(self.listener), worker=" ".join(self.argv))
         for slot in self.slots:
             self.spawn(slot, "serving")
         while True:

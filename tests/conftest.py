@@ -3,7 +3,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The tests import their helpers (tests/) and the two modules under test (the
+# checkout's top), whether or not the package is installed.
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 from support import make_trac_env  # noqa: E402
 

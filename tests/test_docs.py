@@ -1,0 +1,65 @@
+"""The README's tables say what the code does: they are checked against the code's own tables."""
+import re
+import signal
+import subprocess
+
+import launcher
+import trac_fcgi
+from support import LAUNCHER, PYTHON, ROOT
+
+README = (ROOT / "README.md").read_text()
+
+
+def table_rows(heading_text):
+    """{first cell: other cells} of the first Markdown table after HEADING_TEXT."""
+    rest = README[README.index(heading_text):]
+    rows = {}
+    for line in rest.splitlines()[1:]:
+        if line.startswith("|"):
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            if not set(cells[0]) <= set("- "):
+                rows[cells[0]] = cells[1:]
+        elif rows:
+            break
+    return rows
+
+
+def plain(text):
+    return text.replace("`", "")
+
+
+def test_the_readme_signals_table_matches_the_launcher():
+    rows = table_rows("To the launcher:")
+    assert {plain(name) for name in rows} - {"signal"} == {signal.Signals(s).name for s in launcher.SIGNALS}
+    for signum, effect in launcher.SIGNALS.items():
+        assert plain(rows["`%s`" % signal.Signals(signum).name][0]) == effect
+
+
+def test_the_readme_lists_every_worker_setting_with_its_default():
+    rows = {plain(name): cells for name, cells in table_rows("| variable | default | meaning |").items()}
+    for name, _, default, _ in trac_fcgi.SETTINGS:
+        assert name in rows
+        if default is not None:
+            assert plain(rows[name][0]).startswith(default)
+
+
+def test_the_readme_lists_every_launcher_flag_with_its_environment_variable_and_default():
+    rows = {plain(name).split()[0]: cells for name, cells in table_rows("| flag | environment |").items()}
+    for flag, env, _, default, _, _ in launcher.SETTINGS:
+        assert plain(rows[flag][0]) == env
+        if default is not None:
+            assert float(rows[flag][1]) == float(default)
+
+
+def test_launcher_help_documents_every_flag_variable_and_signal():
+    text = subprocess.run([PYTHON, LAUNCHER, "--help"], capture_output=True, text=True, check=True).stdout
+    for flag, env, *_ in launcher.SETTINGS:
+        assert flag in text and env in text
+    for signum in launcher.SIGNALS:
+        assert signal.Signals(signum).name in text
+    assert "WORKER_PATH" in text and "NOTIFY_SOCKET" in text
+
+
+def test_the_readme_opens_with_make_demo_and_make_test():
+    opening = re.search(r"```sh\n(.*?)```", README, re.S).group(1)
+    assert opening.split("\n")[0].startswith("make demo") and opening.split("\n")[1].startswith("make test")
