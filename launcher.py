@@ -503,6 +503,10 @@ class Launcher:
         self.stopping_since = self.stopping_since or time.monotonic()
 
     def handle_chld(self, info):
+        # A worker says STOPPING=1 and then exits; SIGCHLD is the lower signal
+        # number and comes out of sigtimedwait first, so read what it said
+        # before judging its exit.
+        self.handle_io(info)
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)

@@ -10,6 +10,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -66,6 +67,22 @@ def fcgi_get(address, path="/", query="", timeout=30, headers=None):
 
     body = b"".join(FlupClient(address, timeout)(environ, start_response))
     return Response(seen["status"], seen["headers"], body)
+
+
+def ask_in_background(address, query="", count=1, path="/"):
+    """Start COUNT requests at once; return (threads, results), each result a Response or the exception."""
+    results = []
+
+    def ask():
+        try:
+            results.append(fcgi_get(address, path, query=query, timeout=90))
+        except Exception as error:  # noqa: BLE001 - every failure is a finding
+            results.append(error)
+
+    threads = [threading.Thread(target=ask) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    return threads, results
 
 
 class _Empty:

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from support import (LAUNCHER, PYTHON, Process, alive, children, fcgi_get, start_launcher,
-                     wait_until, worker_script)
+from support import (LAUNCHER, PYTHON, Process, alive, ask_in_background, children, fcgi_get,
+                     start_launcher, wait_until, worker_script)
 
 HELLO = worker_script("hello.py")
 
@@ -256,13 +256,11 @@ def test_a_crashing_worker_is_respawned_with_doubling_backoff_and_sigterm_is_ans
 def test_sigterm_lets_requests_in_flight_finish_then_exits_zero(launch):
     launcher = launch()
     launcher.wait_for("all-ready")
-    result = {}
-    slow = threading.Thread(target=lambda: result.update(r=fcgi_get(launcher.socket, "/", query="delay=1.5")))
-    slow.start()
+    threads, results = ask_in_background(launcher.socket, "delay=1.5")
     time.sleep(0.5)
     launcher.signal(signal.SIGTERM)
-    slow.join(10)
-    assert result["r"].status == 200
+    threads[0].join(10)
+    assert results[0].status == 200
     assert launcher.wait(10) == 0
     assert launcher.events("exit", status=0)
 
@@ -270,14 +268,15 @@ def test_sigterm_lets_requests_in_flight_finish_then_exits_zero(launch):
 def test_sigterm_kills_what_has_not_drained_by_the_stop_timeout(launch):
     launcher = launch("--stop-timeout", "1", env={"TRAC_FCGI_DRAIN_TIMEOUT": "60"})
     launcher.wait_for("all-ready")
-    hung = threading.Thread(target=lambda: fcgi_get(launcher.socket, "/", query="delay=60"), daemon=True)
-    hung.start()
+    threads, results = ask_in_background(launcher.socket, "delay=60")
     time.sleep(0.5)
     worker = children(launcher.pid)[0]
     launcher.signal(signal.SIGTERM)
     assert launcher.wait(10) == 0
     assert launcher.events("kill", pid=worker, reason="'stop timeout'")
     assert not alive(worker)
+    threads[0].join(5)
+    assert isinstance(results[0], (OSError, EOFError)), "the hung request was cut off, as it had to be"
 
 
 def test_sigquit_stops_at_once(launch):

@@ -8,12 +8,11 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
-from support import (PYTHON, TRAC_FCGI, Process, alive, fcgi_get, fcgi_read_response,
+from support import (PYTHON, TRAC_FCGI, Process, alive, ask_in_background, fcgi_get, fcgi_read_response,
                      fcgi_request_bytes, wait_until, worker_script)
 
 HELLO = worker_script("hello.py")
@@ -36,22 +35,6 @@ def spawn(tmp_path):
     yield spawn
     for worker in started:
         worker.stop(timeout=10)
-
-
-def ask_in_background(address, query="", count=1):
-    """Start COUNT requests at once; return (threads, results list)."""
-    results = []
-
-    def ask():
-        try:
-            results.append(fcgi_get(address, "/", query=query, timeout=30))
-        except Exception as error:  # noqa: BLE001 - every failure is a finding
-            results.append(error)
-
-    threads = [threading.Thread(target=ask) for _ in range(count)]
-    for thread in threads:
-        thread.start()
-    return threads, results
 
 
 # --------------------------------------------------------------------------
