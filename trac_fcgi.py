@@ -220,8 +220,10 @@ class Limits:
 
 def log(event, **facts):
     words = ["trac-fcgi[%d]" % os.getpid(), "event=%s" % event]
-    words += ["%s=%s" % (key, "%.3f" % value if isinstance(value, float) else value)
-              for key, value in facts.items() if value is not None]
+    for key, value in facts.items():
+        if value is not None:
+            value = "%.3f" % value if isinstance(value, float) else str(value)
+            words.append("%s=%s" % (key, value if value and " " not in value else repr(value)))
     sys.stderr.write(" ".join(words) + "\n")
     sys.stderr.flush()
 
@@ -340,6 +342,15 @@ class CountedConnection(fcgi_base.Connection):
             if time.monotonic() - self.last_heard > self.server.limits.idle_timeout:
                 self.server.idle_connection_closed(self._addr)
                 raise EOFError
+
+    def end_request(self, req, appStatus=0, protocolStatus=fcgi_base.FCGI_REQUEST_COMPLETE, remove=True):
+        fcgi_base.Connection.end_request(self, req, appStatus, protocolStatus, remove)
+        # On a draining worker a kept-alive connection ends with its current
+        # request.  Under steady load nginx reuses it at once, so waiting for
+        # it to fall idle would keep the drain going until its timeout, and
+        # then cut off whatever was running (found by the signal-storm test).
+        if self.server.draining and not self._requests:
+            self._keepGoing = False
 
     def _cleanupSocket(self):
         # flup lingers until the client closes, with no time limit; a client

@@ -145,6 +145,31 @@ def test_a_kept_alive_connection_is_closed_cleanly_after_its_current_request_on_
     assert worker.wait(10) == 0
 
 
+def test_a_busy_kept_alive_connection_does_not_hold_up_the_drain(spawn):
+    # nginx reuses a kept-alive connection as soon as a request ends; the drain
+    # must close it after its current request, not wait for it to fall idle.
+    worker = spawn(HELLO, env={"TRAC_FCGI_DRAIN_TIMEOUT": "20"})
+    answered = 0
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.settimeout(10)
+        conn.connect(worker.socket)
+        started = None
+        for request_id in range(1, 200):
+            if request_id == 5:
+                worker.signal(signal.SIGTERM)
+                started = time.monotonic()
+            try:
+                conn.sendall(fcgi_request_bytes(request_id, query="delay=0.05", keep_conn=True))
+                assert b"hello from pid" in fcgi_read_response(conn)
+                answered += 1
+            except (EOFError, OSError):
+                break
+    assert worker.wait(10) == 0
+    assert time.monotonic() - started < 3
+    assert 4 <= answered <= 6, "at most the request under way at SIGTERM, and one already sent"
+    assert worker.events("drained", abandoned=0)
+
+
 def test_never_refuses_four_times_max_threads_concurrent_clients(spawn):
     worker = spawn(HELLO, env={"TRAC_FCGI_MAX_THREADS": "3"})
     threads, results = ask_in_background(worker.socket, "delay=0.3", count=12)
