@@ -604,7 +604,8 @@ class RecyclingWSGIServer(WSGIServer):
             self.drain_pipe()
         log("drained", drain_s=time.monotonic() - started, abandoned=self.connections,
             requests=self.requests, rss=self.rss())
-        sd_notify("STOPPING=1")
+        if self.launcher is None or os.getppid() == self.launcher:
+            sd_notify("STOPPING=1")  # a launcher that is gone has nobody listening
 
 
 # --------------------------------------------------------------------------
