@@ -1,0 +1,301 @@
+"""The whole stack, for end-to-end tests: nginx -> spawn-fcgi -> launcher -> trac_fcgi -> Trac.
+
+Every piece is the real program: nginx with a config made from
+examples/nginx.conf, spawn-fcgi creating the socket, the launcher and the
+trac-fcgi console script serving a Trac environment made by trac-admin.  The
+load generator is plain http.client in threads, and it records every
+response: status, whether the whole body arrived, latency, and errors.
+"""
+import http.client
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import string
+import threading
+import time
+from pathlib import Path
+
+from support import LAUNCHER, PYTHON, ROOT, Process, free_port, wait_until
+
+EXAMPLES = ROOT / "examples"
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+SPAWN_FCGI = shutil.which("spawn-fcgi") or "/usr/bin/spawn-fcgi"
+# The console script `pip install .` makes; E2E_WORKER_PATH runs the suite
+# against another build of it (an installed release, a patched copy).
+TRAC_FCGI = os.environ.get("E2E_WORKER_PATH") or str(Path(PYTHON).parent / "trac-fcgi")
+# Patience for a machine shared with other test runs: a cold Trac worker
+# takes ~0.5 s on an idle machine, many times that under load.
+START_TIMEOUT = 90
+
+
+# --------------------------------------------------------------------------
+# nginx
+
+class NginxTemplate(string.Template):
+    """examples/nginx*.conf placeholders: @{name}, since nginx uses $ and braces itself."""
+    delimiter = "@"
+
+
+def nginx_config(prefix, listen, fastcgi_server, upstream=None):
+    """examples/nginx.conf filled in; UPSTREAM replaces its `upstream trac {...}` block."""
+    text = (EXAMPLES / "nginx.conf").read_text()
+    if upstream is not None:
+        text, found = re.subn(r"^    upstream trac \{.*?^    \}\n", lambda _: upstream, text,
+                              flags=re.MULTILINE | re.DOTALL)
+        assert found == 1, "examples/nginx.conf has no single `upstream trac {...}` block"
+    return NginxTemplate(text).substitute(prefix=prefix, listen=listen,
+                                          fastcgi_server=fastcgi_server or "the upstream block below",
+                                          user=pwd.getpwuid(os.getuid()).pw_name)
+
+
+def upstream_block(*servers):
+    """examples/nginx-upstream.conf, indented into nginx.conf, with SERVERS as its machines."""
+    text = (EXAMPLES / "nginx-upstream.conf").read_text()
+    values = {"machine_%s" % chr(ord("a") + i): server for i, server in enumerate(servers)}
+    text = NginxTemplate(text).substitute(values)
+    return "".join("    " + line if line.strip() else line for line in text.splitlines(True))
+
+
+class Nginx:
+    """Real nginx on a free port of 127.0.0.1, in its own prefix directory."""
+
+    def __init__(self, directory, fastcgi_server, upstream=None, port=None):
+        self.prefix = Path(directory)
+        for sub in ("logs", "tmp"):
+            (self.prefix / sub).mkdir(parents=True, exist_ok=True)
+        self.conf = self.prefix / "nginx.conf"
+        self.access_log_path = self.prefix / "logs" / "access.log"
+        self.error_log_path = self.prefix / "logs" / "error.log"
+        # A free port can be taken by someone else before nginx binds it: try again.
+        for attempt in range(5):
+            self.port = port or free_port()
+            self.conf.write_text(nginx_config(self.prefix, "127.0.0.1:%d" % self.port, fastcgi_server, upstream))
+            self.process = Process([NGINX, "-p", str(self.prefix), "-c", str(self.conf),
+                                    "-e", str(self.error_log_path), "-g", "daemon off;"],
+                                   self.prefix / "nginx.out")
+            if self._wait_listening():
+                return
+            self.process.stop()
+            if port or "Address already in use" not in self.errors():
+                break
+        raise AssertionError("nginx did not start:\n%s\n%s" % (self.process.log(), self.errors()))
+
+    def _wait_listening(self):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self.process.popen.poll() is None:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=5).close()
+                return True
+            except OSError:
+                time.sleep(0.05)
+        return False
+
+    def url(self, path="/"):
+        return "http://127.0.0.1:%d%s" % (self.port, path)
+
+    def get(self, path, timeout=60):
+        return http_get(self.port, path, timeout)
+
+    def errors(self):
+        return self.error_log_path.read_text(errors="replace") if self.error_log_path.exists() else ""
+
+    def access_log(self):
+        """Every logged request as {request, status, bytes, upstream}.
+
+        upstream is every server nginx tried, in order: "a, b" when a failed.
+        """
+        entries = []
+        if self.access_log_path.exists():
+            for line in self.access_log_path.read_text(errors="replace").splitlines():
+                match = re.search(r'"(?P<request>[^"]*)" (?P<status>\d+) (?P<bytes>\d+) '
+                                  r'.*upstream=(?P<upstream>.*) upstream_status=', line)
+                if match:
+                    entries.append(dict(match.groupdict(), status=int(match["status"]), bytes=int(match["bytes"])))
+        return entries
+
+    def stop(self):
+        self.process.stop()
+
+
+# --------------------------------------------------------------------------
+# spawn-fcgi -> launcher -> trac_fcgi
+
+def start_trac(directory, trac_env, *launcher_flags, env=None, name="trac", cleanup=None):
+    """spawn-fcgi -n on a fresh unix socket, exec'ing the launcher with WORKER_PATH=trac-fcgi.
+
+    Returns the launcher's Process (spawn-fcgi -n execs it, so the pid is the
+    launcher's) with .socket set, once every worker is ready.  The Process
+    goes on the CLEANUP list as soon as it exists, so a slow start is stopped too.
+    """
+    sock = str(Path(directory) / (name + ".sock"))
+    environ = {"WORKER_PATH": TRAC_FCGI, "TRAC_ENV": str(trac_env)}
+    environ.update(env or {})
+    argv = [SPAWN_FCGI, "-n", "-s", sock, "-M", "0600", "--", PYTHON, LAUNCHER, *launcher_flags]
+    launcher = Process(argv, Path(directory) / (name + ".log"), env=environ)
+    launcher.socket = sock
+    if cleanup is not None:
+        cleanup.append(launcher)
+    launcher.wait_for("all-ready", timeout=START_TIMEOUT)
+    return launcher
+
+
+def recycles(launcher):
+    """Handoffs the launcher completed: one `event=hup reason='replaced by pid N'` each."""
+    return [e for e in launcher.events("hup") if "replaced by" in e.get("reason", "")]
+
+
+def drains(launcher):
+    """Every `event=drained` a worker logged (workers share the launcher's stderr)."""
+    return [dict(re.findall(r"(\w+)=(\S+)", line)) for line in launcher.log().splitlines()
+            if line.startswith("trac-fcgi[") and " event=drained " in line]
+
+
+# --------------------------------------------------------------------------
+# HTTP: one request, and many clients at once.
+
+class Answer:
+    """One HTTP exchange as a client saw it."""
+
+    def __init__(self, path, started, latency, status=None, body=b"", complete=False, error=None):
+        self.path, self.started, self.latency = path, started, latency
+        self.status, self.body, self.complete, self.error = status, body, complete, error
+
+    @property
+    def ok(self):
+        return self.error is None and self.status == 200 and self.complete
+
+    def __repr__(self):
+        return "<Answer %s %s %d bytes%s%s %.3fs>" % (
+            self.path, self.status, len(self.body), "" if self.complete else " TRUNCATED",
+            " error=%s" % self.error if self.error else "", self.latency)
+
+
+def whole_body(response, body):
+    """Did the whole body arrive?  Content-Length when there is one, else the end of the HTML."""
+    length = response.getheader("Content-Length")
+    if length is not None:
+        return len(body) == int(length)
+    if "html" in (response.getheader("Content-Type") or ""):
+        return body.rstrip().endswith(b"</html>")
+    return True  # chunked and not HTML: http.client raises IncompleteRead if it was cut
+
+
+def exchange(conn, path, headers=None):
+    """One GET on CONN (reconnecting if needed); every failure becomes part of the Answer."""
+    started = time.monotonic()
+    try:
+        conn.request("GET", path, headers=headers or {})
+        response = conn.getresponse()
+        try:
+            body = response.read()
+        except http.client.IncompleteRead as cut:
+            conn.close()
+            return Answer(path, started, time.monotonic() - started, response.status, cut.partial, False)
+        return Answer(path, started, time.monotonic() - started, response.status, body,
+                      whole_body(response, body))
+    except (OSError, http.client.HTTPException) as error:
+        conn.close()
+        return Answer(path, started, time.monotonic() - started, error="%s: %s" % (type(error).__name__, error))
+
+
+def http_get(port, path, timeout=60):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        return exchange(conn, path)
+    finally:
+        conn.close()
+
+
+class Load:
+    """CLIENTS threads, each on its own kept-alive connection, asking for PATHS in turn.
+
+    run() returns when stop() says so (it is called about every 0.2 s with the
+    seconds elapsed), or after max_seconds.  Every answer is kept.
+    """
+
+    def __init__(self, port, paths, clients, timeout=60):
+        self.port, self.paths, self.clients, self.timeout = port, list(paths), clients, timeout
+        self.answers = []
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.seconds = 0.0
+
+    def client(self, number):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
+        turn = number
+        try:
+            while not self.done.is_set():
+                answer = exchange(conn, self.paths[turn % len(self.paths)])
+                turn += 1
+                with self.lock:
+                    self.answers.append(answer)
+                if answer.error:
+                    time.sleep(0.05)  # a refused connection must not become a busy loop
+        finally:
+            conn.close()
+
+    def run(self, stop, max_seconds):
+        threads = [threading.Thread(target=self.client, args=(n,), daemon=True) for n in range(self.clients)]
+        started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        try:
+            while True:
+                self.seconds = time.monotonic() - started
+                if self.seconds >= max_seconds or stop(self.seconds):
+                    break
+                time.sleep(0.2)
+        finally:
+            self.done.set()
+            for thread in threads:
+                thread.join(self.timeout + 10)
+        self.seconds = time.monotonic() - started
+        return self
+
+    # -- what happened ---------------------------------------------------
+
+    def failures(self):
+        return [a for a in self.answers if not a.ok]
+
+    def errors(self):
+        return [a for a in self.answers if a.error]
+
+    def truncated(self):
+        return [a for a in self.answers if not a.error and not a.complete]
+
+    def non_200(self):
+        return [a for a in self.answers if not a.error and a.status != 200]
+
+    def longest_wait(self):
+        return max((a.latency for a in self.answers), default=0.0)
+
+    def summary(self):
+        latencies = sorted(a.latency for a in self.answers) or [0.0]
+        pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]
+        return ("%d answers from %d clients in %.1f s (%.1f/s): %d non-200, %d truncated, %d errors; "
+                "latency p50 %.3f s, p99 %.3f s, max %.3f s; first failures: %s" % (
+                    len(self.answers), self.clients, self.seconds, len(self.answers) / max(self.seconds, 0.001),
+                    len(self.non_200()), len(self.truncated()), len(self.errors()),
+                    pick(0.5), pick(0.99), latencies[-1], self.failures()[:5]))
+
+
+def is_trac_page(answer, text):
+    """A whole 200 HTML page that Trac rendered, with TEXT in it."""
+    return (answer.ok and text.encode() in answer.body
+            and re.search(rb"Powered by\s*<a [^>]*><strong>Trac 1\.", answer.body) is not None)
+
+
+def stop_all(*things):
+    """Stop in order, ignoring what was never started; nginx first so clients see no refusal."""
+    for thing in things:
+        if thing is not None:
+            thing.stop()
+
+
+def terminate(process, timeout=60):
+    """SIGTERM (systemctl stop with KillMode=mixed) and the exit status."""
+    process.signal(signal.SIGTERM)
+    return process.wait(timeout)

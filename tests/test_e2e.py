@@ -1,0 +1,381 @@
+"""End to end: a browser's view of nginx -> spawn-fcgi -> launcher -> trac_fcgi -> Trac.
+
+Every process is the real one, every config comes from examples/, and every
+response is checked whole: status, body length, and the end of the HTML
+(DESIGN.md, "A cut-off response looks like a 200").
+"""
+import collections
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from stack import (EXAMPLES, START_TIMEOUT, TRAC_FCGI, Load, Nginx, drains, is_trac_page, recycles,
+                   start_trac, terminate, upstream_block)
+from support import LAUNCHER, PYTHON, ROOT, Process, alive, free_port, wait_until
+
+VENV = Path(PYTHON).parent.parent
+PAGES = ["/wiki/WikiStart", "/timeline"]
+WELCOME = "Welcome to Trac"
+
+
+@pytest.fixture
+def started():
+    """Everything a test starts, stopped at teardown newest first (nginx before Trac)."""
+    things = []
+    yield things
+    for thing in reversed(things):
+        thing.stop()
+
+
+def trac_behind_nginx(started, directory, trac_env, *launcher_flags, env=None):
+    launcher = start_trac(directory, trac_env, *launcher_flags, env=env, cleanup=started)
+    nginx = Nginx(Path(directory) / "nginx", "unix:" + launcher.socket)
+    started.append(nginx)
+    return nginx, launcher
+
+
+def log_tail(process, lines=40):
+    return "\n".join(process.log().splitlines()[-lines:])
+
+
+# --------------------------------------------------------------------------
+# Trac through nginx
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, trac_env):
+    """One worker behind nginx, for the tests that only read pages."""
+    things = []
+    try:
+        yield trac_behind_nginx(things, tmp_path_factory.mktemp("site"), trac_env)[0]
+    finally:
+        for thing in reversed(things):
+            thing.stop()
+
+
+def test_wiki_start_and_timeline_are_whole_trac_pages_through_nginx(site):
+    wiki = site.get("/wiki/WikiStart")
+    timeline = site.get("/timeline")
+    assert is_trac_page(wiki, WELCOME), wiki
+    assert is_trac_page(timeline, "Timeline"), timeline
+    assert [e["status"] for e in site.access_log() if e["request"].startswith("GET /wiki/WikiStart ")] == [200]
+
+
+def test_trac_at_the_root_gets_an_empty_script_name_and_the_path_as_path_info(site):
+    page = site.get("/wiki/WikiStart")
+    assert is_trac_page(page, WELCOME), page
+    assert b'href="/wiki/TracGuide"' in page.body
+    assert b'href="/chrome/common/css/trac.css"' in page.body
+    assert b'href="/trac/' not in page.body
+
+
+def test_trac_under_a_prefix_gets_the_prefix_as_script_name_and_writes_it_into_every_link(site):
+    page = site.get("/trac/wiki/WikiStart")
+    assert is_trac_page(page, WELCOME), page
+    assert b'href="/trac/wiki/TracGuide"' in page.body
+    assert b'href="/trac/chrome/common/css/trac.css"' in page.body
+    links = re.findall(rb'href="(/[^"]*)"', page.body)
+    assert links and all(link.startswith(b"/trac") for link in links), links
+    # /trac itself: an empty PATH_INFO is Trac's start page.
+    assert is_trac_page(site.get("/trac"), WELCOME)
+    assert is_trac_page(site.get("/trac/timeline"), "Timeline")
+
+
+# --------------------------------------------------------------------------
+# Under load, through recycles
+
+def run_clients_through_recycles(nginx, launcher, clients, want_recycles, least_seconds, most_seconds):
+    load = Load(nginx.port, PAGES, clients).run(
+        stop=lambda seconds: seconds >= least_seconds and len(recycles(launcher)) >= want_recycles,
+        max_seconds=most_seconds)
+    report = "%s\n%d recycles\nlauncher log:\n%s\nnginx errors:\n%s" % (
+        load.summary(), len(recycles(launcher)), log_tail(launcher), nginx.errors()[-3000:])
+    return load, report
+
+
+def assert_every_answer_whole(load, nginx, report):
+    assert load.answers, report
+    assert not load.errors(), "connection errors: " + report
+    assert not load.non_200(), "non-200 answers: " + report
+    assert not load.truncated(), "cut-off bodies: " + report
+    statuses = collections.Counter(e["status"] for e in nginx.access_log())
+    assert set(statuses) == {200}, "nginx logged %s: %s" % (dict(statuses), report)
+
+
+def assert_every_drain_finished(launcher, report):
+    """A replaced worker finishes what it accepted; it never reaches its drain timeout."""
+    unfinished = [d for d in drains(launcher) if d.get("abandoned") != "0"]
+    assert not unfinished, "workers abandoned requests at their drain timeout: %s\n%s" % (unfinished, report)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sixteen_clients_for_twenty_seconds_get_only_whole_200s_while_workers_recycle(
+        started, tmp_path, trac_env, workers):
+    # A worker asks for its replacement after ~20 requests (+-10% jitter):
+    # at Trac's 40-90 pages a second on two cores, a recycle every second or so.
+    nginx, launcher = trac_behind_nginx(started, tmp_path, trac_env, "--workers", str(workers),
+                                        env={"TRAC_FCGI_MAX_REQUESTS": "20"})
+    load, report = run_clients_through_recycles(nginx, launcher, clients=16, want_recycles=20,
+                                                least_seconds=20, most_seconds=60)
+    assert load.seconds >= 20, report
+    assert len(recycles(launcher)) >= 20, "too few recycles: " + report
+    assert_every_answer_whole(load, nginx, report)
+    assert_every_drain_finished(launcher, report)
+
+
+def test_a_single_client_keeps_getting_answers_while_its_worker_is_replaced(started, tmp_path, trac_env):
+    # One client on one kept-alive connection: every recycle hands that
+    # connection's next request from the old worker to the new one.  A drain
+    # that lasts until its timeout means the old worker kept serving new
+    # requests instead of letting go of the connection.
+    drain_timeout = 20
+    nginx, launcher = trac_behind_nginx(started, tmp_path, trac_env, env={
+        "TRAC_FCGI_MAX_REQUESTS": "10", "TRAC_FCGI_DRAIN_TIMEOUT": str(drain_timeout)})
+    load, report = run_clients_through_recycles(nginx, launcher, clients=1, want_recycles=4,
+                                                least_seconds=5, most_seconds=45)
+    replaced = [int(hup["pid"]) for hup in recycles(launcher)]
+    wait_until(lambda: all(launcher.events("exit", pid=pid) for pid in replaced), drain_timeout + 30,
+               "every replaced worker to exit:\n" + log_tail(launcher))
+    report += "\nlauncher log after the load:\n" + log_tail(launcher)
+    assert len(replaced) >= 4, "too few recycles: " + report
+    assert_every_answer_whole(load, nginx, report)
+    assert_every_drain_finished(launcher, report)
+    slow = [d for d in drains(launcher) if float(d["drain_s"]) >= drain_timeout - 1]
+    assert not slow, "drains that ran into TRAC_FCGI_DRAIN_TIMEOUT: %s\n%s" % (slow, report)
+
+
+# --------------------------------------------------------------------------
+# examples/: each recipe, run as written
+
+def unit_file(path, replacements):
+    """A systemd unit's Key=Value lines (commented-out ones under '#Key'), with REPLACEMENTS applied."""
+    text = path.read_text()
+    for old, new in replacements.items():
+        text = text.replace(old, new)
+    keys = collections.defaultdict(list)
+    for line in text.splitlines():
+        match = re.match(r"(#?[A-Za-z]+)=(.*)$", line)
+        if match:
+            keys[match[1]].append(match[2])
+    return keys
+
+
+def unit_environment(unit):
+    environ = {}
+    for line in unit["Environment"]:
+        for assignment in shlex.split(line):
+            name, _, value = assignment.partition("=")
+            environ[name] = value
+    return environ
+
+
+class NotifySocket:
+    """What systemd listens on for sd_notify(): a datagram socket; we keep every message."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.2)
+        self.messages = []
+
+    def receive(self):
+        try:
+            while True:
+                self.messages.append(self.sock.recv(4096).decode())
+        except (socket.timeout, BlockingIOError):
+            pass
+        return self.messages
+
+    def said(self, line):
+        return [m for m in self.receive() if line in m.splitlines()]
+
+    def wait_for(self, line, count=1, timeout=START_TIMEOUT):
+        wait_until(lambda: len(self.said(line)) >= count, timeout, "%d x %s on NOTIFY_SOCKET: %s" % (
+            count, line, self.messages))
+
+    def stop(self):
+        self.sock.close()
+
+
+def deployment(tmp_path, trac_env):
+    """The examples' paths, mapped into TMP_PATH and this checkout's venv."""
+    run = tmp_path / "run"
+    run.mkdir()
+    return {"/srv/trac/venv": str(VENV), "/srv/trac/project": str(trac_env), "/run/trac": str(run),
+            "/srv/trac/venv/bin/trac-fcgi ": TRAC_FCGI + " "}
+
+
+def test_spawn_fcgi_example_starts_the_launcher_and_its_workers_serve_trac(started, tmp_path, trac_env):
+    sock = tmp_path / "trac.sock"
+    launcher = Process([str(EXAMPLES / "spawn-fcgi.sh")], tmp_path / "spawn-fcgi.log", env={
+        "VENV": str(VENV), "TRAC_ENV": str(trac_env), "SOCKET": str(sock), "WORKERS": "2",
+        "TRAC_USER": "", "WEB_GROUP": ""})  # stay root: spawn-fcgi will not switch to uid 0
+    started.append(launcher)
+    launcher.wait_for("all-ready", workers=2, timeout=START_TIMEOUT)
+    assert launcher.events("start")[0]["socket"] == "unix:" + str(sock)
+    # spawn-fcgi -n execs the launcher: the script's pid is the launcher's.
+    assert "trac-fcgi-launcher[%d]" % launcher.pid in launcher.log()
+    nginx = Nginx(tmp_path / "nginx", "unix:" + str(sock))
+    started.append(nginx)
+    assert is_trac_page(nginx.get("/wiki/WikiStart"), WELCOME)
+    assert terminate(launcher) == 0
+    assert not os.path.exists(sock) or not connects(str(sock))
+
+
+def connects(path):
+    try:
+        with socket.socket(socket.AF_UNIX) as probe:
+            probe.connect(path)
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("exec_start", ["ExecStart", "#ExecStart"], ids=["launcher-binds", "under-spawn-fcgi"])
+def test_systemd_service_example_serves_trac_reloads_make_before_break_and_stops_cleanly(
+        started, tmp_path, trac_env, exec_start):
+    paths = deployment(tmp_path, trac_env)
+    unit = unit_file(EXAMPLES / "trac-fcgi.service", paths)
+    assert unit["Type"] == ["notify"] and unit["KillMode"] == ["mixed"]
+    notify = NotifySocket(tmp_path / "notify.sock")
+    started.append(notify)
+    environ = dict(unit_environment(unit), NOTIFY_SOCKET=notify.path)
+    service = Process(shlex.split(unit[exec_start][0]), tmp_path / "service.log", env=environ)
+    started.append(service)
+
+    # Type=notify: systemd counts the service started at READY=1.
+    notify.wait_for("READY=1")
+    assert service.events("all-ready", workers=2)
+    nginx = Nginx(tmp_path / "nginx", "unix:" + paths["/run/trac"] + "/trac.sock")
+    started.append(nginx)
+    assert is_trac_page(nginx.get("/wiki/WikiStart"), WELCOME)
+
+    # systemctl reload: ExecReload as written, $MAINPID being the launcher.
+    subprocess.run(shlex.split(unit["ExecReload"][0].replace("$MAINPID", str(service.pid))), check=True)
+    service.wait_for("rolling-restart-done", timeout=START_TIMEOUT)
+    assert len(recycles(service)) == 2, log_tail(service)
+    notify.wait_for("RELOADING=1")
+    notify.wait_for("READY=1", count=2)
+    assert is_trac_page(nginx.get("/timeline"), "Timeline")
+
+    # systemctl stop with KillMode=mixed: SIGTERM to the launcher alone.
+    workers = [int(e["pid"]) for e in service.events("spawn")]
+    assert terminate(service, timeout=int(unit["TimeoutStopSec"][0])) == 0, log_tail(service)
+    assert notify.said("STOPPING=1")
+    assert not [pid for pid in workers if alive(pid)]
+
+
+def test_socket_activated_service_starts_on_the_first_request_and_answers_it(started, tmp_path, trac_env):
+    paths = deployment(tmp_path, trac_env)
+    socket_unit = unit_file(EXAMPLES / "trac-fcgi-socket.socket", paths)
+    service_unit = unit_file(EXAMPLES / "trac-fcgi-socket.service", paths)
+    assert service_unit["Requires"] == ["trac-fcgi-socket.socket"]
+    listen = socket_unit["ListenStream"][0]
+    notify = NotifySocket(tmp_path / "notify.sock")
+    started.append(notify)
+    # systemd-socket-activate does what systemd does: it holds the socket,
+    # and on the first connection execs ExecStart with LISTEN_FDS=1 and
+    # LISTEN_PID set, the socket on fd 3, and only the unit's environment.
+    environ = dict(unit_environment(service_unit), NOTIFY_SOCKET=notify.path)
+    argv = [shutil.which("systemd-socket-activate") or "/usr/bin/systemd-socket-activate", "-l", listen]
+    argv += ["--setenv=%s=%s" % item for item in environ.items()]
+    service = Process(argv + shlex.split(service_unit["ExecStart"][0]), tmp_path / "service.log")
+    started.append(service)
+    wait_until(lambda: os.path.exists(listen), 30, "systemd-socket-activate to listen on " + listen)
+    nginx = Nginx(tmp_path / "nginx", "unix:" + listen)
+    started.append(nginx)
+    assert not service.events("start"), "the launcher started before any connection"
+
+    first = nginx.get("/wiki/WikiStart", timeout=START_TIMEOUT)
+    assert is_trac_page(first, WELCOME), (first, service.log())
+    start = service.events("start")
+    assert start and start[0]["socket"] == "unix:" + listen
+    assert "trac-fcgi-launcher[%d]" % service.pid in service.log()  # exec'd in place, as systemd does
+    notify.wait_for("READY=1")
+    assert is_trac_page(nginx.get("/timeline"), "Timeline")
+    assert terminate(service, timeout=int(service_unit["TimeoutStopSec"][0])) == 0, log_tail(service)
+
+
+def start_machine(started, tmp_path, trac_env, name):
+    """One "machine": the launcher bound to its own TCP port, accepting FastCGI from nginx only."""
+    for attempt in range(5):
+        port = free_port()
+        machine = Process([PYTHON, LAUNCHER, "--bind", "127.0.0.1:%d" % port, "--", TRAC_FCGI],
+                          tmp_path / ("machine-%s.log" % name),
+                          env={"TRAC_ENV": str(trac_env), "FCGI_WEB_SERVER_ADDRS": "127.0.0.1"})
+        started.append(machine)
+        wait_until(lambda: machine.events("all-ready") or machine.popen.poll() is not None, START_TIMEOUT,
+                   "machine %s to be ready:\n%s" % (name, machine.log()))
+        if machine.events("all-ready"):
+            machine.address = "127.0.0.1:%d" % port
+            return machine
+    raise AssertionError("no free port for machine %s:\n%s" % (name, machine.log()))
+
+
+def test_two_machines_behind_one_upstream_share_requests_and_one_covers_when_the_other_stops(
+        started, tmp_path, trac_env):
+    a, b = (start_machine(started, tmp_path, trac_env, name) for name in "ab")
+    nginx = Nginx(tmp_path / "nginx", None, upstream=upstream_block(a.address, b.address))
+    started.append(nginx)
+
+    answers = [nginx.get(PAGES[n % 2]) for n in range(20)]
+    assert all(answer.ok for answer in answers), answers
+    served_by = collections.Counter(e["upstream"].split(",")[-1].strip() for e in nginx.access_log())
+    assert set(served_by) == {a.address, b.address}, served_by
+
+    assert terminate(a) == 0
+    before = len(nginx.access_log())
+    answers = [nginx.get(PAGES[n % 2]) for n in range(20)]
+    assert all(answer.ok for answer in answers), (answers, nginx.errors())
+    after = nginx.access_log()[before:]
+    assert {e["upstream"].split(",")[-1].strip() for e in after} == {b.address}, after
+
+
+def test_an_existing_trac_fcgi_replaced_in_three_steps_serves_trac_under_plain_spawn_fcgi(
+        started, tmp_path, trac_env, monkeypatch):
+    """examples/replace-trac-fcgi.md, its commands run as written, paths aside."""
+    monkeypatch.delenv("TRAC_ENV", raising=False)  # DEFAULT_TRAC_ENV must be what finds it
+    deploy = tmp_path / "deploy"
+    sock = tmp_path / "trac.sock"
+    paths = {"/srv/trac/project": str(trac_env), "/srv/trac/deploy": str(deploy),
+             "/path/to/trac_fcgi.py": str(ROOT / "trac_fcgi.py"), "/run/trac/trac.sock": str(sock),
+             "trac-admin ": str(VENV / "bin" / "trac-admin") + " ",
+             # Root cannot be switched to with -u; the test stays who it is.
+             " -u www-data -G www-data": ""}
+    doc = (EXAMPLES / "replace-trac-fcgi.md").read_text()
+    for old, new in paths.items():
+        doc = doc.replace(old, new)
+    blocks = re.findall(r"```(\w+)\n(.*?)```", doc, re.DOTALL)
+    shell = [textwrap.dedent(code) for lang, code in blocks if lang == "sh"]
+    python = [textwrap.dedent(code) for lang, code in blocks if lang == "python"]
+    assert len(shell) == 3 and len(python) == 1, blocks
+
+    # Steps 1 and 2.
+    for step in shell[:2]:
+        subprocess.run(["sh", "-ec", step], check=True, capture_output=True, cwd=tmp_path)
+    script = deploy / "cgi-bin" / "trac.fcgi"
+    assert script.read_text().splitlines()[0] == "#!" + PYTHON
+    # Step 3: the DEFAULT_TRAC_ENV line, edited as the document shows.
+    wanted = python[0].strip()
+    text, edits = re.subn(r"^DEFAULT_TRAC_ENV = .*$", lambda _: wanted, script.read_text(), flags=re.MULTILINE)
+    assert edits == 1
+    script.write_text(text)
+
+    server = Process(shlex.split(shell[2]), tmp_path / "trac.fcgi.log")
+    started.append(server)
+    wait_until(lambda: connects(str(sock)) or server.popen.poll() is not None, START_TIMEOUT,
+               "spawn-fcgi's socket")
+    nginx = Nginx(tmp_path / "nginx", "unix:" + str(sock))
+    started.append(nginx)
+    page = nginx.get("/wiki/WikiStart", timeout=START_TIMEOUT)
+    assert is_trac_page(page, WELCOME), (page, server.log())
+    assert b"Test Project" in page.body  # the environment DEFAULT_TRAC_ENV names
+    assert "trac-fcgi[%d] event=warm" % server.pid in server.log()  # our file, not Trac's frontend
+
