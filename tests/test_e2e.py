@@ -9,15 +9,17 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
 
-from stack import (EXAMPLES, START_TIMEOUT, TRAC_FCGI, Load, Nginx, drains, is_trac_page, recycles,
-                   start_trac, terminate, upstream_block)
+from stack import (EXAMPLES, START_TIMEOUT, TRAC_FCGI, Load, Nginx, drains, http_get, is_trac_page,
+                   recycles, start_trac, terminate, upstream_block)
 from support import LAUNCHER, PYTHON, ROOT, Process, alive, free_port, wait_until
 
 VENV = Path(PYTHON).parent.parent
@@ -379,3 +381,108 @@ def test_an_existing_trac_fcgi_replaced_in_three_steps_serves_trac_under_plain_s
     assert b"Test Project" in page.body  # the environment DEFAULT_TRAC_ENV names
     assert "trac-fcgi[%d] event=warm" % server.pid in server.log()  # our file, not Trac's frontend
 
+
+
+# --------------------------------------------------------------------------
+# make demo
+
+def processes_mentioning(text):
+    """Live processes whose command line or environment names TEXT."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                mine = Path("/proc/%s/cmdline" % entry).read_bytes() + Path("/proc/%s/environ" % entry).read_bytes()
+            except OSError:
+                continue
+            if text.encode() in mine and alive(int(entry)):
+                found.append(int(entry))
+    return found
+
+
+class MakeDemo:
+    """`make demo` in its own process group, as in a terminal, its output read as it comes."""
+
+    def __init__(self, directory, port, seconds):
+        # -o venv -o debs: both are there already, and remaking the venv here
+        # could pull it from under other test runs.  The demo recipe itself is
+        # the one the README's `make demo` runs.
+        environ = dict(os.environ, DEMO_DIR=str(directory), DEMO_PORT=str(port), DEMO_SECONDS=str(seconds))
+        self.port = port
+        self.popen = subprocess.Popen(["make", "-s", "-o", "venv", "-o", "debs", "demo"], cwd=ROOT, env=environ,
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+        self.lines = []
+        self.reader = threading.Thread(target=self.read, daemon=True)
+        self.reader.start()
+
+    def read(self):
+        for line in self.popen.stdout:
+            self.lines.append(line.decode(errors="replace"))
+
+    def output(self):
+        return "".join(self.lines)
+
+    def wait_until_serving(self):
+        """The URL is printed, and it serves a whole Trac page."""
+        url = "http://127.0.0.1:%d/" % self.port
+
+        def serving():
+            if self.popen.poll() is not None:
+                raise AssertionError("make demo exited early:\n" + self.output())
+            if url not in self.output():
+                return None
+            answer = http_get(self.port, "/wiki/WikiStart")
+            return answer if answer.ok else None
+        return wait_until(serving, START_TIMEOUT, "make demo to print %s and serve Trac there" % url)
+
+    def ctrl_c(self):
+        os.killpg(self.popen.pid, signal.SIGINT)
+
+    def wait(self, timeout=120):
+        try:
+            self.popen.wait(timeout)
+        finally:
+            if self.popen.poll() is None:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+        self.reader.join(10)
+        return self.output()
+
+
+def test_make_demo_serves_trac_until_ctrl_c_then_stops_everything_and_runs_again(tmp_path):
+    directory = tmp_path / "demo"
+    port = free_port()
+
+    # First run: until Ctrl-C, which a terminal sends to the whole foreground group.
+    demo = MakeDemo(directory, port, seconds=0)
+    try:
+        page = demo.wait_until_serving()
+        assert is_trac_page(page, WELCOME) and b"Demo" in page.body
+        assert is_trac_page(http_get(port, "/timeline"), "Timeline")
+        demo.ctrl_c()
+    finally:
+        output = demo.wait()
+    assert "event=all-ready workers=2" in output, output
+    assert "event=stop status=0" in output and "demo: stopped" in output, output
+    assert not processes_mentioning(str(directory)), output
+    assert not connects_tcp(port)
+
+    # A second run reuses the environment and stops by itself after DEMO_SECONDS.
+    demo = MakeDemo(directory, port, seconds=5)
+    try:
+        assert is_trac_page(demo.wait_until_serving(), WELCOME)
+    finally:
+        output = demo.wait()
+    assert demo.popen.returncode == 0, output
+    assert "creating a Trac environment" not in output
+    assert "event=stop status=0" in output and "demo: stopped" in output, output
+    assert not processes_mentioning(str(directory)), output
+    assert not connects_tcp(port)
+
+
+def connects_tcp(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        return True
+    except OSError:
+        return False
