@@ -183,11 +183,11 @@ def whole_body(response, body):
     return True  # chunked and not HTML: http.client raises IncompleteRead if it was cut
 
 
-def exchange(conn, path, headers=None):
-    """One GET on CONN (reconnecting if needed); every failure becomes part of the Answer."""
+def exchange(conn, path, method="GET", body=None, headers=None):
+    """One request on CONN (reconnecting if needed); every failure becomes part of the Answer."""
     started = time.monotonic()
     try:
-        conn.request("GET", path, headers=headers or {})
+        conn.request(method, path, body=body, headers=headers or {})
         response = conn.getresponse()
         try:
             body = response.read()
@@ -212,12 +212,17 @@ def http_get(port, path, timeout=60):
 class Load:
     """CLIENTS threads, each on its own kept-alive connection, asking for PATHS in turn.
 
+    Each request is a GET, or a POST of BODY (a form) when one is given.
     run() returns when stop() says so (it is called about every 0.2 s with the
     seconds elapsed), or after max_seconds.  Every answer is kept.
     """
 
-    def __init__(self, port, paths, clients, timeout=60):
+    def __init__(self, port, paths, clients, timeout=60, body=None, headers=None):
         self.port, self.paths, self.clients, self.timeout = port, list(paths), clients, timeout
+        self.method = "GET" if body is None else "POST"
+        self.body, self.headers = body, dict(headers or {})
+        if body is not None:
+            self.headers.setdefault("Content-Type", "application/x-www-form-urlencoded")
         self.answers = []
         self.lock = threading.Lock()
         self.done = threading.Event()
@@ -228,7 +233,7 @@ class Load:
         turn = number
         try:
             while not self.done.is_set():
-                answer = exchange(conn, self.paths[turn % len(self.paths)])
+                answer = exchange(conn, self.paths[turn % len(self.paths)], self.method, self.body, self.headers)
                 turn += 1
                 with self.lock:
                     self.answers.append(answer)

@@ -152,6 +152,21 @@ def test_a_single_client_keeps_getting_answers_while_its_worker_is_replaced(star
     assert not slow, "drains that ran into TRAC_FCGI_DRAIN_TIMEOUT: %s\n%s" % (slow, report)
 
 
+def test_posts_sent_while_workers_recycle_are_all_answered_by_trac(started, tmp_path, trac_env):
+    # nginx never retries a POST on its own: one written into a kept-alive
+    # connection just as a draining worker closes it would be a 502, were it
+    # not for examples/nginx.conf's fastcgi_next_upstream.  A search with a
+    # valid form token (cookie and field agree) changes nothing in Trac.
+    nginx, launcher = trac_behind_nginx(started, tmp_path, trac_env, env={"TRAC_FCGI_MAX_REQUESTS": "20"})
+    load = Load(nginx.port, ["/search"], clients=16, body="__FORM_TOKEN=e2e0token&q=trac&wiki=on",
+                headers={"Cookie": "trac_form_token=e2e0token"})
+    load.run(stop=lambda seconds: seconds >= 10 and len(recycles(launcher)) >= 8, max_seconds=45)
+    report = "%s\n%d recycles\nnginx errors:\n%s" % (load.summary(), len(recycles(launcher)), nginx.errors()[-3000:])
+    assert len(recycles(launcher)) >= 8, "too few recycles: " + report
+    assert_every_answer_whole(load, nginx, report)
+    assert all(b"Search" in answer.body for answer in load.answers), report
+
+
 # --------------------------------------------------------------------------
 # examples/: each recipe, run as written
 
