@@ -167,6 +167,19 @@ def test_posts_sent_while_workers_recycle_are_all_answered_by_trac(started, tmp_
     assert all(b"Search" in answer.body for answer in load.answers), report
 
 
+@pytest.mark.xfail(strict=True, reason="bug: a kept-alive nginx connection holds a trac_fcgi thread between "
+                   "its requests too, so with more concurrent clients than TRAC_FCGI_MAX_THREADS x workers "
+                   "one connection waits in the backlog until nginx's fastcgi_read_timeout (60 s) gives a 504")
+def test_more_clients_than_worker_threads_are_all_answered_in_turn(started, tmp_path, trac_env):
+    # 6 clients, 4 threads, no recycling: nginx keeps 5-6 connections open
+    # and reuses the 4 the worker accepted; the others must get a turn too.
+    nginx, launcher = trac_behind_nginx(started, tmp_path, trac_env, env={"TRAC_FCGI_MAX_THREADS": "4"})
+    load = Load(nginx.port, PAGES, clients=6, timeout=12).run(stop=lambda seconds: seconds >= 8, max_seconds=8)
+    report = load.summary()
+    assert_every_answer_whole(load, nginx, report)
+    assert load.longest_wait() < 10, report
+
+
 # --------------------------------------------------------------------------
 # examples/: each recipe, run as written
 
@@ -301,7 +314,10 @@ def test_socket_activated_service_starts_on_the_first_request_and_answers_it(sta
     # and on the first connection execs ExecStart with LISTEN_FDS=1 and
     # LISTEN_PID set, the socket on fd 3, and only the unit's environment.
     environ = dict(unit_environment(service_unit), NOTIFY_SOCKET=notify.path)
-    argv = [shutil.which("systemd-socket-activate") or "/usr/bin/systemd-socket-activate", "-l", listen]
+    activate = shutil.which("systemd-socket-activate")
+    if activate is None:
+        pytest.skip("systemd-socket-activate is missing: apt-get install systemd (no running systemd needed)")
+    argv = [activate, "-l", listen]
     argv += ["--setenv=%s=%s" % item for item in environ.items()]
     service = Process(argv + shlex.split(service_unit["ExecStart"][0]), tmp_path / "service.log")
     started.append(service)
