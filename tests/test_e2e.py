@@ -302,6 +302,18 @@ def test_systemd_service_example_serves_trac_reloads_make_before_break_and_stops
     assert not [pid for pid in workers if alive(pid)]
 
 
+def test_systemd_unit_examples_are_valid_units_for_systemd_analyze(tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is missing: apt-get install systemd (no running systemd needed)")
+    names = ["trac-fcgi.service", "trac-fcgi-socket.socket", "trac-fcgi-socket.service"]
+    for name in names:  # the venv moved to where it is here, or verify flags a missing program
+        (tmp_path / name).write_text((EXAMPLES / name).read_text().replace("/srv/trac/venv", str(VENV)))
+    done = subprocess.run([analyze, "verify", *[str(tmp_path / name) for name in names]],
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and not done.stdout.strip() and not done.stderr.strip(), done
+
+
 def test_socket_activated_service_starts_on_the_first_request_and_answers_it(started, tmp_path, trac_env):
     paths = deployment(tmp_path, trac_env)
     socket_unit = unit_file(EXAMPLES / "trac-fcgi-socket.socket", paths)
