@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from support import LAUNCHER, PYTHON, ROOT, Process, free_port, wait_until
+from support import LAUNCHER, PYTHON, ROOT, Process, free_port
 
 EXAMPLES = ROOT / "examples"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
