@@ -825,7 +825,7 @@ def targets(cells, launcher):
 
     def logs(*cs):
         return "a bug: see %s and bench/work/nginx/error.log" % ", ".join(
-            "bench/work/logs/%s-%s.log" % (c["row"], c["scenario"]) for c in cs)
+            "bench/work/logs/%s-%s-*.log" % (c["row"], c["scenario"]) for c in cs)
 
     usr1 = launcher.get("sigusr1_to_ready_s")
     warm_s = statistics.median(usr1) if usr1 else None
