@@ -5,7 +5,6 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-DEBS   := nginx-light spawn-fcgi libfcgi-bin wrk
 
 .PHONY: all venv debs test demo bench clean
 
@@ -19,13 +18,15 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 venv: $(VENV)/.installed
 
-# Debian packages, installed only when a command is missing.
+# Debian packages, installed only when a command is missing.  systemd brings
+# systemd-socket-activate and systemd-analyze, which the recipe tests run.
 debs:
 	@missing=""; \
 	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$$missing nginx-light"; \
 	command -v spawn-fcgi >/dev/null || missing="$$missing spawn-fcgi"; \
 	command -v cgi-fcgi >/dev/null || missing="$$missing libfcgi-bin"; \
 	command -v wrk >/dev/null || missing="$$missing wrk"; \
+	command -v systemd-socket-activate >/dev/null || missing="$$missing systemd"; \
 	if [ -n "$$missing" ]; then \
 	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	    $$SUDO apt-get update -qq && \

@@ -66,7 +66,7 @@ class BadInput(Exception):
 
 
 def positive_int(text):
-    """a whole number of at least 1"""
+    """a whole number of at least 1, e.g. 2"""
     value = int(text)
     if value < 1:
         raise ValueError
@@ -74,7 +74,7 @@ def positive_int(text):
 
 
 def positive_seconds(text):
-    """a number of seconds above 0"""
+    """a number of seconds above 0, e.g. 30"""
     value = float(text)
     if not value > 0 or value == float("inf"):
         raise ValueError
@@ -82,7 +82,7 @@ def positive_seconds(text):
 
 
 def size_bytes(text):
-    """a size in bytes with an optional K, M or G suffix"""
+    """a size in bytes with an optional K, M or G suffix, e.g. 512M"""
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     text = text.strip().upper()
     number, unit = (text[:-1], text[-1]) if text[-1:] in units and text[-1:] else (text, "")
@@ -90,6 +90,26 @@ def size_bytes(text):
     if value < 0:
         raise ValueError
     return value
+
+
+def address(text):
+    """an address: unix:/path[:mode], HOST:PORT or [v6]:PORT, e.g. unix:/run/trac/trac.sock"""
+    if text.startswith("unix:"):
+        path, mode = text[len("unix:"):], 0o660
+        head, sep, tail = path.rpartition(":")
+        if sep and tail and all(c in "01234567" for c in tail):
+            path, mode = head, int(tail, 8)
+        if not path.startswith("/"):
+            raise ValueError
+        return socket.AF_UNIX, path, mode
+    host, _, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        family, host = socket.AF_INET6, host[1:-1]
+    else:
+        family = socket.AF_INET
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError
+    return family, host, int(port)
 
 
 # (flag, environment variable, parser, default, metavar, help)
@@ -105,7 +125,7 @@ SETTINGS = [
      "memory (K, M, G) to keep available; when MemAvailable minus one worker's "
      "RSS would fall below it, a handoff stops the old worker before starting "
      "the new one"),
-    ("--bind", "LAUNCHER_BIND", None, None, "ADDR",
+    ("--bind", "LAUNCHER_BIND", address, None, "ADDR",
      "create the socket: unix:/path[:mode] (mode 0660 by default), HOST:PORT or "
      "[v6]:PORT; without it the socket is fd 0 (spawn-fcgi) or systemd's fd 3"),
 ]
@@ -144,6 +164,7 @@ def parse_settings(argv):
                         help="worker command after --; WORKER_PATH if absent")
     # argparse prints usage and exits 2 on an unknown flag: already one clear answer.
     args = parser.parse_args(argv)
+    args.source = {}  # attribute -> the flag or variable it came from, for error lines
 
     for flag, env, parse, default, metavar, help_text in SETTINGS:
         attr = flag[2:].replace("-", "_")
@@ -151,14 +172,14 @@ def parse_settings(argv):
         source = flag
         if raw is None and os.environ.get(env) is not None:
             raw, source = os.environ[env], env
-        if raw is None or parse is None:
-            setattr(args, attr, default if raw is None else raw)
+        args.source[attr] = source
+        if raw is None:
+            setattr(args, attr, default)
             continue
         try:
             setattr(args, attr, parse(raw))
         except (ValueError, IndexError):
-            raise BadInput("%s=%r is not %s: use e.g. %s %s"
-                           % (source, raw, parse.__doc__, flag, default))
+            raise BadInput("%s=%r is not %s" % (source, raw, parse.__doc__))
     if args.command[:1] == ["--"]:
         args.command = args.command[1:]
     return args
@@ -192,9 +213,12 @@ SPAWN_FCGI_HINT = ("run me under spawn-fcgi (spawn-fcgi -n -s /run/trac.sock -- 
                    "trac-fcgi-launcher) or pass --bind unix:/run/trac.sock")
 
 
-def listening_socket(bind):
+def listening_socket(bind, source="--bind"):
     if bind:
-        return bind_socket(bind)
+        try:
+            return bind_socket(*bind)
+        except BadInput as problem:
+            raise BadInput("%s: %s" % (source, problem))
     if os.environ.get("LISTEN_PID") == str(os.getpid()) and os.environ.get("LISTEN_FDS", "0") != "0":
         return check_listening(3, "systemd's fd 3 (LISTEN_FDS)")
     return check_listening(0, "fd 0")
@@ -211,35 +235,17 @@ def check_listening(fd, name):
     return sock
 
 
-def bind_socket(address):
-    try:
-        if address.startswith("unix:"):
-            return bind_unix(*parse_unix_address(address[len("unix:"):]))
-        host, _, port = address.rpartition(":")
-        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError
-    except ValueError:
-        raise BadInput("--bind %r is not an address: use unix:/path[:mode], HOST:PORT or [v6]:PORT" % address)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+def bind_socket(family, host, port):
+    if family == socket.AF_UNIX:
+        return bind_unix(host, port)
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, int(port)))
+        sock.bind((host, port))
     except OSError as error:
-        raise BadInput("--bind %s: %s; pick a free address" % (address, error.strerror))
+        raise BadInput("cannot bind %s port %d: %s; pick a free address" % (host, port, error.strerror))
     sock.listen(socket.SOMAXCONN)
     return sock
-
-
-def parse_unix_address(rest):
-    path, mode = rest, 0o660
-    head, sep, tail = rest.rpartition(":")
-    if sep and tail and all(c in "01234567" for c in tail):
-        path, mode = head, int(tail, 8)
-    if not path.startswith("/"):
-        raise ValueError
-    return path, mode
 
 
 def bind_unix(path, mode):
@@ -251,7 +257,7 @@ def bind_unix(path, mode):
         except OSError:
             os.unlink(path)
         else:
-            raise BadInput("--bind unix:%s: something is listening there already; stop it or pick another path" % path)
+            raise BadInput("unix:%s: something is listening there already; stop it or pick another path" % path)
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -260,7 +266,7 @@ def bind_unix(path, mode):
     try:
         sock.bind(path)
     except OSError as error:
-        raise BadInput("--bind unix:%s: %s; check the directory exists and is writable" % (path, error.strerror))
+        raise BadInput("cannot bind unix:%s: %s; check the directory exists and is writable" % (path, error.strerror))
     finally:
         os.umask(old_umask)
     os.chmod(path, mode)
@@ -745,7 +751,7 @@ def describe(sock):
     address = sock.getsockname()
     if sock.family == socket.AF_UNIX:
         return "unix:" + (address.decode() if isinstance(address, bytes) else address)
-    return "%s:%d" % address[:2]
+    return ("[%s]:%d" if sock.family == socket.AF_INET6 else "%s:%d") % address[:2]
 
 
 def main(argv=None):
@@ -754,7 +760,7 @@ def main(argv=None):
         settings = parse_settings(sys.argv[1:] if argv is None else argv)
         VERBOSITY = 0 if settings.quiet else 2 if settings.verbose else 1
         path, command = worker_command(settings.command)
-        listener = listening_socket(settings.bind)
+        listener = listening_socket(settings.bind, settings.source["bind"])
     except BadInput as problem:
         sys.stderr.write("trac-fcgi-launcher: %s\n" % problem)
         return 2

@@ -208,11 +208,12 @@ class Limits:
             raise BadSetting("TRAC_FCGI_SOFT_RSS=%s is above TRAC_FCGI_MAX_RSS=%s; set it lower"
                              % (environ["TRAC_FCGI_SOFT_RSS"], environ.get("TRAC_FCGI_MAX_RSS", "128M")))
         # Drawn once per worker, so that N workers started together spread out.
-        draw = lambda limit: int(limit * random.uniform(1 - self.jitter, 1 + self.jitter))
-        self.max_requests = draw(self.max_requests)
-        self.max_lifetime = draw(self.max_lifetime)
+        draw = lambda limit: limit * random.uniform(1 - self.jitter, 1 + self.jitter)
+        # A limit that is on stays on: a draw never rounds it down to 0 (off).
+        self.max_requests = self.max_requests and max(1, round(draw(self.max_requests)))
+        self.max_lifetime = self.max_lifetime and draw(self.max_lifetime)
         # The soft mark moves, the hard limit never: MAX_RSS is the promise.
-        self.soft_rss = min(draw(self.soft_rss), self.max_rss or sys.maxsize)
+        self.soft_rss = min(int(draw(self.soft_rss)), self.max_rss or sys.maxsize)
 
 
 # --------------------------------------------------------------------------
@@ -301,6 +302,40 @@ class QueueingThreadPool(ThreadPool):
         return ThreadPool.addJob(self, job, allowQueuing=True)
 
 
+class DeadlineSocket:
+    """A client socket on which the whole of each request must arrive within one deadline.
+
+    flup reads with no time limit, so a client that sends nothing, stops
+    mid-record, or trickles a byte a second would pin a thread for good (DESIGN.md,
+    "An idle client pins a thread forever").  A per-recv() timeout stops only
+    the first two; a deadline for the request stops all three.
+    """
+
+    def __init__(self, sock, seconds):
+        self._sock, self.seconds = sock, seconds
+        self.expired = False
+        self.restart()
+
+    def restart(self):
+        self.deadline = time.monotonic() + self.seconds
+
+    def recv(self, size):
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            self.expired = True
+            raise socket.timeout("the request took longer than TRAC_FCGI_IDLE_TIMEOUT to arrive")
+        self._sock.settimeout(remaining)
+        return self._sock.recv(size)
+
+    def send(self, data):
+        # Writing is bounded on its own: a slow reader gets the full timeout.
+        self._sock.settimeout(self.seconds)
+        return self._sock.send(data)
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
 class CountedConnection(fcgi_base.Connection):
     """A FastCGI connection counted from the moment it is accepted until it is closed.
 
@@ -309,13 +344,16 @@ class CountedConnection(fcgi_base.Connection):
     and we never call it while the count is above zero.
     """
 
+    # Far above what nginx sends (its request headers fit in 32 KiB by
+    # default), far below what would move a worker's memory.
+    MAX_PARAMS_BYTES = 1 << 20
+
     def __init__(self, sock, addr, server, timeout):
-        fcgi_base.Connection.__init__(self, sock, addr, server, timeout)
+        fcgi_base.Connection.__init__(self, DeadlineSocket(sock, server.limits.idle_timeout), addr,
+                                      server, timeout)
         server.connection_opened()
-        # A client that sends nothing, or stops mid-record, would otherwise
-        # pin this thread forever: flup reads with no time limit.
-        sock.settimeout(server.limits.idle_timeout)
-        self.last_heard = time.monotonic()
+        self.params_bytes = 0
+        self.cut_off = False
 
     def run(self):
         try:
@@ -323,28 +361,40 @@ class CountedConnection(fcgi_base.Connection):
         except Exception:
             pass  # malformed input or a vanished client ends this connection only
         finally:
-            self._sock.close()
+            if self._sock.expired:
+                self.server.idle_connection_closed(self._addr)
+            self._sock.close()  # again, for a connection that ended in an exception
             self.server.connection_closed()
 
     def process_input(self):
         # flup waits for the next record in 1 s selects for as long as the
-        # connection is open.  Two reasons to stop waiting: the client has been
-        # silent too long, or we are draining and the connection is between
-        # requests (kept alive by nginx, which retries a request that finds a
-        # cached connection closed).
+        # connection is open.  Two reasons to stop waiting: the request is
+        # taking too long to arrive, or we are draining and the connection is
+        # between requests (kept alive by nginx, which retries a request that
+        # finds a cached connection closed).
         while self._keepGoing:
             ready, _, _ = select.select([self._sock], [], [], PERIOD_S)
             if ready:
-                self.last_heard = time.monotonic()
                 return fcgi_base.Connection.process_input(self)
             if self.server.draining and not self._requests:
                 raise EOFError
-            if time.monotonic() - self.last_heard > self.server.limits.idle_timeout:
-                self.server.idle_connection_closed(self._addr)
+            if time.monotonic() > self._sock.deadline:
+                self._sock.expired = self.cut_off = True
                 raise EOFError
+
+    def _do_params(self, inrec):
+        self.params_bytes += inrec.contentLength
+        if self.params_bytes > self.MAX_PARAMS_BYTES:
+            log("bad-request", reason="params over %d bytes" % self.MAX_PARAMS_BYTES, peer=self._addr or "unix")
+            self.cut_off = True
+            raise EOFError
+        fcgi_base.Connection._do_params(self, inrec)
 
     def end_request(self, req, appStatus=0, protocolStatus=fcgi_base.FCGI_REQUEST_COMPLETE, remove=True):
         fcgi_base.Connection.end_request(self, req, appStatus, protocolStatus, remove)
+        # The next request on a kept-alive connection gets its own deadline.
+        self._sock.restart()
+        self.params_bytes = 0
         # On a draining worker a kept-alive connection ends with its current
         # request.  Under steady load nginx reuses it at once, so waiting for
         # it to fall idle would keep the drain going until its timeout, and
@@ -353,15 +403,15 @@ class CountedConnection(fcgi_base.Connection):
             self._keepGoing = False
 
     def _cleanupSocket(self):
-        # flup lingers until the client closes, with no time limit; a client
-        # that never closes would pin the thread.  Linger at most idle_timeout.
-        try:
-            self._sock.shutdown(socket.SHUT_WR)
-            deadline = time.monotonic() + self.server.limits.idle_timeout
-            while time.monotonic() < deadline and self._sock.recv(4096):
+        # flup lingers until the client closes, with no time limit.  We linger
+        # only until the request deadline, and not at all for a client we cut off.
+        if not self.cut_off:
+            try:
+                self._sock.shutdown(socket.SHUT_WR)
+                while self._sock.recv(4096):
+                    pass
+            except OSError:
                 pass
-        except OSError:
-            pass
         self._sock.close()
 
 
@@ -389,7 +439,8 @@ class RecyclingWSGIServer(WSGIServer):
         # ThreadedServer.__init__ would start a stock pool's threads only for
         # us to replace it, so only the FastCGI half is initialised here.
         fcgi_base.BaseFCGIServer.__init__(self, application, multithreaded=True, multiprocess=True,
-                                          bindAddress=bindAddress, multiplexed=False)
+                                          bindAddress=bindAddress, multiplexed=False,
+                                          umask=0o117)  # a --bind unix socket is 0660, as the launcher's
         # Every thread is started up front and none dies off, so "a thread is
         # free" is simply "fewer connections than threads".
         self._threadPool = QueueingThreadPool(minSpare=1, maxSpare=limits.max_threads,
@@ -632,6 +683,9 @@ class UnquotePathInfo:
 
 def prepare_trac_environment():
     """The environment that Trac's deploy template sets up."""
+    for name in ("TRAC_ENV", "TRAC_ENV_PARENT_DIR"):
+        if os.environ.get(name) == "":
+            raise BadSetting("%s is set but empty: give it a path, or unset it to use DEFAULT_TRAC_ENV" % name)
     if "TRAC_ENV" not in os.environ and "TRAC_ENV_PARENT_DIR" not in os.environ:
         os.environ["TRAC_ENV"] = DEFAULT_TRAC_ENV
     if "PYTHON_EGG_CACHE" not in os.environ:
@@ -686,13 +740,15 @@ def warm_up(application, path):
 
 
 def parse_bind(address):
-    """--bind: unix:/path or HOST:PORT, as flup's bindAddress wants it."""
-    if address.startswith("unix:"):
+    """--bind: unix:/path, HOST:PORT or [v6]:PORT, as flup's bindAddress wants it."""
+    if address.startswith("unix:") and address[len("unix:"):].startswith("/"):
         return address[len("unix:"):]
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise BadSetting("--bind %r is not an address: use unix:/path or HOST:PORT" % address)
-    return (host.strip("[]"), int(port))
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise BadSetting("--bind %r is not an address: use unix:/path, HOST:PORT or [v6]:PORT" % address)
+    if host.startswith("[") and host.endswith("]"):
+        return (host[1:-1], int(port), 0, 0)  # flup binds IPv6 for a 4-tuple
+    return (host, int(port))
 
 
 def main(argv=None):
@@ -709,7 +765,11 @@ def main(argv=None):
         limits = Limits(os.environ)
         application = load_application(limits.app)
         server = RecyclingWSGIServer(application, limits, bindAddress=bind)
-        sock = server._setupSocket()
+        try:
+            sock = server._setupSocket()
+        except (OSError, OverflowError) as error:
+            raise BadSetting("--bind %s: %s; pick a free address in a directory that exists"
+                             % (argv[1], getattr(error, "strerror", None) or error))
     except BadSetting as problem:
         sys.stderr.write("trac-fcgi: %s\n" % problem)
         return 2

@@ -370,8 +370,6 @@ def test_threads_and_memory_stay_bounded_after_ten_thousand_bad_inputs(tmp_path)
         worker.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: no limit on the size of a request's PARAMS: one "
-                   "connection that keeps sending name/value pairs grows the worker's memory without bound")
 def test_a_request_whose_params_never_end_is_cut_off_before_memory_grows_much(tmp_path):
     """Injects: one connection that sends BEGIN_REQUEST and then distinct 64 KB
     name/value pairs, up to 80 MB, never the empty PARAMS record that ends them.
@@ -437,9 +435,6 @@ def test_a_client_that_stops_mid_record_is_closed_after_the_idle_timeout(worker)
             sock.close()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a client sending one byte a second pins a worker thread "
-                   "for as long as it likes; TRAC_FCGI_IDLE_TIMEOUT only bounds silence between bytes, "
-                   "so 2 x MAX_THREADS such clients starve every normal client")
 def test_clients_sending_one_byte_a_second_do_not_starve_normal_clients(worker):
     """Injects: 2 x MAX_THREADS clients that each send a record header
     promising 65535 bytes of PARAMS and then one byte a second, for up to 30 s.

@@ -138,9 +138,7 @@ def test_a_soft_rss_above_max_rss_is_refused_in_one_line(listener):
     ({"TRAC_ENV": "/nonexistent/trac/env"}, "TRAC_ENV"),
     ({"TRAC_ENV": "{tmp}"}, "TRAC_ENV"),  # a directory, but no Trac environment
     ({"TRAC_ENV_PARENT_DIR": "/nonexistent/trac/envs"}, "TRAC_ENV_PARENT_DIR"),
-    pytest.param({"TRAC_ENV": ""}, "TRAC_ENV", marks=pytest.mark.xfail(
-        strict=True, reason="bug: an empty TRAC_ENV ends in a KeyError traceback "
-        "(prepare_trac_environment reads os.environ['TRAC_ENV_PARENT_DIR'])")),
+    ({"TRAC_ENV": ""}, "TRAC_ENV"),
 ], ids=["nowhere", "not-an-env", "parent-nowhere", "empty"])
 def test_a_trac_environment_that_is_not_there_is_refused_in_one_line(listener, tmp_path, environ, name):
     environ = {key: value.format(tmp=tmp_path) for key, value in environ.items()}
@@ -197,15 +195,8 @@ def _port_in_use(keep):
 
 
 TRAC_FCGI_BAD_BINDS = [
-    "abc", "", "127.0.0.1:notaport", ":9000",
-    pytest.param("127.0.0.1:99999", marks=pytest.mark.xfail(
-        strict=True, reason="bug: trac_fcgi --bind with a port above 65535 ends in an OverflowError traceback")),
-    pytest.param("unix:/nonexistent-dir/trac.sock", marks=pytest.mark.xfail(
-        strict=True, reason="bug: trac_fcgi --bind unix: in a missing directory ends in a FileNotFoundError traceback")),
-    pytest.param("unix:", marks=pytest.mark.xfail(
-        strict=True, reason="bug: trac_fcgi --bind unix: (no path) silently serves on an autobound abstract socket")),
-    pytest.param(_port_in_use, marks=pytest.mark.xfail(
-        strict=True, reason="bug: trac_fcgi --bind on a port in use ends in an OSError traceback")),
+    "abc", "", "127.0.0.1:notaport", ":9000", "127.0.0.1:99999", "unix:/nonexistent-dir/trac.sock", "unix:",
+    _port_in_use,
 ]
 
 
@@ -216,8 +207,6 @@ def test_trac_fcgi_refuses_a_bad_bind_address_in_one_line(keep, address):
     assert_refused_in_one_line(outcome, "--bind")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: trac_fcgi --bind [::1]:PORT ends in a socket.gaierror traceback "
-                   "(parse_bind strips the brackets but flup binds a 2-tuple as AF_INET)")
 def test_trac_fcgi_binds_a_bracketed_ipv6_address_or_refuses_it_in_one_line(tmp_path):
     port = support.free_port()
     worker = support.Process([support.PYTHON, support.TRAC_FCGI, "--bind", "[::1]:%d" % port],
@@ -236,9 +225,6 @@ def test_trac_fcgi_binds_a_bracketed_ipv6_address_or_refuses_it_in_one_line(tmp_
         worker.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the jitter draw truncates limits with int(): "
-                   "TRAC_FCGI_MAX_LIFETIME=0.5 becomes 0 (off), and with the default jitter "
-                   "TRAC_FCGI_MAX_REQUESTS=1 becomes 0 (off) in about half the workers")
 def test_a_fractional_max_lifetime_is_kept_not_silently_turned_off(tmp_path):
     """Injects: TRAC_FCGI_MAX_LIFETIME=0.5 with no jitter, under plain spawn-fcgi.
     Holds: the worker recycles for its age (event=recycle reason=age)."""
@@ -258,14 +244,7 @@ def launcher_cases():
     for flag, env, *_ in launcher.SETTINGS:
         for value in BAD_VALUES:
             for via in ("flag", "env"):
-                marks = []
-                if flag == "--bind" and value == "":
-                    marks = [pytest.mark.xfail(strict=True, reason="bug: an empty --bind / LAUNCHER_BIND is "
-                                               "silently taken as 'no --bind': the launcher serves on fd 0")]
-                elif flag == "--bind" and via == "env":
-                    marks = [pytest.mark.xfail(strict=True, reason="bug: a bad LAUNCHER_BIND is reported as "
-                                               "'--bind ...', a line that never names LAUNCHER_BIND")]
-                yield pytest.param(flag, env, value, via, marks=marks, id="%s=%r" % (flag if via == "flag" else env, value))
+                yield pytest.param(flag, env, value, via, id="%s=%r" % (flag if via == "flag" else env, value))
 
 
 @pytest.mark.parametrize("flag, env, value, via", list(launcher_cases()))
@@ -375,8 +354,6 @@ def test_a_unix_socket_bound_by_the_launcher_has_the_mode_asked_for_even_under_u
         process.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: trac_fcgi --bind unix:PATH binds under the caller's umask "
-                   "(flup's umask=None), so under umask 0 the socket is 0777, world-writable")
 def test_a_unix_socket_bound_by_trac_fcgi_is_not_world_writable_even_under_umask_0(tmp_path):
     path = tmp_path / "trac_fcgi.sock"
     worker = support.Process([support.PYTHON, support.TRAC_FCGI, "--bind", "unix:%s" % path],

@@ -1,0 +1,223 @@
+"""Process faults, injected for real: each test says what it breaks and what must still hold.
+
+The Trac tests run the whole stack (nginx -> spawn-fcgi -> launcher ->
+trac_fcgi -> Trac) under load from tests/stack.py; the rest use the small
+hello worker, where a fault needs an app that misbehaves on purpose.
+"""
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from stack import Load, Nginx, drains, recycles, start_trac, stop_all
+from support import (LAUNCHER, PYTHON, TRAC_FCGI, Process, alive, ask_in_background, children, fcgi_get,
+                     start_launcher, wait_until, worker_script)
+
+HELLO = worker_script("hello.py")
+PAGES = ["/wiki/WikiStart", "/timeline", "/wiki/TracGuide"]
+
+
+@pytest.fixture
+def site(tmp_path, trac_env):
+    """nginx in front of spawn-fcgi -> launcher -> trac_fcgi; stopped after the test."""
+    running = []
+
+    def site(*launcher_flags, env=None):
+        launcher = start_trac(tmp_path, trac_env, *launcher_flags, env=env)
+        nginx = Nginx(tmp_path / "nginx", "unix:" + launcher.socket)
+        running[:0] = [nginx, launcher]
+        return nginx, launcher
+
+    yield site
+    stop_all(*running)
+
+
+def cpu_seconds(pid):
+    fields = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def family(pid):
+    """PID and all its live descendants."""
+    found = [pid]
+    for child in children(pid):
+        found += family(child)
+    return found
+
+
+def in_background(load, stop, max_seconds):
+    thread = threading.Thread(target=load.run, args=(stop, max_seconds))
+    thread.start()
+    return thread
+
+
+# --------------------------------------------------------------------------
+
+def test_killing_a_worker_mid_load_fails_only_its_requests_in_flight_and_its_slot_serves_again(site):
+    # Injects: SIGKILL to one of two Trac workers while 8 clients keep asking.
+    # Holds: at most MAX_THREADS (15) requests fail, the launcher respawns the
+    # slot at once, and the slot is ready again after one cold start.
+    nginx, launcher = site("--workers", "2")
+    killed = {}
+    load = Load(nginx.port, PAGES, clients=8)
+    # A worker that dies within 10 s of its start counts as a crash and waits
+    # out a backoff; these are older, so the respawn must be immediate.
+    runner = in_background(load, lambda seconds: killed and seconds > killed["at"] + 4, 60)
+    time.sleep(11)
+    victim = int(launcher.events("ready", slot=0)[-1]["pid"])
+    killed["at"] = load.seconds
+    started = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    ready = wait_until(lambda: [e for e in launcher.events("ready", slot=0) if e["pid"] != str(victim)], 30)
+    back_after = time.monotonic() - started
+    runner.join(90)
+
+    assert len(load.failures()) <= 15, load.summary()
+    assert not launcher.events("backoff")
+    # The launcher's share of the outage is what is left after the new
+    # worker's own cold start (its ready_s): at most 100 ms, plus this test's
+    # 50 ms polling of the log.
+    assert back_after - float(ready[0]["ready_s"]) <= 0.15
+    assert load.answers[-1].ok and len(load.answers) > 100, load.summary()
+
+
+def test_a_crash_loop_backs_off_to_one_spawn_a_minute_costs_no_cpu_and_obeys_sigterm(tmp_path):
+    # Injects: a worker that cannot start (TRAC_ENV names no environment).
+    # Holds: spawn delays double from 1 s to the 60 s cap (so at most one spawn
+    # a minute after the first minute), the launcher uses under 2% CPU, and
+    # SIGTERM during a backoff is answered within 1 s.
+    launcher = Process([PYTHON, LAUNCHER, "--bind", "unix:%s/s.sock" % tmp_path, "--", PYTHON, TRAC_FCGI],
+                       tmp_path / "launcher.log", env={"TRAC_ENV": str(tmp_path / "no-such-env")})
+    try:
+        launcher.wait_for("spawn")
+        cpu_before, started = cpu_seconds(launcher.pid), time.monotonic()
+        launcher.wait_for("backoff", count=7, timeout=90)
+        cpu = (cpu_seconds(launcher.pid) - cpu_before) / (time.monotonic() - started)
+    finally:
+        launcher.signal(signal.SIGTERM)
+        asked = time.monotonic()
+        assert launcher.wait(5) == 0
+        answered = time.monotonic() - asked
+    delays = [float(e["delay_s"]) for e in launcher.events("backoff")]
+    assert delays[:7] == [1, 2, 4, 8, 16, 32, 60]
+    assert len(launcher.events("spawn")) == 7
+    assert "is not a Trac environment" in launcher.log()
+    assert cpu < 0.02
+    assert answered < 1
+
+
+def test_a_signal_storm_keeps_every_request_answered_and_at_most_two_processes_a_slot(site):
+    # Injects: 1,000 SIGUSR1 a second for 5 s at a launcher with 2 Trac workers under load.
+    # Holds: never more than 2N+1 processes, every request answered whole,
+    # and N ready workers at the end.
+    nginx, launcher = site("--workers", "2")
+    most = [0]
+    storm_over = threading.Event()
+    load = Load(nginx.port, PAGES, clients=8)
+    runner = in_background(load, lambda seconds: storm_over.is_set(), 120)
+
+    def storm():
+        for _ in range(5000):
+            os.kill(launcher.pid, signal.SIGUSR1)
+            most[0] = max(most[0], len(family(launcher.pid))) if _ % 20 == 0 else most[0]
+            time.sleep(0.001)
+
+    storm_thread = threading.Thread(target=storm)
+    storm_thread.start()
+    while storm_thread.is_alive():
+        most[0] = max(most[0], len(family(launcher.pid)))
+        time.sleep(0.005)
+    launcher.wait_for("rolling-restart-done", count=len(launcher.events("rolling-restart")), timeout=60)
+    storm_over.set()
+    runner.join(90)
+
+    assert most[0] <= 2 * 2 + 1
+    assert load.failures() == [], load.summary()
+    assert [d["abandoned"] for d in drains(launcher)] == ["0"] * len(drains(launcher))
+    assert len(recycles(launcher)) >= 2
+    wait_until(lambda: len(children(launcher.pid)) == 2, 30, "two workers")
+    assert nginx.get("/wiki/WikiStart").ok
+
+
+def test_killing_the_launcher_takes_every_worker_with_it_and_frees_the_socket(tmp_path):
+    # Injects: SIGKILL to the launcher, with a request in flight.
+    # Holds: every worker exits (the one busy finishes first) within the drain
+    # timeout plus 2 s, each is reaped (no zombie), and a new launcher binds
+    # the same unix path at once.
+    sock = str(tmp_path / "site.sock")
+    reaper = Process([PYTHON, str(worker_script("subreaper.py")[1]), PYTHON, LAUNCHER,
+                      "--bind", "unix:" + sock, "--workers", "2", "--", *HELLO],
+                     tmp_path / "site.log", env={"TRAC_FCGI_DRAIN_TIMEOUT": "3"})
+    reaper.wait_for("all-ready")
+    launcher_pid = int(reaper.log().split("started pid=")[1].split()[0])
+    workers = children(launcher_pid)
+    threads, results = ask_in_background(sock, "delay=1")
+    time.sleep(0.3)
+    os.kill(launcher_pid, signal.SIGKILL)
+    killed = time.monotonic()
+    assert reaper.wait(3 + 2 + 5) == 0
+    gone_after = time.monotonic() - killed
+    threads[0].join(10)
+
+    reaped = {int(line.split("pid=")[1].split()[0]) for line in reaper.log().splitlines()
+              if line.startswith("reaped")}
+    assert set(workers) <= reaped
+    assert gone_after < 3 + 2
+    assert results[0].status == 200, "the request in flight was finished before the worker left"
+    again = Process([PYTHON, LAUNCHER, "--bind", "unix:" + sock, "--", *HELLO], tmp_path / "again.log")
+    try:
+        again.wait_for("all-ready")
+        assert fcgi_get(sock).status == 200
+    finally:
+        again.stop()
+
+
+def test_a_hung_request_is_abandoned_at_the_drain_timeout_and_counted(tmp_path):
+    # Injects: a request that never finishes, then a handoff.
+    # Holds: the old worker leaves after TRAC_FCGI_DRAIN_TIMEOUT and logs abandoned=1.
+    launcher = start_launcher(tmp_path, HELLO, env={"TRAC_FCGI_DRAIN_TIMEOUT": "2"})
+    try:
+        launcher.wait_for("all-ready")
+        old = int(launcher.events("ready")[0]["pid"])
+        ask_in_background(launcher.socket, "delay=3600")
+        time.sleep(0.3)
+        launcher.signal(signal.SIGHUP)
+        exit_line = launcher.wait_for("exit", pid=old, timeout=20)[0]
+        assert 2 <= float(exit_line["drain_s"]) < 5
+        assert launcher.wait_for("drained", abandoned=1)
+        assert fcgi_get(launcher.socket).status == 200
+    finally:
+        launcher.stop()
+
+
+def test_without_memory_headroom_handoffs_stop_then_start_and_no_request_fails(site):
+    # Injects: a --memory-reserve no machine has, so every handoff must break before make.
+    # Holds: the launcher says so for each handoff, and with one worker every
+    # request still gets a whole answer: connections wait in the backlog.
+    nginx, launcher = site("--memory-reserve", "100000G",
+                           env={"TRAC_FCGI_MAX_REQUESTS": "40", "TRAC_FCGI_JITTER": "0"})
+    load = Load(nginx.port, PAGES, clients=8).run(lambda seconds: len(launcher.events("stop-then-start")) >= 3, 90)
+    assert len(launcher.events("stop-then-start")) >= 3
+    assert load.failures() == [], load.summary()
+
+
+def test_with_too_few_file_descriptors_the_worker_says_so_and_keeps_serving(tmp_path):
+    # Injects: ulimit -n 64 with room for 100 threads, and 120 concurrent clients.
+    # Holds: accept() failing with EMFILE is logged once with the fix, the
+    # connection waits in the backlog, every request is answered, no crash loop.
+    sock = str(tmp_path / "s.sock")
+    launcher = Process(["prlimit", "--nofile=64", PYTHON, LAUNCHER, "--bind", "unix:" + sock, "--", *HELLO],
+                       tmp_path / "launcher.log", env={"TRAC_FCGI_MAX_THREADS": "100"})
+    try:
+        launcher.wait_for("all-ready")
+        threads, results = ask_in_background(sock, "delay=1", count=120)
+        for thread in threads:
+            thread.join(60)
+        assert [getattr(r, "status", r) for r in results] == [200] * 120
+        failed = launcher.events("accept-failed")
+        assert failed and "ulimit" in failed[0]["hint"]
+        assert not launcher.events("backoff") and not launcher.events("exit")
+    finally:
+        launcher.stop()
