@@ -49,6 +49,13 @@ PERIOD_S = 0.5
 REASK_S = 5.0
 # After EMFILE, leave the backlog alone this long instead of spinning on it.
 ACCEPT_PAUSE_S = 0.1
+# Closing a connection, read what the client still sends for at most this
+# long, so that a request it wrote meanwhile cannot make the kernel reset the
+# connection before it has read our answer; as Apache's lingering close.
+LINGER_S = 2.0
+# A kept-alive connection idle this long may be closed to free its thread for
+# a connection waiting in the backlog; nginx is unlikely to be reusing it.
+RELEASE_IDLE_S = 1.0
 
 
 # --------------------------------------------------------------------------
@@ -139,7 +146,7 @@ SETTINGS = [
     ("TRAC_FCGI_MAX_THREADS", positive_count, "15",
      "worker threads; a connection is accepted only when one is free, the rest wait in the backlog"),
     ("TRAC_FCGI_IDLE_TIMEOUT", positive_seconds, "60",
-     "seconds a connection may stay silent (nothing sent, or stopped mid-record) before it is closed"),
+     "seconds within which each request must arrive whole; a client silent or trickling longer is closed"),
     ("TRAC_FCGI_WARMUP", warmup_path, "/",
      "path requested in-process before READY=1, so the first real request finds the worker warm; off skips it"),
     ("TRAC_FCGI_APP", app_spec, "trac.web.main:dispatch_request", "the WSGI application, as module:callable"),
@@ -207,6 +214,11 @@ class Limits:
         elif self.max_rss and self.soft_rss > self.max_rss:
             raise BadSetting("TRAC_FCGI_SOFT_RSS=%s is above TRAC_FCGI_MAX_RSS=%s; set it lower"
                              % (environ["TRAC_FCGI_SOFT_RSS"], environ.get("TRAC_FCGI_MAX_RSS", "128M")))
+        # Which setting places the soft mark, and the lowest mark any worker
+        # can draw: both for no_headroom().
+        self.soft_rss_source = "TRAC_FCGI_SOFT_RSS" if "TRAC_FCGI_SOFT_RSS" in environ else "TRAC_FCGI_MAX_RSS"
+        self.soft_rss_setting = environ.get(self.soft_rss_source, "128M")
+        self.lowest_soft_rss = int(self.soft_rss * (1 - self.jitter))
         # Drawn once per worker, so that N workers started together spread out.
         draw = lambda limit: limit * random.uniform(1 - self.jitter, 1 + self.jitter)
         # A limit that is on stays on: a draw never rounds it down to 0 (off).
@@ -214,6 +226,21 @@ class Limits:
         self.max_lifetime = self.max_lifetime and draw(self.max_lifetime)
         # The soft mark moves, the hard limit never: MAX_RSS is the promise.
         self.soft_rss = min(int(draw(self.soft_rss)), self.max_rss or sys.maxsize)
+
+    def no_headroom(self, warm_rss):
+        """Why a worker this big once warm could never serve for long; None if it can.
+
+        Past the soft mark, a worker asks for its replacement as soon as it is
+        ready, and so would that one: workers would be replaced without end.
+        Checked against the lowest mark any worker may draw, so that the answer
+        does not depend on the draw.
+        """
+        if not self.max_rss or warm_rss < self.lowest_soft_rss:
+            return None
+        return ("%s=%s leaves no headroom: a worker already holds %d MiB once warm, past the %d MiB at "
+                "which it asks for its replacement; set TRAC_FCGI_MAX_RSS to about twice the warm size, "
+                "e.g. %dM" % (self.soft_rss_source, self.soft_rss_setting, warm_rss >> 20,
+                               self.lowest_soft_rss >> 20, 2 * (warm_rss >> 20) + 1))
 
 
 # --------------------------------------------------------------------------
@@ -354,6 +381,8 @@ class CountedConnection(fcgi_base.Connection):
         server.connection_opened()
         self.params_bytes = 0
         self.cut_off = False
+        self.kept_alive = False  # has served a request and stays open for more
+        self.released = False    # closed by the server, to free its thread
 
     def run(self):
         try:
@@ -364,23 +393,35 @@ class CountedConnection(fcgi_base.Connection):
             if self._sock.expired:
                 self.server.idle_connection_closed(self._addr)
             self._sock.close()  # again, for a connection that ended in an exception
-            self.server.connection_closed()
+            self.server.connection_closed(self)
 
     def process_input(self):
         # flup waits for the next record in 1 s selects for as long as the
-        # connection is open.  Two reasons to stop waiting: the request is
-        # taking too long to arrive, or we are draining and the connection is
-        # between requests (kept alive by nginx, which retries a request that
-        # finds a cached connection closed).
-        while self._keepGoing:
-            ready, _, _ = select.select([self._sock], [], [], PERIOD_S)
-            if ready:
-                return fcgi_base.Connection.process_input(self)
-            if self.server.draining and not self._requests:
+        # connection is open.  Three reasons to stop waiting: the request is
+        # taking too long to arrive; or the connection is between requests
+        # (kept alive by nginx, which retries a request that finds a cached
+        # connection closed) and we are draining, or the server has released
+        # it to free its thread for a connection waiting in the backlog.
+        between_requests = self.kept_alive and not self._requests
+        if between_requests:
+            self.server.connection_idle(self)
+        try:
+            while self._keepGoing:
+                ready, _, _ = select.select([self._sock], [], [], PERIOD_S)
+                if ready:
+                    break
+                if self.server.draining and not self._requests:
+                    raise EOFError
+                if time.monotonic() > self._sock.deadline:
+                    self._sock.expired = self.cut_off = True
+                    raise EOFError
+        finally:
+            if between_requests and self.server.connection_busy(self):
+                # Whatever nginx may have just written is left unread: nginx
+                # retries it on another connection, and it never runs twice.
+                self.cut_off = True
                 raise EOFError
-            if time.monotonic() > self._sock.deadline:
-                self._sock.expired = self.cut_off = True
-                raise EOFError
+        return fcgi_base.Connection.process_input(self)
 
     def _do_params(self, inrec):
         self.params_bytes += inrec.contentLength
@@ -394,18 +435,23 @@ class CountedConnection(fcgi_base.Connection):
         fcgi_base.Connection.end_request(self, req, appStatus, protocolStatus, remove)
         # The next request on a kept-alive connection gets its own deadline.
         self._sock.restart()
+        self.kept_alive = True
         self.params_bytes = 0
         # On a draining worker a kept-alive connection ends with its current
         # request.  Under steady load nginx reuses it at once, so waiting for
         # it to fall idle would keep the drain going until its timeout, and
         # then cut off whatever was running (found by the signal-storm test).
-        if self.server.draining and not self._requests:
+        # For the same reason, a connection gives its thread up here to one
+        # waiting in the backlog.
+        if not self._requests and (self.server.draining or self.server.give_thread_up(self)):
             self._keepGoing = False
 
     def _cleanupSocket(self):
-        # flup lingers until the client closes, with no time limit.  We linger
-        # only until the request deadline, and not at all for a client we cut off.
+        # flup lingers until the client closes, with no time limit, holding
+        # its thread.  We linger as Apache does, a couple of seconds at most
+        # (nginx closes at once), and not at all for a client we cut off.
         if not self.cut_off:
+            self._sock.deadline = min(self._sock.deadline, time.monotonic() + LINGER_S)
             try:
                 self._sock.shutdown(socket.SHUT_WR)
                 while self._sock.recv(4096):
@@ -416,12 +462,27 @@ class CountedConnection(fcgi_base.Connection):
 
 
 class CountedRequest(fcgi_base.Request):
-    """Counts requests and measures memory after each one."""
+    """Counts requests and measures memory after each one, before its client learns it is over.
+
+    Measured before FCGI_END_REQUEST goes out, the client's next request can
+    only arrive once the main loop can know we are past the limit.
+    """
+
+    counted = False
+
+    def _end(self, appStatus=0, protocolStatus=fcgi_base.FCGI_REQUEST_COMPLETE):
+        self.count()
+        fcgi_base.Request._end(self, appStatus, protocolStatus)
 
     def run(self):
         try:
             fcgi_base.Request.run(self)
         finally:
+            self.count()  # also a request whose client went away before its end
+
+    def count(self):
+        if not self.counted:
+            self.counted = True
             self.server.request_finished()
 
 
@@ -451,6 +512,13 @@ class RecyclingWSGIServer(WSGIServer):
         self.launcher = launcher_pid()
         self.lock = threading.Lock()
         self.connections = 0
+        # Kept-alive connections holding a thread while they wait for their
+        # next request (oldest first, with when they began to wait); whether
+        # a connection waits in the backlog for a thread; and the connection
+        # closing to give it one.
+        self.idle = {}
+        self.backlog_waiting = False
+        self.releasing = None
         self.requests = 0
         self.draining = False
         self.stop_reason = None      # why we stopped accepting
@@ -466,18 +534,65 @@ class RecyclingWSGIServer(WSGIServer):
         with self.lock:
             self.connections += 1
 
-    def connection_closed(self):
+    def connection_closed(self, connection):
         with self.lock:
             self.connections -= 1
             was_full = self.connections == self.limits.max_threads - 1
+            if self.releasing is connection:
+                self.releasing = None
+            self.backlog_waiting = False  # a thread is free: the main loop accepts again
         if was_full or self.draining:
             self.wake()
+
+    # -- kept-alive connections and the backlog --------------------------------
+    #
+    # nginx keeps connections open between requests (fastcgi_keep_conn), and
+    # each holds one of our threads while it waits for its next request.  With
+    # every thread held so, a connection in the backlog would wait until nginx
+    # gave up on it with a 504, however idle the kept ones are.  So when one
+    # waits, a kept-alive connection gives its thread up: preferably at the end
+    # of its request, where nginx learns of it with the response; else, once
+    # it has been idle a while, which nginx's most-recently-used cache makes
+    # the least likely to be reused next.  One at a time: each frees a thread.
+
+    def give_thread_up(self, connection):
+        """Called at the end of a request: True if this connection should close."""
+        with self.lock:
+            if not self.backlog_waiting or self.releasing is not None:
+                return False
+            self.releasing = connection
+            return True
+
+    def connection_idle(self, connection):
+        with self.lock:
+            self.idle[connection] = time.monotonic()
+
+    def connection_busy(self, connection):
+        """Called as an idle connection wakes: True if the server released it meanwhile."""
+        with self.lock:
+            self.idle.pop(connection, None)
+            return connection.released
+
+    def release_idle_connection(self):
+        with self.lock:
+            if not self.backlog_waiting or self.releasing is not None or not self.idle:
+                return
+            connection, since = next(iter(self.idle.items()))
+            if time.monotonic() - since < RELEASE_IDLE_S:
+                return
+            del self.idle[connection]
+            connection.released = True
+            self.releasing = connection
+        try:
+            connection._sock.shutdown(socket.SHUT_RD)  # wakes its thread's select()
+        except OSError:
+            pass  # the client closed it first: its thread is on its way out
 
     def request_finished(self):
         with self.lock:
             self.requests += 1
         # Measured after every request, so the hard limit is overshot by at
-        # most what one request allocates.
+        # most what the requests in flight allocate: one each.
         if self.limits.max_rss and self.rss() >= self.limits.max_rss and not self.draining:
             self.wake()
 
@@ -502,14 +617,21 @@ class RecyclingWSGIServer(WSGIServer):
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         while not self.draining:
             watch = [self.wake_r]
-            if self.connections < self.limits.max_threads and time.monotonic() >= self.accept_paused_until:
+            # With every thread busy, the backlog is watched only to learn
+            # that a connection waits there (see give_thread_up).
+            if not self.backlog_waiting and time.monotonic() >= self.accept_paused_until:
                 watch.append(sock)
             ready, _, _ = select.select(watch, [], [], PERIOD_S)
             if self.wake_r in ready:
                 self.drain_pipe()
-            if sock in ready and not self.stop_reason:
-                self.accept(sock)
+            # The limits first: a connection is never accepted past MAX_RSS.
             self._mainloopPeriodic()
+            if sock in ready and not self.draining:
+                if self.connections < self.limits.max_threads:
+                    self.accept(sock)
+                else:
+                    self.backlog_waiting = True
+            self.release_idle_connection()
 
     def accept(self, sock):
         try:
@@ -779,6 +901,11 @@ def main(argv=None):
     if limits.warmup:
         started = time.monotonic()
         status = warm_up(application, limits.warmup)
+    problem = limits.no_headroom(server.rss())
+    if problem:
+        sys.stderr.write("trac-fcgi: %s\n" % problem)
+        return 2
+    if limits.warmup:
         log("warm", path=limits.warmup, status=status, warm_s=time.monotonic() - started, rss=server.rss())
         if status >= 500:
             log("warm-failed", path=limits.warmup, status=status,

@@ -949,6 +949,24 @@ def code_version():
 def write_report(report):
     (RESULTS / "latest.json").write_text(json.dumps(report, indent=1) + "\n")
     (RESULTS / "latest.md").write_text(markdown(report))
+    embed_in_readme((RESULTS / "latest.md").read_text())
+
+
+README_MARKS = ("<!-- benchmark: written by bench/bench.py from bench/results/latest.md -->",
+                "<!-- end of benchmark -->")
+
+
+def readme_section(latest_md):
+    """latest.md as the README's "Benchmark" section: one heading level down, paths from the top."""
+    body = latest_md.split("\n", 1)[1].replace("## ", "### ").replace("](latest.png)", "](bench/results/latest.png)")
+    return "%s\n## Benchmark\n\nReproduce it with `make bench`.\n%s\n%s" % (README_MARKS[0], body, README_MARKS[1])
+
+
+def embed_in_readme(latest_md):
+    """Replace the README's benchmark section, so the two never disagree (tests/test_docs.py checks)."""
+    readme = (ROOT / "README.md").read_text()
+    start, end = readme.index(README_MARKS[0]), readme.index(README_MARKS[1]) + len(README_MARKS[1])
+    (ROOT / "README.md").write_text(readme[:start] + readme_section(latest_md) + readme[end:])
 
 
 def markdown(report):

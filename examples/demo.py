@@ -33,12 +33,12 @@ BIN = Path(sys.executable).parent          # the venv `make venv` made
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 SPAWN_FCGI = shutil.which("spawn-fcgi") or "/usr/bin/spawn-fcgi"
 
-# Low enough to see recycles within a minute of clicking: a worker weighs
-# ~50 MB once warm and grows by a few MB over its first few hundred requests
-# (each page is ~10 requests, its CSS and images included).  The soft mark
-# at which a worker asks for its replacement is 90% of MAX_RSS.
+# Low enough to see recycles within a minute of clicking: a worker is
+# replaced after 100 requests (each page is ~10, its CSS and images
+# included), or when it reaches 90% of MAX_RSS.  A worker weighs ~50 MB once
+# warm; one whose limit leaves less headroom than that refuses to start.
 WORKER_LIMITS = {
-    "TRAC_FCGI_MAX_RSS": "64M",
+    "TRAC_FCGI_MAX_RSS": "80M",
     "TRAC_FCGI_MAX_REQUESTS": "100",
 }
 WORKERS = 2

@@ -167,9 +167,6 @@ def test_posts_sent_while_workers_recycle_are_all_answered_by_trac(started, tmp_
     assert all(b"Search" in answer.body for answer in load.answers), report
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a kept-alive nginx connection holds a trac_fcgi thread between "
-                   "its requests too, so with more concurrent clients than TRAC_FCGI_MAX_THREADS x workers "
-                   "one connection waits in the backlog until nginx's fastcgi_read_timeout (60 s) gives a 504")
 def test_more_clients_than_worker_threads_are_all_answered_in_turn(started, tmp_path, trac_env):
     # 6 clients, 4 threads, no recycling: nginx keeps 5-6 connections open
     # and reuses the 4 the worker accepted; the others must get a turn too.

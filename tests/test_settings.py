@@ -134,6 +134,16 @@ def test_a_soft_rss_above_max_rss_is_refused_in_one_line(listener):
     assert_refused_in_one_line(outcome, "TRAC_FCGI_SOFT_RSS")
 
 
+@pytest.mark.parametrize("settings, name", [
+    ({"TRAC_FCGI_MAX_RSS": "8M"}, "TRAC_FCGI_MAX_RSS"),
+    ({"TRAC_FCGI_MAX_RSS": "1G", "TRAC_FCGI_SOFT_RSS": "4M"}, "TRAC_FCGI_SOFT_RSS"),
+], ids=["max", "soft"])
+def test_a_memory_limit_below_the_warm_size_is_refused_in_one_line_not_replaced_without_end(listener, settings,
+                                                                                            name):
+    # The hello app holds about 15 MiB once warm.
+    assert_refused_in_one_line(run_trac_fcgi(listener, **settings), name, "warm")
+
+
 @pytest.mark.parametrize("environ, name", [
     ({"TRAC_ENV": "/nonexistent/trac/env"}, "TRAC_ENV"),
     ({"TRAC_ENV": "{tmp}"}, "TRAC_ENV"),  # a directory, but no Trac environment

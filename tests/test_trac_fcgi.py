@@ -115,6 +115,7 @@ def test_a_request_accepted_but_not_yet_on_a_thread_is_answered(spawn):
     for thread in threads:
         thread.join(30)
     assert [r.status for r in results] == [200] * 3
+    assert worker.wait(10) == 0
     assert worker.events("drain", connections=3)
     assert worker.events("drained", abandoned=0)
 
@@ -168,6 +169,47 @@ def test_a_busy_kept_alive_connection_does_not_hold_up_the_drain(spawn):
     assert time.monotonic() - started < 3
     assert 4 <= answered <= 6, "at most the request under way at SIGTERM, and one already sent"
     assert worker.events("drained", abandoned=0)
+
+
+def kept_alive_connection(worker):
+    """A connection that has had one answer and stays open, as nginx's keepalive cache holds it."""
+    conn = socket.socket(socket.AF_UNIX)
+    conn.settimeout(10)
+    conn.connect(worker.socket)
+    conn.sendall(fcgi_request_bytes(1, keep_conn=True))
+    assert b"hello from pid" in fcgi_read_response(conn)
+    return conn
+
+
+def test_idle_kept_alive_connections_give_their_threads_up_to_a_waiting_client(spawn):
+    # Every thread is held by a connection nginx keeps open between requests;
+    # a new client must not wait for the idle timeout (nginx would 504 first).
+    worker = spawn(HELLO, env={"TRAC_FCGI_MAX_THREADS": "2", "TRAC_FCGI_IDLE_TIMEOUT": "60"})
+    kept = [kept_alive_connection(worker) for _ in range(2)]
+    time.sleep(0.3)  # both have finished their requests: idle, not at a request's end
+    started = time.monotonic()
+    assert fcgi_get(worker.socket, timeout=10).status == 200
+    assert time.monotonic() - started < 5, "answered within a couple of idle checks, not the idle timeout"
+    assert kept[0].recv(1) == b"", "the connection idle longest is closed"
+    kept[1].sendall(fcgi_request_bytes(2, keep_conn=True))
+    assert b"hello from pid" in fcgi_read_response(kept[1])
+    for conn in kept:
+        conn.close()
+
+
+def test_a_busy_kept_alive_connection_gives_its_thread_up_after_its_request(spawn):
+    # nginx reuses a kept-alive connection the moment its request ends, so it
+    # is never idle for long: it must close after a request when a client waits.
+    worker = spawn(HELLO, env={"TRAC_FCGI_MAX_THREADS": "1"})
+    conn = kept_alive_connection(worker)
+    conn.sendall(fcgi_request_bytes(2, query="delay=0.5", keep_conn=True))
+    time.sleep(0.2)
+    threads, results = ask_in_background(worker.socket)
+    assert b"hello from pid" in fcgi_read_response(conn), "the request under way is finished"
+    assert conn.recv(1) == b"", "then the connection is closed, freeing the thread"
+    conn.close()  # as nginx does when it sees the close
+    threads[0].join(10)
+    assert [getattr(result, "status", result) for result in results] == [200]
 
 
 def test_never_refuses_four_times_max_threads_concurrent_clients(spawn):

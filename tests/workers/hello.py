@@ -29,7 +29,7 @@ def app(environ, start_response):
         time.sleep(delay)
     leak = int(os.environ.get("HELLO_LEAK", "0"))
     if leak:
-        _leak.append(bytearray(b"x" * leak))
+        _leak.append(bytearray(b"x") * leak)  # filled, so resident; no temporary copy
     body = ("hello from pid %d\n" % os.getpid()).encode()
     start_response("500 Broken" if environ["PATH_INFO"] == "/broken" else "200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
