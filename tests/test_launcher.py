@@ -184,30 +184,21 @@ def test_a_burst_of_100_sigusr1_never_gives_a_slot_more_than_two_processes(launc
     assert fcgi_get(launcher.socket).status == 200
 
 
-def test_a_replacement_that_dies_leaves_the_old_worker_serving_and_is_retried(launch, tmp_path):
-    broken = tmp_path / "broken"
-    launcher = launch(env={"HELLO_FAIL_IF_EXISTS": str(broken)})
+@pytest.mark.parametrize("knob, flags, failure", [
+    ("HELLO_FAIL_IF_EXISTS", (), "backoff"),                               # it exits at start
+    ("HELLO_SILENT_IF_EXISTS", ("--ready-timeout", "1"), "ready-timeout"),  # it never says READY=1
+], ids=["dies", "silent"])
+def test_a_replacement_that_dies_or_stays_silent_leaves_the_old_worker_serving_and_is_retried(
+        launch, tmp_path, knob, flags, failure):
+    switch = tmp_path / "fail-while-this-exists"
+    launcher = launch(*flags, env={knob: str(switch)})
     launcher.wait_for("all-ready")
     old = serving_pid(launcher)
-    broken.touch()
+    switch.touch()
     launcher.signal(signal.SIGHUP)
-    launcher.wait_for("backoff", timeout=10)
+    launcher.wait_for(failure, timeout=10)
     assert serving_pid(launcher) == old
-    broken.unlink()
-    launcher.wait_for("exit", pid=old, timeout=20)
-    assert serving_pid(launcher) != old
-
-
-def test_a_silent_replacement_is_killed_after_the_ready_timeout_when_workers_speak_notify(launch, tmp_path):
-    silent = tmp_path / "silent"
-    launcher = launch("--ready-timeout", "1", env={"HELLO_SILENT_IF_EXISTS": str(silent)})
-    launcher.wait_for("all-ready")
-    old = serving_pid(launcher)
-    silent.touch()
-    launcher.signal(signal.SIGHUP)
-    launcher.wait_for("ready-timeout", timeout=10)
-    assert serving_pid(launcher) == old
-    silent.unlink()
+    switch.unlink()
     launcher.wait_for("exit", pid=old, timeout=20)
     assert serving_pid(launcher) != old
 
