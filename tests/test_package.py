@@ -1,16 +1,45 @@
-"""The package installs and both modules import with the standard library only."""
+"""The package installs with pip, and launcher.py needs nothing but the standard library."""
 import subprocess
 import sys
+import sysconfig
+import venv
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_launcher_imports_only_the_standard_library():
-    code = (
-        "import sys, launcher; "
-        "third = [m for m in sys.modules if m.split('.')[0] in ('flup', 'trac', 'pkg_resources')]; "
-        "print(third)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+def test_launcher_imports_and_runs_with_the_standard_library_alone():
+    # -S: no site-packages at all, so any third-party import would fail here.
+    code = ("import sys, launcher; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names)"
+            " - {'launcher', '__main__'}))")
+    out = subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+    help_text = subprocess.run([sys.executable, "-S", "launcher.py", "--help"], cwd=ROOT,
+                               capture_output=True, text=True)
+    assert help_text.returncode == 0 and "WORKER_PATH" in help_text.stdout
+
+
+def test_pip_install_in_a_fresh_venv_gives_both_console_scripts(tmp_path):
+    # The dependencies (Trac, flup, setuptools<81) come from the test run's
+    # own environment, put on the new venv's path, so that no network is needed.
+    target = tmp_path / "venv"
+    venv.create(target, with_pip=True)
+    python = target / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "test-run-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # ensurepip's own setuptools may be too old to build a wheel; the build
+    # then uses the test run's (pinned <81), as the dependencies do.
+    subprocess.run([str(python), "-m", "pip", "uninstall", "-q", "-y", "setuptools"], capture_output=True)
+    install = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-index", "--no-build-isolation",
+                              str(ROOT)], capture_output=True, text=True)
+    assert install.returncode == 0, install.stdout + install.stderr
+    for script, says in (("trac-fcgi-launcher", "WORKER_PATH"), ("trac-fcgi", "TRAC_FCGI_MAX_RSS")):
+        out = subprocess.run([str(target / "bin" / script), "--help"], cwd=tmp_path, capture_output=True, text=True)
+        assert out.returncode == 0 and says in out.stdout, out.stderr
+    show = "import launcher, trac_fcgi; print(launcher.__file__, trac_fcgi.__file__)"
+    where = subprocess.run([str(python), "-c", show], cwd=tmp_path, capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert all(path.startswith(site) for path in where), where
