@@ -288,7 +288,8 @@ def worker_command(command):
             raise BadInput("WORKER_PATH=%r is not an absolute path: give the full path, e.g. "
                            "WORKER_PATH=/srv/trac/venv/bin/trac-fcgi" % path)
     if not path or not os.path.isfile(path):
-        raise BadInput("%s names %r, which does not exist: give the full path to trac-fcgi" % (source, command[0] if command else path))
+        raise BadInput("%s names %r, which does not exist: give the full path to trac-fcgi"
+                       % (source, command[0] if command else path))
     if not os.access(path, os.X_OK):
         raise BadInput("%s names %r, which is not executable: chmod +x it" % (source, path))
     return path, argv
