@@ -451,13 +451,15 @@ class CountedConnection(fcgi_base.Connection):
         # its thread.  We linger as Apache does, a couple of seconds at most
         # (nginx closes at once), and not at all for a client we cut off.
         if not self.cut_off:
-            self._sock.deadline = min(self._sock.deadline, time.monotonic() + LINGER_S)
+            self._sock.deadline = time.monotonic() + LINGER_S
             try:
                 self._sock.shutdown(socket.SHUT_WR)
                 while self._sock.recv(4096):
                     pass
             except OSError:
                 pass
+            # A client slow to close after its answer was not an idle one.
+            self._sock.expired = False
         self._sock.close()
 
 

@@ -171,6 +171,16 @@ def test_a_busy_kept_alive_connection_does_not_hold_up_the_drain(spawn):
     assert worker.events("drained", abandoned=0)
 
 
+def test_a_request_slower_than_the_idle_timeout_is_answered_and_not_logged_as_idle(spawn):
+    # The idle timeout bounds how long a request takes to arrive, not to run.
+    worker = spawn(HELLO, env={"TRAC_FCGI_IDLE_TIMEOUT": "1"})
+    assert fcgi_get(worker.socket, query="delay=1.5").status == 200
+    assert fcgi_get(worker.socket).status == 200
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(10) == 0
+    assert not worker.events("idle-closed")
+
+
 def kept_alive_connection(worker):
     """A connection that has had one answer and stays open, as nginx's keepalive cache holds it."""
     conn = socket.socket(socket.AF_UNIX)
