@@ -198,8 +198,9 @@ class Limits:
     """Every setting, parsed and checked once at start, and this worker's draw of the jittered ones."""
 
     def __init__(self, environ):
+        self.raw = {}  # each setting as given (or its default), for the lines that name it
         for name, parse, default, _ in SETTINGS:
-            raw = environ.get(name, default)
+            raw = self.raw[name] = environ.get(name, default)
             attribute = name[len("TRAC_FCGI_"):].lower()
             if raw is None:
                 setattr(self, attribute, None)
@@ -213,11 +214,8 @@ class Limits:
             self.soft_rss = self.max_rss * 9 // 10
         elif self.max_rss and self.soft_rss > self.max_rss:
             raise BadSetting("TRAC_FCGI_SOFT_RSS=%s is above TRAC_FCGI_MAX_RSS=%s; set it lower"
-                             % (environ["TRAC_FCGI_SOFT_RSS"], environ.get("TRAC_FCGI_MAX_RSS", "128M")))
-        # Which setting places the soft mark, and the lowest mark any worker
-        # can draw: both for no_headroom().
-        self.soft_rss_source = "TRAC_FCGI_SOFT_RSS" if "TRAC_FCGI_SOFT_RSS" in environ else "TRAC_FCGI_MAX_RSS"
-        self.soft_rss_setting = environ.get(self.soft_rss_source, "128M")
+                             % (self.raw["TRAC_FCGI_SOFT_RSS"], self.raw["TRAC_FCGI_MAX_RSS"]))
+        # The lowest soft mark any worker can draw, for check_headroom().
         self.lowest_soft_rss = int(self.soft_rss * (1 - self.jitter))
         # Drawn once per worker, so that N workers started together spread out.
         draw = lambda limit: limit * random.uniform(1 - self.jitter, 1 + self.jitter)
@@ -227,8 +225,8 @@ class Limits:
         # The soft mark moves, the hard limit never: MAX_RSS is the promise.
         self.soft_rss = min(int(draw(self.soft_rss)), self.max_rss or sys.maxsize)
 
-    def no_headroom(self, warm_rss):
-        """Why a worker this big once warm could never serve for long; None if it can.
+    def check_headroom(self, warm_rss):
+        """Refuse to serve when a worker this big once warm could never serve for long.
 
         Past the soft mark, a worker asks for its replacement as soon as it is
         ready, and so would that one: workers would be replaced without end.
@@ -236,11 +234,12 @@ class Limits:
         does not depend on the draw.
         """
         if not self.max_rss or warm_rss < self.lowest_soft_rss:
-            return None
-        return ("%s=%s leaves no headroom: a worker already holds %d MiB once warm, past the %d MiB at "
-                "which it asks for its replacement; set TRAC_FCGI_MAX_RSS to about twice the warm size, "
-                "e.g. %dM" % (self.soft_rss_source, self.soft_rss_setting, warm_rss >> 20,
-                               self.lowest_soft_rss >> 20, 2 * (warm_rss >> 20) + 1))
+            return
+        source = "TRAC_FCGI_SOFT_RSS" if self.raw["TRAC_FCGI_SOFT_RSS"] is not None else "TRAC_FCGI_MAX_RSS"
+        raise BadSetting("%s=%s leaves no headroom: a worker already holds %d MiB once warm, past the %d MiB "
+                         "at which it asks for its replacement; set TRAC_FCGI_MAX_RSS to about twice the warm "
+                         "size, e.g. %dM" % (source, self.raw[source], warm_rss >> 20,
+                                              self.lowest_soft_rss >> 20, 2 * (warm_rss >> 20) + 1))
 
 
 # --------------------------------------------------------------------------
@@ -382,7 +381,6 @@ class CountedConnection(fcgi_base.Connection):
         self.params_bytes = 0
         self.cut_off = False
         self.kept_alive = False  # has served a request and stays open for more
-        self.released = False    # closed by the server, to free its thread
 
     def run(self):
         try:
@@ -573,7 +571,7 @@ class RecyclingWSGIServer(WSGIServer):
         """Called as an idle connection wakes: True if the server released it meanwhile."""
         with self.lock:
             self.idle.pop(connection, None)
-            return connection.released
+            return self.releasing is connection
 
     def release_idle_connection(self):
         with self.lock:
@@ -583,7 +581,6 @@ class RecyclingWSGIServer(WSGIServer):
             if time.monotonic() - since < RELEASE_IDLE_S:
                 return
             del self.idle[connection]
-            connection.released = True
             self.releasing = connection
         try:
             connection._sock.shutdown(socket.SHUT_RD)  # wakes its thread's select()
@@ -894,21 +891,19 @@ def main(argv=None):
         except (OSError, OverflowError) as error:
             raise BadSetting("--bind %s: %s; pick a free address in a directory that exists"
                              % (argv[1], getattr(error, "strerror", None) or error))
+        if launcher_pid() is not None:
+            hup_when_parent_dies()
+        started = time.monotonic()
+        status = warm_up(application, limits.warmup) if limits.warmup else None
+        warm_s, warm_rss = time.monotonic() - started, server.rss()
+        # Before the warm line: a refusal stays the one line on stderr.
+        limits.check_headroom(warm_rss)
     except BadSetting as problem:
         sys.stderr.write("trac-fcgi: %s\n" % problem)
         return 2
 
-    if launcher_pid() is not None:
-        hup_when_parent_dies()
-    if limits.warmup:
-        started = time.monotonic()
-        status = warm_up(application, limits.warmup)
-    problem = limits.no_headroom(server.rss())
-    if problem:
-        sys.stderr.write("trac-fcgi: %s\n" % problem)
-        return 2
-    if limits.warmup:
-        log("warm", path=limits.warmup, status=status, warm_s=time.monotonic() - started, rss=server.rss())
+    if status is not None:
+        log("warm", path=limits.warmup, status=status, warm_s=warm_s, rss=warm_rss)
         if status >= 500:
             log("warm-failed", path=limits.warmup, status=status,
                 hint="the worker that serves now keeps serving; fix the app or set TRAC_FCGI_WARMUP")
