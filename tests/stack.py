@@ -293,6 +293,14 @@ def is_trac_page(answer, text):
             and re.search(rb"Powered by\s*<a [^>]*><strong>Trac 1\.", answer.body) is not None)
 
 
+def trac_behind_nginx(started, directory, trac_env, *launcher_flags, env=None):
+    """nginx in front of spawn-fcgi -> launcher -> trac_fcgi; both go on the STARTED list as they start."""
+    launcher = start_trac(directory, trac_env, *launcher_flags, env=env, cleanup=started)
+    nginx = Nginx(Path(directory) / "nginx", "unix:" + launcher.socket)
+    started.append(nginx)
+    return nginx, launcher
+
+
 def stop_all(*things):
     """Stop in order, ignoring what was never started; nginx first so clients see no refusal."""
     for thing in things:

@@ -179,13 +179,20 @@ def alive(pid):
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def kill_tree(pid):
+def family(pid):
+    """PID and all its live descendants, parents before their children."""
+    found = [pid]
     for child in children(pid):
-        kill_tree(child)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        found += family(child)
+    return found
+
+
+def kill_tree(pid):
+    for member in reversed(family(pid)):  # children first, so none is re-parented mid-way
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def wait_until(predicate, timeout=30, what="condition"):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from stack import (EXAMPLES, START_TIMEOUT, TRAC_FCGI, Load, Nginx, drains, http_get, is_trac_page,
-                   recycles, start_trac, terminate, upstream_block)
+                   recycles, terminate, trac_behind_nginx, upstream_block)
 from support import LAUNCHER, PYTHON, ROOT, Process, alive, free_port, wait_until
 
 VENV = Path(PYTHON).parent.parent
@@ -34,13 +34,6 @@ def started():
     yield things
     for thing in reversed(things):
         thing.stop()
-
-
-def trac_behind_nginx(started, directory, trac_env, *launcher_flags, env=None):
-    launcher = start_trac(directory, trac_env, *launcher_flags, env=env, cleanup=started)
-    nginx = Nginx(Path(directory) / "nginx", "unix:" + launcher.socket)
-    started.append(nginx)
-    return nginx, launcher
 
 
 def log_tail(process, lines=40):

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from stack import Load, Nginx, drains, recycles, start_trac, stop_all
-from support import (LAUNCHER, PYTHON, TRAC_FCGI, Process, alive, ask_in_background, children, fcgi_get,
+from stack import Load, drains, recycles, stop_all, trac_behind_nginx
+from support import (LAUNCHER, PYTHON, TRAC_FCGI, Process, ask_in_background, children, family, fcgi_get,
                      start_launcher, wait_until, worker_script)
 
 HELLO = worker_script("hello.py")
@@ -21,30 +21,15 @@ PAGES = ["/wiki/WikiStart", "/timeline", "/wiki/TracGuide"]
 
 @pytest.fixture
 def site(tmp_path, trac_env):
-    """nginx in front of spawn-fcgi -> launcher -> trac_fcgi; stopped after the test."""
-    running = []
-
-    def site(*launcher_flags, env=None):
-        launcher = start_trac(tmp_path, trac_env, *launcher_flags, env=env)
-        nginx = Nginx(tmp_path / "nginx", "unix:" + launcher.socket)
-        running[:0] = [nginx, launcher]
-        return nginx, launcher
-
-    yield site
-    stop_all(*running)
+    """nginx in front of spawn-fcgi -> launcher -> trac_fcgi; stopped after the test, nginx first."""
+    started = []
+    yield lambda *launcher_flags, env=None: trac_behind_nginx(started, tmp_path, trac_env, *launcher_flags, env=env)
+    stop_all(*reversed(started))
 
 
 def cpu_seconds(pid):
     fields = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def family(pid):
-    """PID and all its live descendants."""
-    found = [pid]
-    for child in children(pid):
-        found += family(child)
-    return found
 
 
 def in_background(load, stop, max_seconds):
