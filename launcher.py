@@ -27,7 +27,6 @@ import os
 import shutil
 import signal
 import socket
-import stat
 import struct
 import sys
 import time
