@@ -317,8 +317,8 @@ from flup.server.threadpool import ThreadPool  # noqa: E402
 class QueueingThreadPool(ThreadPool):
     """flup's pool, told never to refuse a job.
 
-    Stock flup closes a connection when no thread is idle (DESIGN.md, "Pool
-    full means 502").  The server below accepts only when one of its threads
+    Stock flup closes a connection when no thread is idle, which nginx
+    turns into a 502.  The server below accepts only when one of its threads
     is free, so a job handed in here always finds a thread; queueing only
     covers the instant between a thread finishing a request and flup marking
     it idle.
@@ -332,9 +332,9 @@ class DeadlineSocket:
     """A client socket on which the whole of each request must arrive within one deadline.
 
     flup reads with no time limit, so a client that sends nothing, stops
-    mid-record, or trickles a byte a second would pin a thread for good (DESIGN.md,
-    "An idle client pins a thread forever").  A per-recv() timeout stops only
-    the first two; a deadline for the request stops all three.
+    mid-record, or trickles a byte a second would pin a thread for good.
+    A per-recv() timeout stops only the first two; a deadline for the
+    request stops all three.
     """
 
     def __init__(self, sock, seconds):
@@ -610,8 +610,9 @@ class RecyclingWSGIServer(WSGIServer):
         """Accept only with a thread free; never block in accept(); wake at once on a signal."""
         # O_NONBLOCK lives on the open file description that the launcher and
         # every worker share.  We set it knowingly: a worker that loses the race
-        # for a connection must get EAGAIN, not sleep in accept() deaf to
-        # signals (DESIGN.md, "Blocked in accept() ignores signals").
+        # for a connection must get EAGAIN, not sleep in accept(): Python
+        # retries a call that a signal interrupts, so the loop would not see
+        # the signal until a connection came.
         sock.setblocking(False)
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         while not self.draining:

@@ -275,8 +275,8 @@ class Stock:
     """Trac's own cgi-bin/trac.fcgi under spawn-fcgi.
 
     It has no master to restart it, so faults run it under a restart loop, as
-    runit or systemd's Restart=always would (DESIGN.md: spawn-fcgi "respawned it
-    within 0.3 s").
+    runit or systemd's Restart=always would (spawn-fcgi itself respawns
+    nothing; such a loop restarts it within a fraction of a second).
     """
     restart_when_dead = True
 
@@ -806,10 +806,10 @@ print(min(timeit.repeat(check, number=n, repeat=5)) / n * 1e9)
 
 
 # --------------------------------------------------------------------------
-# Targets: from issue 5, each checked against this run's figures.
+# Targets: the project's goals, each checked against this run's figures.
 
 def targets(cells, launcher):
-    """Each target of issue 5: met or missed, the figure, and for a miss, the likely cause."""
+    """Each target: met or missed, the figure, and for a miss, the likely cause."""
     def cell(row, scenario):
         return next((c for c in cells if c["row"] == row and c["scenario"] == scenario), None)
 
@@ -908,7 +908,7 @@ def throughput_why(ours, flup, stock, launcher):
                 "per request, %.0f%% of a Trac request at %.1f req/s" % (
                     ours_rps, flup_rps, 1000 / ours_rps - 1000 / flup_rps,
                     100 * (1 / ours_rps - 1 / flup_rps) * ours["rps"], ours["rps"]))
-    return why + ". Identical runs differ by up to 12% on this machine (DESIGN.md)"
+    return why + ". Identical runs differ by up to 12% on this machine"
 
 
 def in_flight(cell):
@@ -1021,7 +1021,7 @@ def markdown(report):
                 row.append("%d: %d" % (len(cell["kills"]), sum(k["in_flight"] for k in cell["kills"])))
             out.append("| " + " | ".join(row) + " |")
         out.append("")
-    out += ["## Targets (issue 5)", ""]
+    out += ["## Targets", ""]
     for t in report["targets"]:
         mark = {True: "**met**", False: "**missed**", None: "not measured"}[t["met"]]
         out.append("- %s — %s: %s%s" % (mark, t["target"], t["figure"],
@@ -1133,8 +1133,8 @@ def main():
         report["calibration"] = calibration = calibrate(stage)
         # Scenario by scenario, in rounds, the rows in turn and every other
         # round in reverse: a spell of someone else's load on the machine, or a
-        # drift, falls on all the rows of a table alike (DESIGN.md: identical
-        # runs differed by 12%).
+        # drift, falls on all the rows of a table alike (identical runs have
+        # differed by 12% on a shared machine).
         for scenario in SCENARIOS:
             rounds = {row.name: [] for row in rows}
             for number in range(ROUNDS):

@@ -31,8 +31,9 @@ function response(status, headers, body)
    if status < 200 or status > 299 then
       non2xx = non2xx + 1
    elseif not string.find(body, "</html>", 1, true) then
-      -- A worker that died mid-body can still leave nginx a 200 (DESIGN.md,
-      -- "A cut-off response looks like a 200"): only a whole page counts.
+      -- A worker that died mid-body can still leave nginx a 200 with too few
+      -- bytes, a cut-off response that looks whole to a status count: only a
+      -- whole page counts.
       cut_off = cut_off + 1
    end
 end

@@ -71,7 +71,7 @@ class Demo:
         for tool in (BIN / "trac-admin", BIN / "trac-fcgi", BIN / "trac-fcgi-launcher"):
             if not tool.exists():
                 raise SystemExit("demo: %s is missing: run `make demo`, which installs it" % tool)
-        for directory in (self.run_dir, self.logs, self.nginx_dir / "logs", self.nginx_dir / "tmp"):
+        for directory in (self.run_dir, self.logs, self.nginx_dir / "logs"):
             directory.mkdir(parents=True, exist_ok=True)
         self.stop_leftovers()
         if not self.env.exists():

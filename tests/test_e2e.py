@@ -1,8 +1,8 @@
 """End to end: a browser's view of nginx -> spawn-fcgi -> launcher -> trac_fcgi -> Trac.
 
 Every process is the real one, every config comes from examples/, and every
-response is checked whole: status, body length, and the end of the HTML
-(DESIGN.md, "A cut-off response looks like a 200").
+response is checked whole: status, body length, and the end of the HTML:
+a worker that dies mid-body can still leave nginx a 200.
 """
 import collections
 import os
