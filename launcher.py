@@ -24,9 +24,11 @@ import argparse
 import errno
 import fcntl
 import os
+import pwd
 import shutil
 import signal
 import socket
+import stat
 import struct
 import sys
 import time
@@ -274,24 +276,62 @@ def bind_unix(path, mode):
 
 
 def worker_command(command):
+    """The worker's absolute path and argv, from the command after -- or else WORKER_PATH.
+
+    Both take the same forms, resolved once at start as a shell would: a
+    name with a slash is a path (a relative one from the launcher's working
+    directory), a name without one is looked up on PATH.  The absolute path
+    is what every spawn runs, and what the log shows.
+    """
     if command:
-        path = command[0] if "/" in command[0] else shutil.which(command[0])
-        source, argv = "the command after --", command
+        source, argv = "the command after --", list(command)
     else:
-        path = os.environ.get("WORKER_PATH")
-        if not path:
-            raise BadInput("no worker to run: set WORKER_PATH=/abs/path/to/trac-fcgi "
+        if not os.environ.get("WORKER_PATH"):
+            raise BadInput("no worker to run: set WORKER_PATH=/srv/trac/venv/bin/trac-fcgi "
                            "or give a command after --, e.g. trac-fcgi-launcher -- /srv/trac/venv/bin/trac-fcgi")
-        source, argv = "WORKER_PATH", [path]
-        if not os.path.isabs(path):
-            raise BadInput("WORKER_PATH=%r is not an absolute path: give the full path, e.g. "
-                           "WORKER_PATH=/srv/trac/venv/bin/trac-fcgi" % path)
-    if not path or not os.path.isfile(path):
-        raise BadInput("%s names %r, which does not exist: give the full path to trac-fcgi"
-                       % (source, command[0] if command else path))
-    if not os.access(path, os.X_OK):
-        raise BadInput("%s names %r, which is not executable: chmod +x it" % (source, path))
+        source, argv = "WORKER_PATH", [os.environ["WORKER_PATH"]]
+    name, user = argv[0], user_name()
+    found = name if "/" in name else shutil.which(name)
+    if not found:
+        raise BadInput("%s names %r, which is not on PATH: give its full path, e.g. /srv/trac/venv/bin/trac-fcgi"
+                       % (source, name))
+    path = os.path.abspath(found)
+    try:
+        mode = os.stat(path).st_mode
+    except PermissionError:
+        raise BadInput("%s names %s, which user %s cannot reach: a directory on the way is not searchable "
+                       "by it; install the worker where %s can read it, e.g. /srv/trac/venv" % (source, path, user, user))
+    except OSError:
+        raise BadInput("%s names %s, which does not exist: give the full path to trac-fcgi" % (source, path))
+    if not stat.S_ISREG(mode) or not os.access(path, os.X_OK):
+        raise BadInput("%s names %s, which user %s cannot execute: chmod 755 it, or name the program itself"
+                       % (source, path, user))
+    interpreter = script_interpreter(path)
+    if interpreter and not os.access(interpreter, os.X_OK):
+        # Else every spawn would fail with a bare "Permission denied".
+        raise BadInput("%s names %s, whose first line names %s, which user %s cannot run: make the virtualenv "
+                       "from a Python that user can reach (not one under /root), e.g. /usr/bin/python3 -m venv"
+                       % (source, path, interpreter, user))
+    argv[0] = path
     return path, argv
+
+
+def script_interpreter(path):
+    """The program a script's #! line names, or None for a binary or an unreadable file."""
+    try:
+        with open(path, "rb") as script:
+            first = script.readline(256)
+    except OSError:
+        return None
+    words = first[2:].split() if first.startswith(b"#!") else []
+    return os.fsdecode(words[0]) if words else None
+
+
+def user_name():
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return "uid %d" % os.getuid()
 
 
 # --------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -271,3 +272,11 @@ def _read_exactly(sock, size):
             raise EOFError("peer closed after %d of %d bytes" % (len(data), size))
         data += chunk
     return data
+
+
+def directory_others_can_reach(prefix):
+    """A fresh directory in /tmp that other users can search (pytest's own tmp_path is 0700, under
+    /tmp/pytest-of-USER), for tests that run a program as another user.  The caller removes it."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    return path

@@ -11,6 +11,7 @@ Security: socket modes, FCGI_WEB_SERVER_ADDRS on TCP, WORKER_PATH and shells,
 and whom a worker may signal.
 """
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -303,7 +304,7 @@ def _not_executable(tmp_path):
 WORKER_PATHS = [
     (None, "WORKER_PATH"),                      # unset, and no command after --
     ("", "WORKER_PATH"),
-    ("trac_fcgi.py", "WORKER_PATH"),            # relative, though it exists in the cwd
+    ("trac_fcgi.py", "WORKER_PATH"),            # a bare name is looked up on PATH, not in the cwd
     ("/nonexistent/trac-fcgi", "WORKER_PATH"),
     (_not_executable, "WORKER_PATH"),
     ("/tmp", "WORKER_PATH"),                    # a directory
@@ -311,7 +312,7 @@ WORKER_PATHS = [
 
 
 @pytest.mark.parametrize("worker_path, name", WORKER_PATHS,
-                         ids=["unset", "empty", "relative", "nonexistent", "not-executable", "directory"])
+                         ids=["unset", "empty", "bare-name-not-on-path", "nonexistent", "not-executable", "directory"])
 def test_a_bad_worker_path_is_refused_in_one_line_that_names_it(listener, tmp_path, worker_path, name):
     environ = clean_environment()
     if worker_path is not None:
@@ -322,6 +323,49 @@ def test_a_bad_worker_path_is_refused_in_one_line_that_names_it(listener, tmp_pa
 @pytest.mark.parametrize("command", [["/nonexistent/trac-fcgi"], ["no-such-command-anywhere"]])
 def test_a_bad_command_after_the_double_dash_is_refused_in_one_line(listener, command):
     assert_refused_in_one_line(run_launcher(listener, command=command), "command after --")
+
+
+@pytest.mark.parametrize("how", ["WORKER_PATH", "after --"])
+def test_a_relative_worker_path_is_made_absolute_at_start_alike_from_worker_path_and_after_the_double_dash(
+        listener, tmp_path, how):
+    script = tmp_path / "bin" / "worker"
+    script.parent.mkdir()
+    script.write_text("#!%s\n%s" % (support.PYTHON, (support.WORKERS / "hello.py").read_text()))
+    script.chmod(0o755)
+    environ = clean_environment(PYTHONPATH=WORKERS)
+    if how == "WORKER_PATH":
+        environ["WORKER_PATH"] = "bin/worker"
+    outcome = run_launcher(listener, environ=environ, command=["bin/worker"] if how == "after --" else None,
+                           cwd=tmp_path)
+    assert outcome.status is None, outcome  # it started serving
+    assert "worker=%s" % script in outcome.stderr, outcome
+
+
+@pytest.fixture
+def reachable_path():
+    path = support.directory_others_can_reach("trac-fcgi-settings-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_worker_whose_python_the_user_cannot_run_is_refused_naming_the_path_the_user_and_the_fix(
+        listener, reachable_path):
+    tmp_path = reachable_path
+    script = tmp_path / "worker"
+    script.write_text("#!%s\n" % (tmp_path / "locked" / "python"))
+    script.chmod(0o755)
+    (tmp_path / "locked").mkdir(mode=0o700)
+    (tmp_path / "locked" / "python").symlink_to(support.PYTHON)
+    if os.getuid() == 0:
+        # root reaches any directory: run the launcher as nobody, who cannot.
+        argv_prefix = ["runuser", "-u", "nobody", "--"]
+    else:
+        (tmp_path / "locked").chmod(0o000)
+        argv_prefix = []
+    argv = argv_prefix + ["/usr/bin/python3" if argv_prefix else support.PYTHON, support.LAUNCHER, "--", str(script)]
+    outcome = run(argv, clean_environment(), stdin=listener)
+    user = "nobody" if argv_prefix else __import__("pwd").getpwuid(os.getuid()).pw_name
+    assert_refused_in_one_line(outcome, str(script), str(tmp_path / "locked" / "python"), "user " + user, "venv")
 
 
 def _closed(keep):
