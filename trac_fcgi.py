@@ -17,18 +17,27 @@ would edit the trac.fcgi that trac-admin writes.
 import os
 
 # Used when neither TRAC_ENV nor TRAC_ENV_PARENT_DIR is set, like the
-# `os.environ['TRAC_ENV'] = ...` line of the trac.fcgi that trac-admin writes.
+# `os.environ['TRAC_ENV'] = ...` line of the trac.fcgi that trac-admin writes
+# (`trac_fcgi.py --replace` copies that line's path here).  Set the second
+# instead to serve every environment in a directory.
 DEFAULT_TRAC_ENV = "/var/lib/trac/project"
+DEFAULT_TRAC_ENV_PARENT_DIR = None
 
+import ast
 import ctypes
 import errno
 import importlib
 import io
+import pwd
 import random
+import re
 import select
+import shlex
+import shutil
 import signal
 import socket
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -163,15 +172,19 @@ PASSED_THROUGH = [
 ]
 
 HELP = """\
-usage: trac_fcgi.py [--bind ADDR] [--help]
+usage: trac_fcgi.py [--check | --bind ADDR | --replace FILE | --help]
 
 A drop-in trac.fcgi: serves Trac over FastCGI on fd 0 and replaces itself
 before its memory, request count or age pass their limits.
 
   with spawn-fcgi:  spawn-fcgi -n -s /run/trac/trac.sock -- /srv/trac/cgi-bin/trac.fcgi
-  with a launcher:  WORKER_PATH=/srv/trac/cgi-bin/trac.fcgi trac-fcgi-launcher --bind unix:/run/trac/trac.sock
+  with a launcher:  trac-fcgi-launcher --bind unix:/run/trac/trac.sock -- /srv/trac/cgi-bin/trac.fcgi
+  to test a deploy: trac_fcgi.py --check   open the environment, serve one request
+                    in-process, print what it found; exit 0, or 1 with the reason
   by hand:          trac_fcgi.py --bind 127.0.0.1:9000   (or unix:/path)
-  in a terminal:    runs one CGI request, as flup does (REQUEST_METHOD etc. from the environment)
+  to install:       trac_fcgi.py --replace DIR/cgi-bin/trac.fcgi   write this file over
+                    the one trac-admin deploy wrote, keeping its Python and TRAC_ENV
+  as a CGI script:  serves the one request its CGI variables (REQUEST_METHOD...) describe
 
 settings (environment variables):
 %s
@@ -307,11 +320,155 @@ def hup_when_parent_dies():
 
 
 # --------------------------------------------------------------------------
+# --replace: this file written over the trac.fcgi that trac-admin deploy wrote.
+
+# What the Python on the replaced file's first line must have; asked of it.
+PYTHON_PROBE = """import sys
+sys.stdout.write("%d.%d\\n" % sys.version_info[:2])
+from importlib.metadata import version
+import trac, flup.server.fcgi
+sys.stdout.write(version("Trac") + "\\n" + version("flup") + "\\n")
+"""
+
+
+def replace_trac_fcgi(target):
+    """Write this file over TARGET, keeping its #! line and its environment path.
+
+    The old file is kept as TARGET.orig; nothing is written unless the Python
+    on its first line has what this file needs.
+    """
+    try:
+        with open(target) as old_file:
+            old = old_file.read()
+        old_mode = os.stat(target)
+    except (OSError, UnicodeDecodeError) as error:
+        raise BadSetting("--replace %s: cannot read it (%s): give the path of the trac.fcgi that "
+                         "trac-admin ENV deploy DIR wrote, DIR/cgi-bin/trac.fcgi"
+                         % (target, getattr(error, "strerror", None) or error))
+    first_line = old.split("\n", 1)[0]
+    if not first_line.startswith("#!"):
+        raise BadSetting("--replace %s: its first line is not #! and the Python that runs it: "
+                         "give the trac.fcgi that trac-admin deploy wrote" % target)
+    python = first_line[2:].strip()
+    check_python(python, target)
+    found = environment_assignments(old, target)
+    with open(os.path.abspath(__file__)) as own:
+        new = own.read()
+    new = first_line + "\n" + new.split("\n", 1)[1]
+    for name, value in found.items():
+        new = re.sub(r"^DEFAULT_%s = .*$" % name, lambda _: "DEFAULT_%s = %r" % (name, value), new,
+                     count=1, flags=re.MULTILINE)
+    backup = target + ".orig"
+    ours = "DEFAULT_TRAC_ENV =" in old
+    if not ours:
+        if os.path.exists(backup):
+            raise BadSetting("--replace %s: %s exists already; move it away first, so that neither "
+                             "old file is lost" % (target, backup))
+        shutil.copy2(target, backup)
+    making = target + ".new"
+    with open(making, "w") as new_file:
+        new_file.write(new)
+    os.chmod(making, stat.S_IMODE(old_mode.st_mode) | stat.S_IXUSR)
+    if os.geteuid() == 0:
+        os.chown(making, old_mode.st_uid, old_mode.st_gid)
+    os.replace(making, target)
+    if found:
+        said = ", ".join("%s=%s (from its %s line)" % (n, v, n) for n, v in found.items())
+    else:
+        said = ("no TRAC_ENV line found in it: set TRAC_ENV in its environment, or edit DEFAULT_TRAC_ENV "
+                "at its top")
+    sys.stdout.write("trac-fcgi: replaced %s%s; Python %s (its first line); %s\n"
+                     "test it as the user that runs it: %s --check\n"
+                     % (target, "" if ours else " (the old one is %s)" % backup, python, said, target))
+    return 0
+
+
+def check_python(python, target):
+    """Refuse, naming the fix, unless PYTHON runs Trac 1.6 and flup 1.0.3 on Python 3.9+."""
+    try:
+        probe = subprocess.run(shlex.split(python) + ["-c", PYTHON_PROBE], capture_output=True, text=True,
+                               timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise BadSetting("--replace %s: its first line names %s, which cannot be run (%s): fix that line"
+                         % (target, python, getattr(error, "strerror", None) or error))
+    lines = probe.stdout.split()
+    pip = "%s -m pip install 'Trac>=1.6,<1.7' flup==1.0.3 'setuptools<81'" % python
+    if not lines or tuple(int(n) for n in lines[0].split(".")) < (3, 9):
+        raise BadSetting("--replace %s: its first line names %s, which is Python %s; Trac 1.6 needs "
+                         "Python 3.9 or newer (Trac 1.4 on Python 2 is not supported): make a virtualenv "
+                         "with python3 -m venv, install Trac 1.6 there, and put its python on that line"
+                         % (target, python, lines[0] if lines else "2 or unknown"))
+    if probe.returncode or len(lines) < 3:
+        missing = (probe.stderr.strip().splitlines() or ["?"])[-1]
+        raise BadSetting("--replace %s: its first line names %s, which cannot import Trac and flup (%s): %s"
+                         % (target, python, missing, pip))
+    if not lines[1].startswith("1.6") or lines[2] != "1.0.3":
+        raise BadSetting("--replace %s: its first line names %s, which has Trac %s and flup %s; this file "
+                         "needs Trac 1.6 and flup 1.0.3: %s" % (target, python, lines[1], lines[2], pip))
+
+
+def environment_assignments(text, target):
+    """{"TRAC_ENV" or "TRAC_ENV_PARENT_DIR": path} that a trac.fcgi sets, as trac-admin writes it
+    (os.environ['TRAC_ENV'] = '...'), as an admin may (os.environ.setdefault), or as this file does."""
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        raise BadSetting("--replace %s: it is not Python 3 (Trac 1.4 on Python 2 is not supported); "
+                         "give the trac.fcgi that Trac 1.6's trac-admin deploy wrote" % target)
+    names = ("TRAC_ENV", "TRAC_ENV_PARENT_DIR")
+    found = {}
+
+    def text_of(node):
+        return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target_node, value = node.targets[0], text_of(node.value)
+            if isinstance(target_node, ast.Subscript) and ast.unparse(target_node.value) == "os.environ":
+                key = text_of(target_node.slice)
+            elif isinstance(target_node, ast.Name) and target_node.id.startswith("DEFAULT_"):
+                key = target_node.id[len("DEFAULT_"):]
+            else:
+                continue
+        elif isinstance(node, ast.Call) and ast.unparse(node.func) == "os.environ.setdefault" \
+                and len(node.args) == 2:
+            key, value = text_of(node.args[0]), text_of(node.args[1])
+        else:
+            continue
+        if key in names and value:
+            found[key] = value
+    return found
+
+
+def replace_command(args):
+    try:
+        if len(args) != 1:
+            raise BadSetting("--replace takes one path: trac_fcgi.py --replace DIR/cgi-bin/trac.fcgi")
+        return replace_trac_fcgi(args[0])
+    except BadSetting as problem:
+        sys.stderr.write("trac-fcgi: %s\n" % problem)
+        return 2
+
+
+# Before flup is imported: --replace runs under any Python 3, since the Python
+# that must have flup is the one on the replaced file's first line.
+if __name__ == "__main__" and sys.argv[1:2] == ["--replace"]:
+    sys.exit(replace_command(sys.argv[2:]))
+
+
+# --------------------------------------------------------------------------
 # The server.
 
-from flup.server import fcgi_base  # noqa: E402  (after the settings an admin edits)
-from flup.server.fcgi import WSGIServer  # noqa: E402
-from flup.server.threadpool import ThreadPool  # noqa: E402
+try:
+    from flup.server import fcgi_base  # noqa: E402  (after the settings an admin edits)
+    from flup.server.fcgi import WSGIServer  # noqa: E402
+    from flup.server.threadpool import ThreadPool  # noqa: E402
+except ImportError as error:
+    if __name__ != "__main__":
+        raise
+    sys.stderr.write("trac-fcgi: %s cannot import flup (%s): %s -m pip install flup==1.0.3\n"
+                     % (sys.executable, error, sys.executable))
+    sys.exit(2)
 
 
 class QueueingThreadPool(ThreadPool):
@@ -809,12 +966,20 @@ def prepare_trac_environment():
         if os.environ.get(name) == "":
             raise BadSetting("%s is set but empty: give it a path, or unset it to use DEFAULT_TRAC_ENV" % name)
     if "TRAC_ENV" not in os.environ and "TRAC_ENV_PARENT_DIR" not in os.environ:
-        os.environ["TRAC_ENV"] = DEFAULT_TRAC_ENV
+        if DEFAULT_TRAC_ENV_PARENT_DIR:
+            os.environ["TRAC_ENV_PARENT_DIR"] = DEFAULT_TRAC_ENV_PARENT_DIR
+        else:
+            os.environ["TRAC_ENV"] = DEFAULT_TRAC_ENV
     if "PYTHON_EGG_CACHE" not in os.environ:
         base = os.environ.get("TRAC_ENV") or os.environ["TRAC_ENV_PARENT_DIR"]
         os.environ["PYTHON_EGG_CACHE"] = os.path.join(base, ".egg-cache")
     env_path = os.environ.get("TRAC_ENV")
-    if env_path and not os.path.isfile(os.path.join(env_path, "VERSION")):
+    try:
+        env_path and os.stat(os.path.join(env_path, "VERSION"))
+    except PermissionError:
+        raise BadSetting("TRAC_ENV=%r: user %s cannot read it; let that user read and write the "
+                         "environment, e.g. chown -R %s %s" % (env_path, user_name(), user_name(), env_path))
+    except OSError:
         raise BadSetting("TRAC_ENV=%r is not a Trac environment (no VERSION file): point it at "
                          "one made by trac-admin PATH initenv, or edit DEFAULT_TRAC_ENV" % env_path)
     parent = os.environ.get("TRAC_ENV_PARENT_DIR")
@@ -861,6 +1026,38 @@ def warm_up(application, path):
     return int(status[0].split()[0]) if status else 500
 
 
+def user_name():
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return "uid %d" % os.geteuid()
+
+
+def explain_failed_warmup(spec, path, status):
+    """Why a warm-up request failed, in one line that names the path, the user and the fix.
+
+    Trac answers a request it cannot serve with a bare 500, and says why
+    only in its own log, which is off by default; opening the environment
+    again raises the error itself.
+    """
+    env_path = os.environ.get("TRAC_ENV")
+    unknown = ("%s answered %d to %s; set [logging] log_type = stderr in the environment's trac.ini to see "
+               "why, or set TRAC_FCGI_WARMUP" % (spec, status, path))
+    if spec.partition(":")[0].split(".")[0] != "trac" or not env_path:
+        return unknown
+    for place in (env_path, os.path.join(env_path, "db"), os.path.join(env_path, "db", "trac.db"),
+                  os.path.join(env_path, "log"), os.path.join(env_path, "files")):
+        if os.path.exists(place) and not os.access(place, os.R_OK | os.W_OK):
+            return ("user %s cannot write %s: let it read and write the whole environment, e.g. chown -R %s %s"
+                    % (user_name(), place, user_name(), env_path))
+    try:
+        from trac.env import open_environment
+        open_environment(env_path, use_cache=True)
+    except Exception as error:  # Trac's own words are the explanation: a TracError or the OS's
+        return "TRAC_ENV=%s: %s" % (env_path, " ".join(str(error).split()))
+    return unknown
+
+
 def parse_bind(address):
     """--bind: unix:/path, HOST:PORT or [v6]:PORT, as flup's bindAddress wants it."""
     if address.startswith("unix:") and address[len("unix:"):].startswith("/"):
@@ -873,17 +1070,109 @@ def parse_bind(address):
     return (host, int(port))
 
 
+# --------------------------------------------------------------------------
+# Run by hand: a test, not a server.
+
+BY_HAND = """\
+%(prog)s is a drop-in trac.fcgi (trac-fcgi %(version)s): a FastCGI server for Trac.
+spawn-fcgi, trac-fcgi-launcher or a web server starts it with a listening
+socket on fd 0.  Here fd 0 is not a socket and no CGI variables are set, so
+there is nothing to serve.  To test it, as the user that runs Trac:
+
+  TRAC_ENV=/path/to/env %(prog)s --check
+      opens the environment, serves one request in-process, prints the status,
+      time, memory and settings; exits 0, or 1 with the reason
+  TRAC_ENV=/path/to/env %(prog)s --bind 127.0.0.1:9000
+      serves FastCGI there; then ask it for a page:
+      REQUEST_METHOD=GET SCRIPT_NAME= PATH_INFO=/ cgi-fcgi -bind -connect 127.0.0.1:9000
+
+%(prog)s --help lists its settings and signals.
+"""
+
+
+def versions(*distributions):
+    from importlib.metadata import PackageNotFoundError, version
+    found = []
+    for name in distributions:
+        try:
+            found.append("%s %s" % (name, version(name)))
+        except PackageNotFoundError:
+            found.append("%s (version unknown)" % name)
+    return ", ".join(found)
+
+
+def started_by_hand():
+    """No socket on fd 0 and no CGI request described: a person ran us, in a terminal or a script."""
+    if any(name in os.environ for name in ("REQUEST_METHOD", "GATEWAY_INTERFACE", "FCGI_FORCE_CGI")):
+        return False
+    try:
+        return not stat.S_ISSOCK(os.fstat(0).st_mode)
+    except OSError:
+        return False  # fd 0 closed: fd0_mode() says so
+
+
+def check():
+    """--check: would this worker serve?  Prints what it found; 0 if it would, 1 with the reason if not."""
+    out = sys.stdout.write
+    given = set(os.environ)  # before DEFAULT_TRAC_ENV and the egg cache are filled in
+    out("trac-fcgi --check: %s as user %s (uid %d)\n" % (os.path.abspath(sys.argv[0]), user_name(), os.geteuid()))
+    out("  python       %s: Python %s, %s\n" % (sys.executable, sys.version.split()[0], versions("Trac", "flup")))
+    try:
+        limits = Limits(os.environ)
+        path = limits.warmup or "/"
+        started = time.monotonic()
+        application = load_application(limits.app)
+        for name in ("TRAC_ENV", "TRAC_ENV_PARENT_DIR", "PYTHON_EGG_CACHE"):
+            if name in os.environ:
+                default = "default" if name == "PYTHON_EGG_CACHE" else "DEFAULT_%s, at the top of the file" % name
+                out("  %-12s %s=%s%s\n" % ("environment" if name.startswith("TRAC") else "egg cache", name,
+                                           os.environ[name], "" if name in given else " (%s)" % default))
+        try:
+            status = warm_up(application, path)
+        except Exception as error:  # an app that raises instead of answering 500
+            status, crash = 500, "%s: %s" % (type(error).__name__, error)
+        else:
+            crash = None
+        warm_s, rss = time.monotonic() - started, ResidentMemory()()
+        out("  warm-up      GET %s -> %d in %.2f s (import included)\n" % (path, status, warm_s))
+        soft = size(limits.raw["TRAC_FCGI_SOFT_RSS"] or "0") or limits.max_rss * 9 // 10
+        out("  memory       %.1f MiB resident once warm%s\n" % (rss / 2**20, "; asks for its replacement at "
+            "%.1f MiB (+-%g), stops accepting at %.1f MiB" % (soft / 2**20, limits.jitter, limits.max_rss / 2**20)
+            if limits.max_rss else "; no memory limit (TRAC_FCGI_MAX_RSS=0)"))
+        if status >= 500:
+            raise BadSetting(crash or explain_failed_warmup(limits.app, path, status))
+        limits.check_headroom(rss)
+    except BadSetting as problem:
+        sys.stdout.flush()
+        sys.stderr.write("trac-fcgi --check: failed: %s\n" % problem)
+        return 1
+    out("  settings     %s\n" % "\n               ".join(
+        "%s=%s%s" % (name, limits.raw[name] if limits.raw[name] is not None else "(%s)" % meaning.split("(default ")[-1]
+                     .rstrip(")"), "" if name in os.environ else " (default)")
+        for name, _, _, meaning in SETTINGS))
+    out("ok: this worker serves; start it under spawn-fcgi or trac-fcgi-launcher\n")
+    return 0
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
         sys.stdout.write(help_text())
         return 0
+    if argv[:1] == ["--replace"]:
+        return replace_command(argv[1:])
+    if argv == ["--check"]:
+        return check()
     try:
         bind = None
         if argv[:1] == ["--bind"] and len(argv) == 2:
             bind = parse_bind(argv[1])
         elif argv:
-            raise BadSetting("unknown arguments %s: the only option is --bind ADDR (see --help)" % " ".join(argv))
+            raise BadSetting("unknown arguments %s: the options are --check, --bind ADDR and --replace FILE "
+                             "(see --help)" % " ".join(argv))
+        elif started_by_hand():
+            sys.stderr.write(BY_HAND % {"prog": os.path.basename(sys.argv[0]), "version": __version__})
+            return 2
         limits = Limits(os.environ)
         application = load_application(limits.app)
         server = RecyclingWSGIServer(application, limits, bindAddress=bind)
@@ -907,6 +1196,7 @@ def main(argv=None):
         log("warm", path=limits.warmup, status=status, warm_s=warm_s, rss=warm_rss)
         if status >= 500:
             log("warm-failed", path=limits.warmup, status=status,
+                reason=explain_failed_warmup(limits.app, limits.warmup, status),
                 hint="the worker that serves now keeps serving; fix the app or set TRAC_FCGI_WARMUP")
             return 1
     sd_notify("READY=1")

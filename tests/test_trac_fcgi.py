@@ -287,9 +287,12 @@ def test_max_requests_and_lifetime_are_drawn_with_jitter():
     assert hard.max_rss == 100 << 20 and hard.soft_rss <= hard.max_rss
 
 
-def test_an_app_that_fails_to_import_is_one_line_and_exit_status_2():
+def test_an_app_that_fails_to_import_is_one_line_and_exit_status_2(tmp_path):
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "s.sock"))
+    sock.listen()
     result = subprocess.run([PYTHON, TRAC_FCGI], env=dict(os.environ, TRAC_FCGI_APP="no_such_module:app"),
-                            capture_output=True, text=True, stdin=subprocess.DEVNULL)
+                            capture_output=True, text=True, stdin=sock.fileno())
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "TRAC_FCGI_APP" in result.stderr
 
