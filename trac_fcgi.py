@@ -1033,6 +1033,16 @@ def user_name():
         return "uid %d" % os.geteuid()
 
 
+def unwritable(env_path):
+    """Why this user cannot serve ENV_PATH for long, or None: Trac writes to its database, log and files."""
+    for place in (env_path, os.path.join(env_path, "db"), os.path.join(env_path, "db", "trac.db"),
+                  os.path.join(env_path, "log"), os.path.join(env_path, "files")):
+        if os.path.exists(place) and not os.access(place, os.R_OK | os.W_OK):
+            return ("user %s cannot write %s: let it read and write the whole environment, e.g. chown -R %s %s"
+                    % (user_name(), place, user_name(), env_path))
+    return None
+
+
 def explain_failed_warmup(spec, path, status):
     """Why a warm-up request failed, in one line that names the path, the user and the fix.
 
@@ -1045,11 +1055,9 @@ def explain_failed_warmup(spec, path, status):
                "why, or set TRAC_FCGI_WARMUP" % (spec, status, path))
     if spec.partition(":")[0].split(".")[0] != "trac" or not env_path:
         return unknown
-    for place in (env_path, os.path.join(env_path, "db"), os.path.join(env_path, "db", "trac.db"),
-                  os.path.join(env_path, "log"), os.path.join(env_path, "files")):
-        if os.path.exists(place) and not os.access(place, os.R_OK | os.W_OK):
-            return ("user %s cannot write %s: let it read and write the whole environment, e.g. chown -R %s %s"
-                    % (user_name(), place, user_name(), env_path))
+    cannot_write = unwritable(env_path)
+    if cannot_write:
+        return cannot_write
     try:
         from trac.env import open_environment
         open_environment(env_path, use_cache=True)
@@ -1084,7 +1092,8 @@ there is nothing to serve.  To test it, as the user that runs Trac:
       time, memory and settings; exits 0, or 1 with the reason
   TRAC_ENV=/path/to/env %(prog)s --bind 127.0.0.1:9000
       serves FastCGI there; then ask it for a page:
-      REQUEST_METHOD=GET SCRIPT_NAME= PATH_INFO=/ cgi-fcgi -bind -connect 127.0.0.1:9000
+      REQUEST_METHOD=GET SERVER_NAME=localhost SERVER_PORT=80 SERVER_PROTOCOL=HTTP/1.1 \\
+          PATH_INFO=/ cgi-fcgi -bind -connect 127.0.0.1:9000
 
 %(prog)s --help lists its settings and signals.
 """
@@ -1141,6 +1150,10 @@ def check():
             if limits.max_rss else "; no memory limit (TRAC_FCGI_MAX_RSS=0)"))
         if status >= 500:
             raise BadSetting(crash or explain_failed_warmup(limits.app, path, status))
+        # A page that reads may well work for a user who cannot write; the first edit would not.
+        cannot_write = os.environ.get("TRAC_ENV") and unwritable(os.environ["TRAC_ENV"])
+        if cannot_write:
+            raise BadSetting(cannot_write)
         limits.check_headroom(rss)
     except BadSetting as problem:
         sys.stdout.flush()

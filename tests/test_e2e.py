@@ -12,7 +12,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import textwrap
 import threading
 from pathlib import Path
 
@@ -371,49 +370,6 @@ def test_two_machines_behind_one_upstream_share_requests_and_one_covers_when_the
     assert all(answer.ok for answer in answers), (answers, nginx.errors())
     after = nginx.access_log()[before:]
     assert {e["upstream"].split(",")[-1].strip() for e in after} == {b.address}, after
-
-
-def test_an_existing_trac_fcgi_replaced_in_three_steps_serves_trac_under_plain_spawn_fcgi(
-        started, tmp_path, trac_env, monkeypatch):
-    """examples/replace-trac-fcgi.md, its commands run as written, paths aside."""
-    monkeypatch.delenv("TRAC_ENV", raising=False)  # DEFAULT_TRAC_ENV must be what finds it
-    deploy = tmp_path / "deploy"
-    sock = tmp_path / "trac.sock"
-    paths = {"/srv/trac/project": str(trac_env), "/srv/trac/deploy": str(deploy),
-             "/path/to/trac_fcgi.py": str(ROOT / "trac_fcgi.py"), "/run/trac/trac.sock": str(sock),
-             "trac-admin ": str(VENV / "bin" / "trac-admin") + " ",
-             # Root cannot be switched to with -u; the test stays who it is.
-             " -u www-data -G www-data": ""}
-    doc = (EXAMPLES / "replace-trac-fcgi.md").read_text()
-    for old, new in paths.items():
-        doc = doc.replace(old, new)
-    blocks = re.findall(r"```(\w+)\n(.*?)```", doc, re.DOTALL)
-    shell = [textwrap.dedent(code) for lang, code in blocks if lang == "sh"]
-    python = [textwrap.dedent(code) for lang, code in blocks if lang == "python"]
-    assert len(shell) == 3 and len(python) == 1, blocks
-
-    # Steps 1 and 2.
-    for step in shell[:2]:
-        subprocess.run(["sh", "-ec", step], check=True, capture_output=True, cwd=tmp_path)
-    script = deploy / "cgi-bin" / "trac.fcgi"
-    assert script.read_text().splitlines()[0] == "#!" + PYTHON
-    # Step 3: the DEFAULT_TRAC_ENV line, edited as the document shows.
-    wanted = python[0].strip()
-    text, edits = re.subn(r"^DEFAULT_TRAC_ENV = .*$", lambda _: wanted, script.read_text(), flags=re.MULTILINE)
-    assert edits == 1
-    script.write_text(text)
-
-    server = Process(shlex.split(shell[2]), tmp_path / "trac.fcgi.log")
-    started.append(server)
-    wait_until(lambda: connects(str(sock)) or server.popen.poll() is not None, START_TIMEOUT,
-               "spawn-fcgi's socket")
-    nginx = Nginx(tmp_path / "nginx", "unix:" + str(sock))
-    started.append(nginx)
-    page = nginx.get("/wiki/WikiStart", timeout=START_TIMEOUT)
-    assert is_trac_page(page, WELCOME), (page, server.log())
-    assert b"Test Project" in page.body  # the environment DEFAULT_TRAC_ENV names
-    assert "trac-fcgi[%d] event=warm" % server.pid in server.log()  # our file, not Trac's frontend
-
 
 
 # --------------------------------------------------------------------------
