@@ -1,22 +1,36 @@
-# make demo   install everything and serve a demo Trac through nginx
-# make test   run the whole suite (real nginx, spawn-fcgi, Trac)
+# make demo   install what serving needs and serve a demo Trac through nginx
+# make test   install what the suite needs and run it (real nginx, spawn-fcgi, Trac)
 # make bench  run the benchmark in bench/
 
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: all venv debs test demo bench clean
+.PHONY: all venv serve-venv debs serve-debs test demo bench clean
 
 all: test
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+# The package and what it needs to serve (Trac, flup): all make demo installs.
+$(VENV)/.serving: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade 'pip' 'setuptools<81'
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# And the test extras.
+$(VENV)/.installed: $(VENV)/.serving
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+serve-venv: $(VENV)/.serving
 venv: $(VENV)/.installed
+
+# What serving needs from Debian: nginx and spawn-fcgi, when missing.
+serve-debs:
+	@missing=""; \
+	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$$missing nginx-light"; \
+	command -v spawn-fcgi >/dev/null || missing="$$missing spawn-fcgi"; \
+	$(APT_GET_MISSING)
 
 # Debian packages, installed only when a command is missing.  systemd brings
 # systemd-socket-activate and systemd-analyze, which the recipe tests run.
@@ -27,7 +41,10 @@ debs:
 	command -v cgi-fcgi >/dev/null || missing="$$missing libfcgi-bin"; \
 	command -v wrk >/dev/null || missing="$$missing wrk"; \
 	command -v systemd-socket-activate >/dev/null || missing="$$missing systemd"; \
-	if [ -n "$$missing" ]; then \
+	$(APT_GET_MISSING)
+
+# The end of both recipes above: install what they found $$missing.
+APT_GET_MISSING = if [ -n "$$missing" ]; then \
 	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	    $$SUDO apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
@@ -36,7 +53,7 @@ debs:
 test: venv debs
 	$(PY) -m pytest
 
-demo: venv debs
+demo: serve-venv serve-debs
 	$(PY) examples/demo.py
 
 bench: venv debs

@@ -42,6 +42,7 @@ WORKER_LIMITS = {
     "TRAC_FCGI_MAX_REQUESTS": "100",
 }
 WORKERS = 2
+HEADER_LOGO = {"src": "common/trac_banner.png", "alt": "Trac", "width": "236", "height": "73", "link": "/"}
 START_TIMEOUT_S = 120
 STOP_TIMEOUT_S = 45
 
@@ -97,6 +98,10 @@ class Demo:
         # Anyone may edit the wiki and file tickets: more pages to click through.
         run([trac_admin, str(making), "permission", "add", "anonymous",
              "WIKI_CREATE", "WIKI_MODIFY", "TICKET_CREATE", "TICKET_MODIFY"])
+        # Trac's own banner, which it ships: the default logo is a file the
+        # admin is meant to add, and shows as a broken image until then.
+        for option, value in HEADER_LOGO.items():
+            run([trac_admin, str(making), "config", "set", "header_logo", option, value])
         making.rename(self.env)
 
     def stop_leftovers(self):
@@ -239,6 +244,8 @@ def main():
             % os.environ.get("TRAC_FCGI_MAX_REQUESTS", WORKER_LIMITS["TRAC_FCGI_MAX_REQUESTS"]))
         say("watch for event=recycle, event=ready, event=hup, event=drained below")
         say("logs: %s, %s; Ctrl-C stops everything" % (demo.launcher_log, demo.nginx_dir / "logs"))
+        say("the launcher is pid %d: kill -HUP %d replaces every worker, one at a time, without a failed request"
+            % (demo.launcher.pid, demo.launcher.pid))
         demo.follow_log(seconds)
     except KeyboardInterrupt:
         sys.stdout.write("\n")

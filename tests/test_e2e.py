@@ -389,16 +389,30 @@ def processes_mentioning(text):
     return found
 
 
+def fresh_checkout(directory):
+    """The tracked files as they are now, in DIRECTORY, as a fresh clone has them (no demo/, no build/),
+    with the test run's virtualenv as its .venv."""
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, tracked.decode().split("\0")):
+        if (ROOT / name).is_file():
+            (directory / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, directory / name)
+    (directory / ".venv").symlink_to(Path(PYTHON).parent.parent)
+    return directory
+
+
 class MakeDemo:
     """`make demo` in its own process group, as in a terminal, its output read as it comes."""
 
-    def __init__(self, directory, port, seconds):
-        # -o venv -o debs: both are there already, and remaking the venv here
-        # could pull it from under other test runs.  The demo recipe itself is
-        # the one the README's `make demo` runs.
+    def __init__(self, checkout, directory, port, seconds):
+        # -o serve-venv -o serve-debs: both are there already, and remaking
+        # the venv here could pull it from under other test runs (what they
+        # install is test_make_demo_installs_only_what_serving_needs's).  The
+        # demo recipe itself is the one the README's `make demo` runs.
         environ = dict(os.environ, DEMO_DIR=str(directory), DEMO_PORT=str(port), DEMO_SECONDS=str(seconds))
         self.port = port
-        self.popen = subprocess.Popen(["make", "-s", "-o", "venv", "-o", "debs", "demo"], cwd=ROOT, env=environ,
+        self.popen = subprocess.Popen(["make", "-s", "-o", "serve-venv", "-o", "serve-debs", "demo"], cwd=checkout,
+                                      env=environ,
                                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       start_new_session=True)
         self.lines = []
@@ -438,26 +452,35 @@ class MakeDemo:
         return self.output()
 
 
-def test_make_demo_serves_trac_until_ctrl_c_then_stops_everything_and_runs_again(tmp_path):
+def test_make_demo_in_a_fresh_checkout_serves_trac_until_ctrl_c_then_stops_everything_and_runs_again(tmp_path):
+    checkout = fresh_checkout(tmp_path / "checkout")
     directory = tmp_path / "demo"
     port = free_port()
 
     # First run: until Ctrl-C, which a terminal sends to the whole foreground group.
-    demo = MakeDemo(directory, port, seconds=0)
+    demo = MakeDemo(checkout, directory, port, seconds=0)
     try:
         page = demo.wait_until_serving()
         assert is_trac_page(page, WELCOME) and b"Demo" in page.body
         assert is_trac_page(http_get(port, "/timeline"), "Timeline")
+        # The page looks finished: its logo is Trac's banner, and it is there.
+        assert b'src="/chrome/common/trac_banner.png"' in page.body
+        logo = http_get(port, "/chrome/common/trac_banner.png")
+        assert logo.status == 200 and logo.body.startswith(b"\x89PNG"), logo
         demo.ctrl_c()
     finally:
         output = demo.wait()
     assert "event=all-ready workers=2" in output, output
+    # No warning of ours, boxed or not; and the rolling-restart hint names the launcher.
+    assert not re.search(r"warning|deprecat|!!", output, re.IGNORECASE), output
+    hint = re.search(r"the launcher is pid (\d+): kill -HUP \1 replaces every worker", output)
+    assert hint and "trac-fcgi-launcher[%s] event=start" % hint.group(1) in output, output
     assert "event=stop status=0" in output and "demo: stopped" in output, output
     assert not processes_mentioning(str(directory)), output
     assert not connects_tcp(port)
 
     # A second run reuses the environment and stops by itself after DEMO_SECONDS.
-    demo = MakeDemo(directory, port, seconds=5)
+    demo = MakeDemo(checkout, directory, port, seconds=5)
     try:
         assert is_trac_page(demo.wait_until_serving(), WELCOME)
     finally:
@@ -475,3 +498,17 @@ def connects_tcp(port):
         return True
     except OSError:
         return False
+
+
+def test_make_demo_installs_only_what_serving_needs_and_make_test_everything(tmp_path):
+    checkout = fresh_checkout(tmp_path / "checkout")
+
+    def recipes(target):
+        # -n: print what make would run, run nothing; -B: as if nothing were installed yet.
+        return subprocess.run(["make", "-n", "-B", target], cwd=checkout, capture_output=True, text=True,
+                              check=True).stdout
+    demo, test = recipes("demo"), recipes("test")
+    assert "pip install -q -e .\n" in demo and "nginx-light" in demo and "spawn-fcgi" in demo, demo
+    for extra in ("[test]", "wrk", "systemd", "libfcgi-bin"):
+        assert extra not in demo, demo
+        assert extra in test, test

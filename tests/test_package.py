@@ -43,3 +43,14 @@ def test_pip_install_in_a_fresh_venv_gives_both_console_scripts(tmp_path):
     where = subprocess.run([str(python), "-c", show], cwd=tmp_path, capture_output=True, text=True,
                            check=True).stdout.split()
     assert all(path.startswith(site) for path in where), where
+
+
+def test_building_the_package_prints_no_warning_box(tmp_path):
+    # The build that `make demo` and `pip install` run, offline: the test
+    # run's setuptools, which warns in a box about what it deprecates.
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-index",
+                            "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+                           capture_output=True, text=True, cwd=tmp_path)
+    output = build.stdout + build.stderr
+    assert build.returncode == 0, output
+    assert "!!" not in output and "Warning" not in output, output
