@@ -299,12 +299,28 @@ def bind_unix(path, mode):
     try:
         sock.bind(path)
     except OSError as error:
-        raise BadInput("cannot bind unix:%s: %s; check the directory exists and is writable" % (path, error.strerror))
+        raise BadInput("cannot bind unix:%s as user %s: %s; %s" % (path, user_name(), error.strerror,
+                                                                   socket_directory_fix(path, error)))
     finally:
         os.umask(old_umask)
     os.chmod(path, mode)
     sock.listen(socket.SOMAXCONN)
     return sock
+
+
+def socket_directory_fix(path, error):
+    """What to do when a unix socket cannot be made at PATH."""
+    directory, user = os.path.dirname(os.path.abspath(path)), user_name()
+    if directory in ("/run", "/var/run", "/tmp"):
+        # Shared by every service: the socket gets a directory of its own.
+        return "bind in a directory of its own that user %s may write, e.g. /run/trac" % user
+    if error.errno == errno.ENOENT:
+        boot = (" and, as /run is emptied at boot, a tmpfiles.d line 'd %s 0755 %s - -'" % (directory, user)
+                if directory.startswith(("/run/", "/var/run/")) else "")
+        return "make its directory: mkdir -p %s%s" % (directory, boot)
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "let user %s write to %s, e.g. chown %s %s" % (user, directory, user, directory)
+    return "pick another path"
 
 
 def worker_command(command):

@@ -1043,6 +1043,18 @@ def unwritable(env_path):
     return None
 
 
+def bind_fix(bind, error):
+    """What to do when --bind fails."""
+    if not isinstance(bind, str):
+        return "pick a free address"
+    directory = os.path.dirname(bind)
+    if getattr(error, "errno", None) == errno.ENOENT:
+        return "make its directory: mkdir -p %s" % directory
+    if getattr(error, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "let user %s write to %s, e.g. chown %s %s" % (user_name(), directory, user_name(), directory)
+    return "pick a free address"
+
+
 def explain_failed_warmup(spec, path, status):
     """Why a warm-up request failed, in one line that names the path, the user and the fix.
 
@@ -1192,8 +1204,8 @@ def main(argv=None):
         try:
             sock = server._setupSocket()
         except (OSError, OverflowError) as error:
-            raise BadSetting("--bind %s: %s; pick a free address in a directory that exists"
-                             % (argv[1], getattr(error, "strerror", None) or error))
+            raise BadSetting("--bind %s as user %s: %s; %s" % (argv[1], user_name(), getattr(error, "strerror", None)
+                                                              or error, bind_fix(bind, error)))
         if launcher_pid() is not None:
             hup_when_parent_dies()
         started = time.monotonic()

@@ -368,6 +368,21 @@ def test_a_worker_whose_python_the_user_cannot_run_is_refused_naming_the_path_th
     assert_refused_in_one_line(outcome, str(script), str(tmp_path / "locked" / "python"), "user " + user, "venv")
 
 
+def test_a_socket_in_a_missing_directory_is_refused_naming_the_user_and_the_mkdir_that_fixes_it(tmp_path):
+    missing = tmp_path / "run" / "trac"
+    outcome = run([support.PYTHON, support.LAUNCHER, "--bind", "unix:%s/trac.sock" % missing, "--", *HELLO],
+                  clean_environment())
+    user = __import__("pwd").getpwuid(os.getuid()).pw_name
+    assert_refused_in_one_line(outcome, "as user " + user, "mkdir -p %s" % missing)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run the launcher as nobody")
+def test_a_socket_directory_the_user_cannot_write_is_refused_naming_the_user_and_the_chown(reachable_path):
+    outcome = run(["runuser", "-u", "nobody", "--", "/usr/bin/python3", support.LAUNCHER,
+                   "--bind", "unix:%s/trac.sock" % reachable_path, "--", "/bin/true"], clean_environment())
+    assert_refused_in_one_line(outcome, "as user nobody", "chown nobody %s" % reachable_path)
+
+
 def _closed(keep):
     return None
 
