@@ -996,8 +996,8 @@ def load_application(spec):
         module = importlib.import_module(module_name)
         application = getattr(module, name)
     except Exception as error:  # an app that fails to import is a setting to fix
-        raise BadSetting("TRAC_FCGI_APP=%s cannot be loaded (%s: %s): install it or fix the name"
-                         % (spec, type(error).__name__, error))
+        raise BadSetting("TRAC_FCGI_APP=%s cannot be loaded by %s (%s: %s): install it into that Python "
+                         "or fix the name" % (spec, sys.executable, type(error).__name__, error))
     return UnquotePathInfo(application)
 
 
