@@ -79,3 +79,26 @@ def test_every_test_the_failure_modes_table_cites_exists():
     defined = set(re.findall(r"^def (test_\w+)", "".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py")),
                              re.M))
     assert cited and cited <= defined, cited - defined
+
+
+def tracked_text_files():
+    names = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, names.decode().split("\0")):
+        path = ROOT / name
+        if path.is_file() and path.suffix not in (".png", ".json"):
+            yield path
+
+
+def test_every_link_in_the_readme_and_the_examples_opens_in_the_repository():
+    for doc in [ROOT / "README.md", *(ROOT / "examples").glob("*.md")]:
+        for target in re.findall(r"\]\(([^)#\s]+)\)", doc.read_text()):
+            if not re.match(r"\w+://", target):
+                assert (doc.parent / target).exists(), "%s links to %s, which is not there" % (doc.name, target)
+
+
+def test_nothing_cites_notes_a_reader_cannot_open():
+    # Team notes and issue numbers live outside the repository.
+    for path in tracked_text_files():
+        text = path.read_text(errors="replace")
+        found = re.findall(r"DESIGN\.md|\bissue [0-9]+|\.\./shared", text)
+        assert not found, "%s cites %s" % (path.relative_to(ROOT), found)
