@@ -164,7 +164,8 @@ SETTINGS = [
 # Read by Trac or flup themselves; listed in --help so that one page tells all.
 PASSED_THROUGH = [
     ("TRAC_ENV", "the Trac environment to serve (default DEFAULT_TRAC_ENV, at the top of this file)"),
-    ("TRAC_ENV_PARENT_DIR", "serve every Trac environment in this directory instead"),
+    ("TRAC_ENV_PARENT_DIR", "serve every Trac environment in this directory instead (default "
+                            "DEFAULT_TRAC_ENV_PARENT_DIR, unset)"),
     ("PYTHON_EGG_CACHE", "where plugin eggs are unpacked (default TRAC_ENV/.egg-cache)"),
     ("FCGI_WEB_SERVER_ADDRS", "comma-separated web server addresses allowed on a TCP socket"),
     ("FCGI_FORCE_CGI", "Y serves one CGI request, as flup does"),
