@@ -5,6 +5,7 @@ to real processes over real sockets.
 """
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -272,6 +273,17 @@ def _read_exactly(sock, size):
             raise EOFError("peer closed after %d of %d bytes" % (len(data), size))
         data += chunk
     return data
+
+
+def copy_of_tracked_files(directory):
+    """The repository's tracked files as they are now, in DIRECTORY: what a fresh clone has (no demo/,
+    no build/), with any change not yet committed."""
+    names = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, names.decode().split("\0")):
+        if (ROOT / name).is_file():
+            (directory / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, directory / name)
+    return directory
 
 
 def directory_others_can_reach(prefix):

@@ -19,7 +19,7 @@ import pytest
 
 from stack import (EXAMPLES, START_TIMEOUT, TRAC_FCGI, Load, Nginx, drains, http_get, is_trac_page,
                    recycles, terminate, trac_behind_nginx, upstream_block)
-from support import LAUNCHER, PYTHON, ROOT, Process, alive, free_port, wait_until
+from support import LAUNCHER, PYTHON, Process, alive, copy_of_tracked_files, free_port, wait_until
 
 VENV = Path(PYTHON).parent.parent
 PAGES = ["/wiki/WikiStart", "/timeline"]
@@ -390,13 +390,8 @@ def processes_mentioning(text):
 
 
 def fresh_checkout(directory):
-    """The tracked files as they are now, in DIRECTORY, as a fresh clone has them (no demo/, no build/),
-    with the test run's virtualenv as its .venv."""
-    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
-    for name in filter(None, tracked.decode().split("\0")):
-        if (ROOT / name).is_file():
-            (directory / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, directory / name)
+    """The tracked files as a fresh clone has them, with the test run's virtualenv as its .venv."""
+    copy_of_tracked_files(directory)
     (directory / ".venv").symlink_to(Path(PYTHON).parent.parent)
     return directory
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from stack import NGINX, START_TIMEOUT, http_get, is_trac_page
-from support import (PYTHON, ROOT, TRAC_FCGI, WORKERS, Process, alive, directory_others_can_reach, free_port,
-                     make_trac_env, wait_until)
+from support import (PYTHON, ROOT, TRAC_FCGI, WORKERS, Process, alive, copy_of_tracked_files,
+                     directory_others_can_reach, free_port, make_trac_env, wait_until)
 
 README = ROOT / "README.md"
 REPLACE_RECIPE = ROOT / "examples" / "replace-trac-fcgi.md"
@@ -79,13 +79,21 @@ def put_in(command, paths, port=None):
     return command
 
 
+def reachable(path, user):
+    return subprocess.run(["runuser", "-u", user, "--", "test", "-r", str(path)]).returncode == 0
+
+
 def offline_venv(venv):
     """A virtualenv whose dependencies (Trac, flup, setuptools<81) come from the test run's own
     environment, so that pip needs no network.  ensurepip's setuptools may be too old to build
     this package; the build then uses the test run's, as the dependencies do."""
     site = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    Path(site, "test-run-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    dependencies = Path(sysconfig.get_paths()["purelib"])
+    if not reachable(dependencies / "trac" / "__init__.py", trac_user()[0]):
+        # The test run's virtualenv is out of the Trac user's reach (a checkout under /root): a copy.
+        dependencies = Path(shutil.copytree(dependencies, venv.parent / "dependencies", symlinks=True))
+    Path(site, "test-run-dependencies.pth").write_text("%s\n" % dependencies)
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "uninstall", "-q", "-y", "setuptools"],
                    capture_output=True)
 
@@ -188,8 +196,9 @@ def test_the_readme_quick_start_run_as_written_ends_in_a_trac_page_through_nginx
     port = free_port()
     # The site the admin already has: a Trac environment.
     project = make_trac_env(base / "project")
+    checkout = copy_of_tracked_files(base / "trac-fcgi-launcher")
     paths = {"/srv/trac/project": project, "/srv/trac/venv": str(base / "venv"),
-             "/path/to/trac-fcgi-launcher": str(ROOT), "/etc/tmpfiles.d/trac.conf": str(base / "tmpfiles.conf"),
+             "/path/to/trac-fcgi-launcher": str(checkout), "/etc/tmpfiles.d/trac.conf": str(base / "tmpfiles.conf"),
              "/run/trac": str(base / "run" / "trac"), "/srv/trac/nginx": str(base / "nginx"),
              # Trac comes from the test run's environment (offline_venv), so
              # pip writes no trac-admin script into the new virtualenv.
@@ -254,9 +263,10 @@ def test_the_replace_recipe_run_as_written_carries_the_environment_over_and_serv
     subprocess.run(["chown", "-R", "%s:%s" % (user, group), project], check=True)
     run_dir = base / "run" / "trac"
     run_dir.mkdir(parents=True)
+    checkout = copy_of_tracked_files(base / "trac-fcgi-launcher")
     paths = {"/srv/trac/project": project, "/srv/trac/deploy": str(base / "deploy"),
-             "/srv/trac/venv": str(site_venv), "/path/to/trac_fcgi.py": str(ROOT / "trac_fcgi.py"),
-             "/path/to/launcher.py": str(ROOT / "launcher.py"), "/run/trac": str(run_dir),
+             "/srv/trac/venv": str(site_venv), "/path/to/trac_fcgi.py": str(checkout / "trac_fcgi.py"),
+             "/path/to/launcher.py": str(checkout / "launcher.py"), "/run/trac": str(run_dir),
              # The admin's trac-admin (see offline_venv for why not bin/trac-admin).
              "trac-admin ": "%s -m trac.admin.console " % (site_venv / "bin" / "python")}
     blocks = shell_commands(REPLACE_RECIPE.read_text())
@@ -391,7 +401,8 @@ def test_check_as_a_user_who_cannot_write_the_environment_exits_1_naming_the_use
         base, site_venv):
     env_path = make_trac_env(base / "project")  # root's, and only readable by others
     user, _ = trac_user()
-    result = subprocess.run(["runuser", "-u", user, "--", str(site_venv / "bin" / "python"), TRAC_FCGI, "--check"],
+    script = shutil.copy(TRAC_FCGI, base / "trac_fcgi.py")  # the checkout may be out of the user's reach
+    result = subprocess.run(["runuser", "-u", user, "--", str(site_venv / "bin" / "python"), script, "--check"],
                             env=dict(os.environ, TRAC_ENV=env_path), capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result
     assert result.stderr.count("\n") == 1, result.stderr

@@ -359,10 +359,12 @@ def test_a_worker_whose_python_the_user_cannot_run_is_refused_naming_the_path_th
     if os.getuid() == 0:
         # root reaches any directory: run the launcher as nobody, who cannot.
         argv_prefix = ["runuser", "-u", "nobody", "--"]
+        shutil.copy(support.LAUNCHER, tmp_path / "launcher.py")  # the checkout may be out of nobody's reach
     else:
         (tmp_path / "locked").chmod(0o000)
         argv_prefix = []
-    argv = argv_prefix + ["/usr/bin/python3" if argv_prefix else support.PYTHON, support.LAUNCHER, "--", str(script)]
+    argv = argv_prefix + (["/usr/bin/python3", str(tmp_path / "launcher.py")] if argv_prefix
+                          else [support.PYTHON, support.LAUNCHER]) + ["--", str(script)]
     outcome = run(argv, clean_environment(), stdin=listener)
     user = "nobody" if argv_prefix else __import__("pwd").getpwuid(os.getuid()).pw_name
     assert_refused_in_one_line(outcome, str(script), str(tmp_path / "locked" / "python"), "user " + user, "venv")
@@ -378,7 +380,8 @@ def test_a_socket_in_a_missing_directory_is_refused_naming_the_user_and_the_mkdi
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to run the launcher as nobody")
 def test_a_socket_directory_the_user_cannot_write_is_refused_naming_the_user_and_the_chown(reachable_path):
-    outcome = run(["runuser", "-u", "nobody", "--", "/usr/bin/python3", support.LAUNCHER,
+    launcher_copy = shutil.copy(support.LAUNCHER, reachable_path / "launcher.py")  # nobody may not reach ROOT
+    outcome = run(["runuser", "-u", "nobody", "--", "/usr/bin/python3", launcher_copy,
                    "--bind", "unix:%s/trac.sock" % reachable_path, "--", "/bin/true"], clean_environment())
     assert_refused_in_one_line(outcome, "as user nobody", "chown nobody %s" % reachable_path)
 
