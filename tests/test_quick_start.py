@@ -454,3 +454,66 @@ def test_a_real_cgi_request_is_still_served_as_cgi():
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(b"Status: 200"), result.stdout[:300]
+
+
+# --------------------------------------------------------------------------
+# The README's troubleshooting table
+
+def troubleshooting_row(words):
+    """The troubleshooting table's row whose first cell has WORDS: (what you see, its fix), backticks kept."""
+    text = README.read_text()
+    table = text[text.index("## Troubleshooting"):text.index("\n## ", text.index("## Troubleshooting") + 1)]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()
+            if line.startswith("|") and words in line.split("|")[1]]
+    assert len(rows) == 1, rows
+    return rows[0][0], rows[0][2]
+
+
+def quoted(cell):
+    return re.findall(r"`([^`]+)`", cell)
+
+
+def test_the_troubleshooting_table_quotes_what_spawn_fcgi_and_nginx_print_and_its_fixes_work(base):
+    spawn_fcgi = shutil.which("spawn-fcgi") or "/usr/bin/spawn-fcgi"
+
+    # The socket's directory is missing.
+    seen, fix = troubleshooting_row("bind failed")
+    sock = base / "run" / "trac" / "trac.sock"
+    failed = subprocess.run([spawn_fcgi, "-n", "-s", str(sock), "--", "/bin/true"], capture_output=True, text=True)
+    assert quoted(seen)[0] in failed.stderr, failed.stderr
+    assert "mkdir -p /run/trac" in fix
+    sock.parent.mkdir(parents=True)
+    fixed = subprocess.run([spawn_fcgi, "-n", "-s", str(sock), "--", "/bin/true"], capture_output=True, text=True)
+    assert fixed.returncode == 0 and "failed" not in fixed.stderr, fixed.stderr
+
+    # nginx's log directory is missing.
+    seen, fix = troubleshooting_row("nginx: [emerg] open()")
+    prefix = base / "nginx"
+    prefix.mkdir()
+    conf = prefix / "nginx.conf"
+    import stack
+    conf.write_text(stack.nginx_config(prefix, "127.0.0.1:%d" % free_port(), "unix:%s" % sock))
+    failed = subprocess.run([NGINX, "-t", "-p", str(prefix), "-c", str(conf)], capture_output=True, text=True)
+    assert failed.returncode != 0
+    assert quoted(seen)[0].replace("nginx: [emerg] ", "").replace("PREFIX", str(prefix)) in failed.stderr, failed.stderr
+    assert "mkdir -p PREFIX/logs" in fix
+    (prefix / "logs").mkdir()
+    fixed = subprocess.run([NGINX, "-t", "-p", str(prefix), "-c", str(conf)], capture_output=True, text=True)
+    assert fixed.returncode == 0, fixed.stderr
+
+
+@as_root
+def test_the_troubleshooting_table_quotes_spawn_fcgis_exec_failure_for_a_program_the_user_cannot_reach(base):
+    spawn_fcgi = shutil.which("spawn-fcgi") or "/usr/bin/spawn-fcgi"
+    seen, fix = troubleshooting_row("exec failed")
+    locked = base / "root-only"
+    locked.mkdir(mode=0o700)
+    program = Path(shutil.copy("/bin/true", locked / "true"))
+    argv = [spawn_fcgi, "-n", "-s", str(base / "trac.sock"), "-u", trac_user()[0], "--", str(program)]
+    failed = subprocess.run(argv, capture_output=True, text=True)
+    assert quoted(seen)[0] in failed.stderr, failed.stderr
+    assert "outside `/root`" in fix
+    locked.chmod(0o755)  # the fix: a place the user can reach
+    (base / "trac.sock").unlink()
+    fixed = subprocess.run(argv, capture_output=True, text=True)
+    assert fixed.returncode == 0 and "failed" not in fixed.stderr, fixed.stderr
