@@ -15,6 +15,7 @@ import pwd
 import re
 import shlex
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sysconfig
@@ -150,8 +151,6 @@ def serves_foreground(command):
 
 
 def wait_for_socket(path, process):
-    import socket
-
     def connects():
         if process.popen.poll() is not None:
             raise AssertionError("%s exited:\n%s" % (process.popen.args, process.log()))
@@ -373,6 +372,14 @@ def check(env_path, **environ):
                           timeout=300)
 
 
+def needs_upgrade(env_path):
+    """Make ENV_PATH one that Trac 1.6 says needs `trac-admin upgrade`: the database version in its
+    system table below the one this Trac writes, as an environment of an older Trac has."""
+    with sqlite3.connect(os.path.join(env_path, "db", "trac.db")) as db:
+        (version,), = db.execute("SELECT value FROM system WHERE name='database_version'")
+        db.execute("UPDATE system SET value=? WHERE name='database_version'", (str(int(version) - 1),))
+
+
 def test_check_on_a_good_environment_prints_status_time_memory_and_settings_and_exits_0(trac_env):
     result = check(trac_env, TRAC_FCGI_MAX_REQUESTS="500")
     assert result.returncode == 0, result.stderr
@@ -384,16 +391,28 @@ def test_check_on_a_good_environment_prints_status_time_memory_and_settings_and_
 
 def test_check_on_an_environment_that_needs_an_upgrade_exits_1_with_the_trac_admin_command(tmp_path):
     env_path = make_trac_env(tmp_path / "old")
-    # How Trac 1.6 decides an environment needs upgrading: its database
-    # version, in the system table, is below the one this Trac writes.
-    with sqlite3.connect(os.path.join(env_path, "db", "trac.db")) as db:
-        (version,), = db.execute("SELECT value FROM system WHERE name='database_version'")
-        db.execute("UPDATE system SET value=? WHERE name='database_version'", (str(int(version) - 1),))
+    needs_upgrade(env_path)
     result = check(env_path)
     assert result.returncode == 1, result
     assert result.stderr.count("\n") == 1, result.stderr
     assert 'trac-admin "%s" upgrade' % env_path in result.stderr, result.stderr
     assert "GET / -> 500" in result.stdout
+
+
+def test_a_worker_whose_warm_up_fails_on_an_environment_that_needs_an_upgrade_logs_the_trac_admin_command(
+        tmp_path):
+    env_path = make_trac_env(tmp_path / "old")
+    needs_upgrade(env_path)
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "trac.sock"))
+    listener.listen()
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("TRAC_", "PYTHON_EGG_CACHE"))}
+    result = subprocess.run([PYTHON, TRAC_FCGI], env=dict(environ, TRAC_ENV=env_path), stdin=listener.fileno(),
+                            capture_output=True, text=True, timeout=300)
+    listener.close()
+    assert result.returncode == 1, result.stderr
+    failed = [line for line in result.stderr.splitlines() if " event=warm-failed " in line]
+    assert len(failed) == 1 and 'trac-admin "%s" upgrade' % env_path in failed[0], result.stderr
 
 
 @as_root
