@@ -213,9 +213,16 @@ def free_port():
 
 
 def make_trac_env(path):
-    """A real Trac environment on SQLite, made by trac-admin initenv."""
+    """A real Trac environment on SQLite, made by trac-admin initenv, as the README advises for several workers.
+
+    WAL lets readers go on while one process writes.  With SQLite's default
+    rollback journal, Trac's own writes on GET requests (every /timeline
+    visit saves a session) made readers in the other worker wait out Trac's
+    10 s busy timeout and fail with "database is locked", under 16 clients
+    on a loaded 2-core machine.
+    """
     trac_admin = str(Path(PYTHON).parent / "trac-admin")
-    subprocess.run([trac_admin, str(path), "initenv", "Test Project", "sqlite:db/trac.db"],
+    subprocess.run([trac_admin, str(path), "initenv", "Test Project", "sqlite:db/trac.db?journal_mode=WAL"],
                    check=True, capture_output=True)
     return str(path)
 
