@@ -11,6 +11,7 @@ Security: socket modes, FCGI_WEB_SERVER_ADDRS on TCP, WORKER_PATH and shells,
 and whom a worker may signal.
 """
 import os
+import resource
 import socket
 import stat
 import subprocess
@@ -237,6 +238,31 @@ def test_trac_fcgi_binds_a_bracketed_ipv6_address_or_refuses_it_in_one_line(tmp_
         worker.stop()
 
 
+def test_too_few_file_descriptors_at_start_is_one_line_naming_the_limit(listener):
+    """Injects: RLIMIT_NOFILE from the fewest descriptors with which Python can
+    import trac_fcgi and the app, one more at each run, until the worker serves.
+    Holds: every run that cannot start ends in one line naming ulimit -n, exit
+    status 2; one of them ran out taking fd 0 over as its socket."""
+    def limited(n):
+        return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+    environ = trac_fcgi_environment()
+    # Below this, Python itself fails before a line of ours runs.
+    first = next(n for n in range(3, 256)
+                 if subprocess.run([support.PYTHON, "-c", "import trac_fcgi, hello"], env=environ,
+                                   cwd=support.ROOT, capture_output=True, preexec_fn=limited(n)).returncode == 0)
+    refusals = []
+    for n in range(first, first + 64):
+        outcome = run([support.PYTHON, support.TRAC_FCGI], environ, stdin=listener, preexec_fn=limited(n))
+        if outcome.status is None:
+            break  # it started serving
+        assert_refused_in_one_line(outcome, "ulimit -n")
+        refusals.append(outcome.lines[0])
+    else:
+        raise AssertionError("still refusing to start with %d descriptors: %s" % (n, refusals[-1]))
+    assert any("fd 0" in line for line in refusals), refusals
+
+
 def test_a_fractional_max_lifetime_is_kept_not_silently_turned_off(tmp_path):
     """Injects: TRAC_FCGI_MAX_LIFETIME=0.5 with no jitter, under plain spawn-fcgi.
     Holds: the worker recycles for its age (event=recycle reason=age)."""
@@ -428,20 +454,11 @@ def test_bind_replaces_a_stale_socket_that_nobody_listens_on(tmp_path, program):
         environ = clean_environment()
     process = support.Process(argv, tmp_path / "bind.log", env=environ)
     try:
-        support.wait_until(lambda: accepts(path) or process.popen.poll() is not None, 60,
+        support.wait_until(lambda: support.listening(path) or process.popen.poll() is not None, 60,
                            "a listener at " + str(path))
         assert support.fcgi_get(str(path), timeout=60).status == 200, process.log()
     finally:
         process.stop()
-
-
-def accepts(path):
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
-        try:
-            client.connect(str(path))
-        except OSError:
-            return False
-    return True
 
 
 # --------------------------------------------------------------------------

@@ -24,7 +24,9 @@ _leak = []
 
 
 def app(environ, start_response):
-    """Says which process answered; /broken answers 500."""
+    """Says which process answered; /broken answers 500; /raise raises."""
+    if environ["PATH_INFO"] == "/raise":
+        raise RuntimeError("hello was asked to fail")
     delay = float(os.environ.get("HELLO_DELAY", "0"))
     if environ.get("QUERY_STRING", "").startswith("delay="):
         delay = float(environ["QUERY_STRING"][len("delay="):])
