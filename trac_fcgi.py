@@ -181,6 +181,8 @@ PASSED_THROUGH = [
     ("FCGI_WEB_SERVER_ADDRS", "comma-separated web server addresses allowed on a TCP socket"),
     ("FCGI_FORCE_CGI", "Y serves one CGI request, as flup does"),
     ("LAUNCHER_PID, NOTIFY_SOCKET", "set by trac-fcgi-launcher; see its --help"),
+    ("LAUNCHER_READY_WORKERS", "set by trac-fcgi-launcher: how many other workers served when this one "
+                               "started, which a failed warm-up reports"),
 ]
 
 HELP = """\

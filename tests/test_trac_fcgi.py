@@ -15,7 +15,8 @@ import time
 import pytest
 
 from support import (FCGI_BEGIN_REQUEST, PYTHON, TRAC_FCGI, Process, alive, ask_in_background, fcgi_get,
-                     fcgi_read_response, fcgi_record, fcgi_request_bytes, make_trac_env, wait_until, worker_script)
+                     fcgi_read_response, fcgi_record, fcgi_request_bytes, make_trac_env, start_launcher, wait_until,
+                     worker_script)
 
 HELLO = worker_script("hello.py")
 
@@ -375,6 +376,11 @@ def test_a_warm_up_that_raises_logs_the_exceptions_last_line_and_its_traceback(t
     assert stderr.index("Traceback (most recent call last)") < stderr.index(line)
 
 
+def lower_database_version(env_path):
+    with sqlite3.connect(os.path.join(env_path, "db", "trac.db")) as db:
+        db.execute("UPDATE system SET value = CAST(value AS INTEGER) - 1 WHERE name = 'database_version'")
+
+
 @pytest.fixture(scope="module")
 def env_needing_an_upgrade(tmp_path_factory):
     """A real Trac environment whose database says it is one version older than this Trac.
@@ -385,8 +391,7 @@ def env_needing_an_upgrade(tmp_path_factory):
     pulled in a newer Trac.
     """
     path = make_trac_env(tmp_path_factory.mktemp("old") / "env")
-    with sqlite3.connect(os.path.join(path, "db", "trac.db")) as db:
-        db.execute("UPDATE system SET value = CAST(value AS INTEGER) - 1 WHERE name = 'database_version'")
+    lower_database_version(path)
     return path
 
 
@@ -411,6 +416,28 @@ def test_a_warm_up_refused_for_an_environment_needing_an_upgrade_names_the_comma
     with open(os.path.join(env_needing_an_upgrade, "log", "trac.log")) as trac_log:
         assert "requires an environment upgrade" in trac_log.read()
     assert "Traceback" not in stderr
+
+
+def test_under_the_launcher_a_replacement_needing_an_upgrade_says_the_worker_it_replaces_still_serves(tmp_path):
+    """Injects: a launcher serving a real Trac environment; then the database
+    is made one version older (the running worker has it open already) and
+    the launcher gets SIGHUP, a rolling restart.
+    Holds: the replacement's warm-up fails and says so, counting the old
+    worker as serving (serving=1) and naming trac-admin upgrade; the old
+    worker goes on answering 200."""
+    env_path = make_trac_env(tmp_path / "env")
+    launcher = start_launcher(tmp_path, [PYTHON, TRAC_FCGI], env={"TRAC_ENV": env_path})
+    try:
+        launcher.wait_for("all-ready", timeout=120)
+        lower_database_version(env_path)
+        launcher.signal(signal.SIGHUP)
+        wait_until(lambda: " event=warm-failed " in launcher.log(), 120, "a replacement's warm-up to fail")
+        line = next(line for line in launcher.log().splitlines() if " event=warm-failed " in line)
+        assert "serving=1 " in line and "1 other worker serves meanwhile" in line, line
+        assert 'run trac-admin "%s" upgrade' % env_path in line
+        assert fcgi_get(launcher.socket, "/wiki/WikiStart", timeout=60).status == 200
+    finally:
+        launcher.stop(timeout=60)
 
 
 # --------------------------------------------------------------------------
