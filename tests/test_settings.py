@@ -534,7 +534,7 @@ def test_the_tables_and_the_bind_option_use_the_parsers_checked_above():
     assert trac_fcgi.parse_bind("unix:/a:0600") == trac_fcgi.address("unix:/a:0600")
 
 
-@settings(max_examples=2000, deadline=None, database=None)
+@settings(max_examples=400, deadline=None, database=None)
 @given(st.one_of(st.text(), st.from_regex(r"unix:/[a-z/:]{0,12}(:[0-9]{0,5})?", fullmatch=True),
                  st.from_regex(r"\[?[0-9a-z:.]{0,10}\]?:[0-9+]{0,6}", fullmatch=True),
                  st.from_regex(r"\s?[0-9+_.-]{0,6}[KMGkmgT]?\s?", fullmatch=True)))
