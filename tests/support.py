@@ -206,6 +206,16 @@ def wait_until(predicate, timeout=30, what="condition"):
         time.sleep(0.05)
 
 
+def listening(path):
+    """Whether something listens on the unix socket at PATH (a file that exists may not listen yet)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+    return True
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
