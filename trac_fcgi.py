@@ -1206,8 +1206,9 @@ def user_name():
 
 def unwritable(env_path):
     """Why this user cannot serve ENV_PATH for long, or None: Trac writes to its database, log and files."""
-    for place in (env_path, os.path.join(env_path, "db"), os.path.join(env_path, "db", "trac.db"),
-                  os.path.join(env_path, "log"), os.path.join(env_path, "files")):
+    for place in (env_path, os.path.join(env_path, "conf", "trac.ini"), os.path.join(env_path, "db"),
+                  os.path.join(env_path, "db", "trac.db"), os.path.join(env_path, "log"),
+                  os.path.join(env_path, "files")):
         if os.path.exists(place) and not os.access(place, os.R_OK | os.W_OK):
             return ("user %s cannot write %s: let it read and write the whole environment, e.g. chown -R %s %s"
                     % (user_name(), place, user_name(), env_path))
@@ -1217,18 +1218,20 @@ def unwritable(env_path):
 def explain_failed_warmup(spec, error):
     """Why a warm-up request failed, in one line, or None when nothing says.
 
-    The exception behind it, when the app reported or raised one.  Else, for
-    Trac: a part of the environment this user cannot write (naming the user
-    and the chown), or what opening the environment raises, in Trac's words.
+    For Trac, first a part of the environment this user cannot write, naming
+    the user and the chown (Trac's own words name neither).  Then the
+    exception behind the failure, when the app reported or raised one; else
+    what opening the environment raises, in Trac's words.
     """
-    if error is not None:
-        return " ".join(("%s: %s" % (type(error).__name__, error)).split())
     env_path = os.environ.get("TRAC_ENV")
-    if spec.partition(":")[0].split(".")[0] != "trac" or not env_path:
-        return None
-    cannot_write = unwritable(env_path)
+    trac = spec.partition(":")[0].split(".")[0] == "trac" and env_path
+    cannot_write = trac and unwritable(env_path)
     if cannot_write:
         return cannot_write
+    if error is not None:
+        return " ".join(("%s: %s" % (type(error).__name__, error)).split())
+    if not trac:
+        return None
     try:
         from trac.env import open_environment
         open_environment(env_path, use_cache=True)
