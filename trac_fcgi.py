@@ -527,13 +527,13 @@ class CountedConnection(fcgi_base.Connection):
         """One line for a client's malformed records; for a bug of ours, the line and its traceback."""
         peer = self._addr or "unix"
         where = traceback.extract_tb(error.__traceback__)[-1:]
-        line = traceback.format_exception_only(error)[-1].strip()
+        line = traceback.format_exception_only(type(error), error)[-1].strip()
         if isinstance(error, MALFORMED_RECORD) and where and where[0].filename == fcgi_base.__file__:
             log("bad-request", reason="malformed record (%s)" % line, peer=peer)
             return
         at = "%s:%d" % (os.path.basename(where[0].filename), where[0].lineno) if where else None
         log("connection-error", error=line, at=at, peer=peer)
-        traceback.print_exception(error)
+        traceback.print_exception(type(error), error, error.__traceback__)  # 3 arguments, as Python 3.9 wants
 
     def process_input(self):
         # flup waits for the next record in 1 s selects for as long as the
