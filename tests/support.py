@@ -223,9 +223,12 @@ def free_port():
 
 
 def make_trac_env(path):
-    """A real Trac environment on SQLite, made by trac-admin initenv."""
+    """A real Trac environment on SQLite, made by trac-admin initenv, with the WAL journal the README advises.
+
+    WAL lets readers go on while another worker process writes.
+    """
     trac_admin = str(Path(PYTHON).parent / "trac-admin")
-    subprocess.run([trac_admin, str(path), "initenv", "Test Project", "sqlite:db/trac.db"],
+    subprocess.run([trac_admin, str(path), "initenv", "Test Project", "sqlite:db/trac.db?journal_mode=WAL"],
                    check=True, capture_output=True)
     return str(path)
 
