@@ -426,13 +426,14 @@ try:
 except ImportError as missing:
     # Run as a script by a Python that lacks flup (`./trac_fcgi.py` finds the
     # first python3 on PATH): say which Python, and how to give it flup.
+    flup_missing = ("%s cannot import flup (%s): install what this file needs with %s -m pip install "
+                    "flup==1.0.3 'Trac>=1.6,<1.7' 'setuptools<81', or run it with a Python that has them"
+                    % (sys.executable, missing, sys.executable))
     if __name__ != "__main__":
-        raise
+        raise ImportError(flup_missing) from missing  # imported: the importer decides what to say
     if answered_without_serving(sys.argv[1:]):
         sys.exit(0)
-    sys.stderr.write("trac-fcgi: %s cannot import flup (%s): install what this file needs with "
-                     "%s -m pip install flup==1.0.3 'Trac>=1.6,<1.7' 'setuptools<81', or run it with "
-                     "a Python that has them\n" % (sys.executable, missing, sys.executable))
+    sys.stderr.write("trac-fcgi: %s\n" % flup_missing)
     sys.exit(2)
 
 
