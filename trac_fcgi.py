@@ -363,6 +363,9 @@ def bind_socket(family, host, port):
 
 
 def bind_unix(path, mode):
+    if len(os.fsencode(path)) > 107:  # sun_path holds 108 bytes, and Python keeps one for a NUL
+        raise BadSetting("unix:%s is %d bytes long, more than the 107 a unix socket's path may have; "
+                         "use a shorter path" % (path, len(os.fsencode(path))))
     remove_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # Bind under a umask that leaves no window in which the file is world-writable.
