@@ -24,6 +24,7 @@ import argparse
 import errno
 import fcntl
 import os
+import re
 import shutil
 import signal
 import socket
@@ -42,6 +43,9 @@ BACKOFF_MAX_S = 60.0
 HEALTHY_S = 60.0
 # Nothing scheduled: still wake now and then, so a lost signal costs at most this.
 IDLE_WAKE_S = 60.0
+# --metrics-file is written at least this often, so that ages and memory stay
+# fresh while nothing happens.
+METRICS_EVERY_S = 10.0
 
 SIGNALS = {
     # signal: (effect, for --help and the README's signals table)
@@ -111,6 +115,16 @@ def address(text):
     return family, host, int(port)
 
 
+def metrics_path(text):
+    """a file name ending in .prom in a directory that exists, e.g. /var/lib/prometheus/node-exporter/trac.prom"""
+    # node_exporter reads only *.prom; the suffix also keeps a typo from
+    # replacing some other file by the rename.
+    path = os.path.abspath(text)
+    if not text.endswith(".prom") or os.path.isdir(path) or not os.path.isdir(os.path.dirname(path)):
+        raise ValueError
+    return path
+
+
 # (flag, environment variable, parser, default, metavar, help)
 SETTINGS = [
     ("--workers", "LAUNCHER_WORKERS", positive_int, 1, "N",
@@ -127,6 +141,9 @@ SETTINGS = [
     ("--bind", "LAUNCHER_BIND", address, None, "ADDR",
      "create the socket: unix:/path[:mode] (mode 0660 by default), HOST:PORT or "
      "[v6]:PORT; without it the socket is fd 0 (spawn-fcgi) or systemd's fd 3"),
+    ("--metrics-file", "LAUNCHER_METRICS_FILE", metrics_path, None, "PATH",
+     "write metrics here in Prometheus' text format (for node_exporter's textfile "
+     "collector and `trac-fcgi-launcher status`), on every change and every %d s" % METRICS_EVERY_S),
 ]
 
 EPILOG = """\
@@ -346,6 +363,349 @@ class Systemd:
                 self.sock.sendto("\n".join(lines).encode(), self.address)
             except OSError as error:
                 log("systemd-notify-failed", level=0, error=error.strerror)
+
+
+# --------------------------------------------------------------------------
+# Metrics: a file in Prometheus' text format, for node_exporter's textfile
+# collector and for `trac-fcgi-launcher status`.  Each metric is declared once,
+# below; the writer, `status` and the README's table all come from METRICS.
+
+# (name, type, labels, meaning)
+METRICS = [
+    ("trac_fcgi_slots", "gauge", "",
+     "slots the launcher keeps filled: --workers, changed at run time by SIGTTIN and SIGTTOU"),
+    ("trac_fcgi_workers", "gauge", "", "slots whose worker is ready and serving"),
+    ("trac_fcgi_worker_info", "gauge", "slot, pid, role",
+     "1 for every live worker; role is warming, serving or draining"),
+    ("trac_fcgi_worker_resident_bytes", "gauge", "slot, pid", "resident set size (RSS), from /proc/PID/statm"),
+    ("trac_fcgi_worker_pss_bytes", "gauge", "slot, pid",
+     "proportional set size: its private pages plus its share of the pages it shares with other "
+     "processes, from /proc/PID/smaps_rollup; summed over workers, the memory they take together"),
+    ("trac_fcgi_worker_private_bytes", "gauge", "slot, pid",
+     "pages that no other process maps (Private_Clean + Private_Dirty): what its exit would free"),
+    ("trac_fcgi_worker_age_seconds", "gauge", "slot, pid", "seconds since the worker was started"),
+    ("trac_fcgi_worker_requests", "gauge", "slot, pid",
+     "requests the worker has finished, as it last reported (at most once a second)"),
+    ("trac_fcgi_requests_total", "counter", "", "requests finished by every worker, past and present"),
+    ("trac_fcgi_recycles_total", "counter", "reason",
+     "serving workers that left their slot, by reason (every reason is listed, from 0)"),
+    ("trac_fcgi_crashes_total", "counter", "",
+     "workers that died unasked: killed by a signal, or exited without saying STOPPING=1 or with a status "
+     "other than 0; a replacement that dies while warming up counts too"),
+    ("trac_fcgi_abandoned_requests_total", "counter", "",
+     "accepted requests that draining workers gave up at TRAC_FCGI_DRAIN_TIMEOUT"),
+    ("trac_fcgi_handoff_seconds", "histogram", "",
+     "from a replacement asked for to the old worker told to go (make before break: mostly the warm-up)"),
+    ("trac_fcgi_drain_seconds", "histogram", "", "from a worker told to go to its exit"),
+    ("trac_fcgi_listen_backlog", "gauge", "",
+     "connections waiting in the listen backlog for a worker to accept them, when the file was written"),
+    ("trac_fcgi_listen_backlog_limit", "gauge", "",
+     "connections the backlog holds at most (listen()'s backlog, capped by net.core.somaxconn)"),
+]
+
+# Why a serving worker left its slot: the values of trac_fcgi_recycles_total's
+# reason label.  Workers name the first four in RECYCLE=reason notify lines.
+RECYCLE_REASONS = {
+    "requests": "it reached TRAC_FCGI_MAX_REQUESTS and asked for its replacement",
+    "rss": "it reached its soft memory mark (TRAC_FCGI_SOFT_RSS) and asked for its replacement",
+    "age": "it reached TRAC_FCGI_MAX_LIFETIME and asked for its replacement",
+    "max_rss": "it reached TRAC_FCGI_MAX_RSS before its replacement was ready, and stopped accepting at once",
+    "asked": "it sent SIGUSR1 without saying why (a worker other than trac_fcgi.py)",
+    "rolling": "a rolling restart: SIGHUP, or SIGUSR1 from a process that is not a worker",
+    "slot-removed": "SIGTTOU removed its slot",
+    "signal": "someone other than the launcher sent the worker SIGHUP, SIGTERM or SIGINT",
+    "exit": "it said STOPPING=1 and exited 0 of its own accord, for no reason above",
+    "crash": "it died unasked (see trac_fcgi_crashes_total)",
+}
+
+# A handoff is mostly a warm-up (about 0.5 s for Trac on an idle machine); a
+# drain is as long as the slowest request in flight.
+HISTOGRAM_BUCKETS = {
+    "trac_fcgi_handoff_seconds": (0.25, 0.5, 1, 2, 5, 10, 30, 60),
+    "trac_fcgi_drain_seconds": (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+}
+
+
+
+
+class Histogram:
+    """A Prometheus histogram: counts per upper bound, their sum and their number."""
+
+    def __init__(self, bounds):
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)   # not cumulative; render_metrics() adds them up
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value):
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+                break
+        self.sum += value
+        self.count += 1
+
+
+class Tally:
+    """What the file counts over the launcher's whole life.
+
+    Per-worker figures live on each Worker (what it last reported) and are
+    read fresh for every write; only what outlives the workers is kept here.
+    """
+
+    def __init__(self):
+        self.recycles = dict.fromkeys(RECYCLE_REASONS, 0)
+        self.crashes = 0
+        self.abandoned = 0
+        self.requests_of_past_workers = 0
+        self.histograms = {name: Histogram(bounds) for name, bounds in HISTOGRAM_BUCKETS.items()}
+
+    def recycled(self, reason):
+        self.recycles[reason if reason in self.recycles else "asked"] += 1
+
+    def observe(self, name, seconds):
+        self.histograms[name].observe(seconds)
+
+
+def render_metrics(values):
+    """Prometheus text exposition of VALUES: {metric name: figure}.
+
+    A figure is a number; {label values tuple: number} for a labelled metric;
+    a Histogram; or None for a metric that cannot be read here (left out).
+    """
+    out = []
+    for name, kind, labels, meaning in METRICS:
+        figure = values.get(name)
+        if figure is None:
+            continue
+        out.append("# HELP %s %s\n# TYPE %s %s\n" % (name, meaning.replace("\\", r"\\"), name, kind))
+        if kind == "histogram":
+            cumulative = 0
+            for bound, count in zip(figure.bounds, figure.counts):
+                cumulative += count
+                out.append('%s_bucket{le="%s"} %d\n' % (name, bound, cumulative))
+            out.append('%s_bucket{le="+Inf"} %d\n' % (name, figure.count))
+            out.append("%s_sum %s\n%s_count %d\n" % (name, number(figure.sum), name, figure.count))
+        elif labels:
+            names = labels.split(", ")
+            for label_values, value in figure.items():
+                pairs = ",".join('%s="%s"' % (label, escape_label(str(v))) for label, v in zip(names, label_values))
+                out.append("%s{%s} %s\n" % (name, pairs, number(value)))
+        else:
+            out.append("%s %s\n" % (name, number(figure)))
+    return "".join(out)
+
+
+def number(value):
+    return "%d" % value if isinstance(value, int) else "%.6f" % value
+
+
+def escape_label(text):
+    return text.replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n")
+
+
+def write_atomically(path, text):
+    """Replace PATH by TEXT so that a reader sees the old file or the new one, never half of either.
+
+    The temporary name does not end in .prom, so node_exporter never reads it.
+    No fsync: after a power cut a stale or empty metrics file is harmless, and
+    the next write mends it; an fsync every few seconds is not.
+    """
+    temporary = "%s.%d.tmp" % (path, os.getpid())
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+        os.rename(temporary, path)
+    except OSError:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+
+
+# -- reading what the kernel knows -------------------------------------------
+
+def shared_memory(pid):
+    """(PSS, private) bytes of PID from /proc/PID/smaps_rollup, or (None, None) if it cannot be read.
+
+    smaps_rollup walks the page tables once (about a millisecond for a Trac
+    worker); the per-mapping /proc/PID/smaps costs many times that.
+    """
+    fields = {}
+    try:
+        with open("/proc/%d/smaps_rollup" % pid) as rollup:
+            for line in rollup:
+                key, _, rest = line.partition(":")
+                if key in ("Pss", "Private_Clean", "Private_Dirty"):
+                    fields[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None, None
+    if "Pss" not in fields:
+        return None, None
+    return fields["Pss"], fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
+
+
+NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY = 4, 20
+NLM_F_REQUEST, NLM_F_DUMP, NLMSG_ERROR, NLMSG_DONE = 0x1, 0x300, 2, 3
+TCP_LISTEN = 10
+UDIAG_SHOW_RQLEN, UNIX_DIAG_RQLEN = 0x10, 4
+NO_COOKIE = 0xFFFFFFFF
+
+
+def listen_backlog(sock):
+    """(connections waiting, most it holds) in SOCK's accept queue, or (None, None).
+
+    Asked of the kernel's sock_diag netlink interface, which `ss -l` uses and
+    which needs no privilege: for a listening socket, TCP's "receive queue" is
+    the accept queue, and a unix socket reports its own under UNIX_DIAG_RQLEN
+    (/proc/net/unix has no such column).  One round trip, well under a
+    millisecond.
+    """
+    inode = os.fstat(sock.fileno()).st_ino
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as diag:
+            diag.settimeout(1.0)  # the kernel answers at once; never hang the launcher on it
+            if sock.family == socket.AF_UNIX:
+                # unix_diag_req: one socket, looked up by its inode.
+                request = struct.pack("=BBHIIIII", socket.AF_UNIX, 0, 0, 1 << TCP_LISTEN, inode,
+                                      UDIAG_SHOW_RQLEN, NO_COOKIE, NO_COOKIE)
+                for message in netlink_exchange(diag, request, NLM_F_REQUEST):
+                    # unix_diag_msg (16 bytes), then attributes.
+                    offset = 16
+                    while offset + 4 <= len(message):
+                        length, kind = struct.unpack_from("=HH", message, offset)
+                        if kind == UNIX_DIAG_RQLEN:
+                            return struct.unpack_from("=II", message, offset + 4)
+                        offset += max(4, (length + 3) & ~3)
+            else:
+                # inet_diag_req_v2 for every listening TCP socket of this family;
+                # ours is the one with our inode.
+                request = struct.pack("=BBBBI48x", sock.family, socket.IPPROTO_TCP, 0, 0, 1 << TCP_LISTEN)
+                for message in netlink_exchange(diag, request, NLM_F_REQUEST | NLM_F_DUMP):
+                    # inet_diag_msg: rqueue, wqueue, uid, inode after 4 + 48 + 4 bytes.
+                    waiting, limit, _, found = struct.unpack_from("=IIII", message, 56)
+                    if found == inode:
+                        return waiting, limit
+    except (OSError, struct.error):
+        pass
+    return None, None
+
+
+def netlink_exchange(diag, request, flags):
+    """Send one sock_diag request; yield the payload of every answer until the last."""
+    diag.send(struct.pack("=IHHII", 16 + len(request), SOCK_DIAG_BY_FAMILY, flags, 1, 0) + request)
+    while True:
+        data = diag.recv(65536)
+        offset = 0
+        while offset + 16 <= len(data):
+            length, kind = struct.unpack_from("=IH", data, offset)
+            if kind == NLMSG_DONE:
+                return
+            if kind == NLMSG_ERROR:
+                raise OSError(-struct.unpack_from("=i", data, offset + 16)[0], "sock_diag")
+            yield data[offset + 16:offset + length]
+            offset += (length + 3) & ~3
+        if not flags & NLM_F_DUMP:
+            return
+
+
+# -- `trac-fcgi-launcher status [PATH]` ----------------------------------------
+
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def read_metrics(text):
+    """{name: {labels dict as a sorted tuple of pairs: value}} from text render_metrics() wrote."""
+    found = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        name, _, labels = head.partition("{")
+        pairs = tuple(sorted((k, v.replace(r"\"", '"').replace(r"\n", "\n").replace(r"\\", "\\"))
+                             for k, v in _LABEL.findall(labels)))
+        found.setdefault(name, {})[pairs] = float(value)
+    return found
+
+
+def status_table(text, written_s_ago):
+    """The table `status` prints: one row per worker, then the totals and recycles by reason."""
+    metrics = read_metrics(text)
+    one = lambda name: next(iter(metrics.get(name, {}).values()), None)
+    rows = {}  # (slot, pid) -> {column: value}
+    for pairs, _ in metrics.get("trac_fcgi_worker_info", {}).items():
+        labels = dict(pairs)
+        rows[(int(labels["slot"]), int(labels["pid"]))] = {"role": labels["role"]}
+    for column, name in (("age", "trac_fcgi_worker_age_seconds"), ("requests", "trac_fcgi_worker_requests"),
+                         ("rss", "trac_fcgi_worker_resident_bytes"), ("pss", "trac_fcgi_worker_pss_bytes"),
+                         ("private", "trac_fcgi_worker_private_bytes")):
+        for pairs, value in metrics.get(name, {}).items():
+            labels = dict(pairs)
+            rows.setdefault((int(labels["slot"]), int(labels["pid"])), {"role": "?"})[column] = value
+    lines = ["%-4s %-7s %-8s %8s %8s %8s %8s %8s" % ("slot", "pid", "role", "age", "requests", "RSS", "PSS",
+                                                      "private")]
+    for (slot, pid), row in sorted(rows.items()):
+        lines.append("%-4d %-7d %-8s %8s %8s %8s %8s %8s" % (
+            slot, pid, row["role"], duration(row.get("age")),
+            "-" if row.get("requests") is None else "%d" % row["requests"],
+            mebibytes(row.get("rss")), mebibytes(row.get("pss")), mebibytes(row.get("private"))))
+    backlog = one("trac_fcgi_listen_backlog")
+    lines.append("")
+    lines.append("%s of %s slots ready; %d requests; %d crashes; %d abandoned requests; backlog %s" % (
+        "%d" % (one("trac_fcgi_workers") or 0), "%d" % (one("trac_fcgi_slots") or 0),
+        one("trac_fcgi_requests_total") or 0, one("trac_fcgi_crashes_total") or 0,
+        one("trac_fcgi_abandoned_requests_total") or 0,
+        "unknown" if backlog is None else "%d of %d" % (backlog, one("trac_fcgi_listen_backlog_limit") or 0)))
+    recycles = {dict(pairs)["reason"]: value for pairs, value in metrics.get("trac_fcgi_recycles_total", {}).items()}
+    lines.append("recycles: " + (", ".join("%s %d" % (reason, count) for reason, count in
+                                           sorted(recycles.items(), key=lambda item: -item[1]) if count)
+                                 or "none"))
+    if written_s_ago > 3 * METRICS_EVERY_S:
+        lines.append("written %s ago: is the launcher still running?" % duration(written_s_ago))
+    return "\n".join(lines) + "\n"
+
+
+def duration(seconds):
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return "%.1fs" % seconds
+    if seconds < 3600:
+        return "%dm%02ds" % divmod(int(seconds), 60)
+    return "%dh%02dm" % divmod(int(seconds) // 60, 60)
+
+
+def mebibytes(value):
+    return "-" if value is None else "%.1fM" % (value / (1 << 20))
+
+
+def status_main(argv):
+    """trac-fcgi-launcher status [PATH]: the metrics file as a table for a person."""
+    if len(argv) > 1 or argv[:1] in (["-h"], ["--help"]):
+        sys.stdout.write("usage: trac-fcgi-launcher status [PATH]\n\nPrint the workers and recycles that "
+                         "the launcher's --metrics-file PATH (default $LAUNCHER_METRICS_FILE) holds.\n")
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    path = argv[0] if argv else os.environ.get("LAUNCHER_METRICS_FILE")
+    if not path:
+        sys.stderr.write("trac-fcgi-launcher: status needs the metrics file: give its path, e.g. "
+                         "trac-fcgi-launcher status /var/lib/prometheus/node-exporter/trac.prom, "
+                         "or set LAUNCHER_METRICS_FILE\n")
+        return 2
+    try:
+        with open(path) as source:
+            text = source.read()
+            written_s_ago = time.time() - os.fstat(source.fileno()).st_mtime
+        table = status_table(text, written_s_ago)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError) as error:
+        sys.stderr.write("trac-fcgi-launcher: status: cannot read %s (%s): give the path the launcher's "
+                         "--metrics-file writes\n" % (path, getattr(error, "strerror", None) or error))
+        return 2
+    sys.stdout.write(table)
+    return 0
 
 
 # --------------------------------------------------------------------------
