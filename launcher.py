@@ -527,6 +527,33 @@ def write_atomically(path, text):
         raise
 
 
+def metrics_values(tally, slots, ready, workers, listener):
+    """The figures for one write.  WORKERS: (slot, pid, role, age_s, requests) of each live worker.
+
+    Memory and the backlog are read now, from /proc and the kernel.
+    """
+    values = {"trac_fcgi_slots": slots, "trac_fcgi_workers": ready,
+              "trac_fcgi_requests_total": tally.requests_of_past_workers + sum(w[4] for w in workers),
+              "trac_fcgi_recycles_total": {(reason,): count for reason, count in tally.recycles.items()},
+              "trac_fcgi_crashes_total": tally.crashes,
+              "trac_fcgi_abandoned_requests_total": tally.abandoned}
+    values.update(tally.histograms)
+    per_worker = {name: {} for name in ("trac_fcgi_worker_info", "trac_fcgi_worker_resident_bytes",
+                                        "trac_fcgi_worker_pss_bytes", "trac_fcgi_worker_private_bytes",
+                                        "trac_fcgi_worker_age_seconds", "trac_fcgi_worker_requests")}
+    for slot, pid, role, age, requests in sorted(workers):
+        pss, private = shared_memory(pid)
+        per_worker["trac_fcgi_worker_info"][(slot, pid, role)] = 1
+        for name, value in (("trac_fcgi_worker_resident_bytes", resident_bytes(pid)),
+                            ("trac_fcgi_worker_pss_bytes", pss), ("trac_fcgi_worker_private_bytes", private),
+                            ("trac_fcgi_worker_age_seconds", age), ("trac_fcgi_worker_requests", requests)):
+            if value is not None:
+                per_worker[name][(slot, pid)] = value
+    values.update(per_worker)
+    values["trac_fcgi_listen_backlog"], values["trac_fcgi_listen_backlog_limit"] = listen_backlog(listener)
+    return values
+
+
 # -- reading what the kernel knows -------------------------------------------
 
 def shared_memory(pid):
@@ -743,6 +770,9 @@ class Worker:
         self.ready = False
         self.told_to_go = None     # monotonic time of the SIGHUP
         self.said_stopping = False  # sent STOPPING=1: it exits of its own accord
+        self.requests = 0           # as it last reported (REQUESTS=n)
+        self.recycle_reason = None  # why it leaves its slot, once known (a RECYCLE_REASONS key)
+        self.recycled = False       # counted in trac_fcgi_recycles_total
 
     def age(self):
         return time.monotonic() - self.started
@@ -756,6 +786,7 @@ class Slot:
         self.crashes = 0
         self.not_before = 0.0        # backoff: no spawn for this slot before then
         self.retired = False         # removed by SIGTTOU; gone once its workers are
+        self.handoff_asked = None    # when its replacement was asked for (trac_fcgi_handoff_seconds)
 
 
 # --------------------------------------------------------------------------
@@ -777,6 +808,8 @@ class Launcher:
         self.notify = open_notify_socket()
         self.systemd = Systemd(os.environ.get("NOTIFY_SOCKET"))
         self.environ = self.worker_environment()
+        self.tally = Tally()
+        self.metrics_written = None  # monotonic time of the last write; None: due now
 
     def worker_environment(self):
         environ = dict(os.environ)
@@ -797,11 +830,13 @@ class Launcher:
             self.spawn(slot, "serving")
         while True:
             self.schedule()
+            self.write_metrics()
             if self.stopping_since is not None and not self.workers:
                 break
             info = signal.sigtimedwait(HANDLED, self.seconds_to_next_deadline())
             if info is not None:
                 self.dispatch(info)
+                self.metrics_written = None  # something happened: write it down
         self.systemd.notify("STATUS=stopped")
         log("stop", status=0)
         return 0
@@ -825,6 +860,9 @@ class Launcher:
     # -- one method per signal: each is the whole policy for it -----------
 
     def handle_usr1(self, info):
+        # A worker says RECYCLE=reason just before it signals; SIGUSR1 comes
+        # out of sigtimedwait before SIGIO, so read what it said first.
+        self.handle_io(info)
         worker = self.workers.get(info.si_pid)
         if worker is None:
             self.rolling_restart("SIGUSR1 from pid %d" % info.si_pid)
@@ -852,6 +890,7 @@ class Launcher:
             log("slot-removed", slot=slot.number, workers=len(self.slots))
             for worker in (slot.replacement, slot.worker):
                 if worker:
+                    worker.recycle_reason = worker.recycle_reason or "slot-removed"
                     self.tell_to_go(worker, "slot removed")
 
     def handle_term(self, info):
@@ -895,6 +934,12 @@ class Launcher:
                 self.became_ready(worker, "notify")
             if fields.get("STOPPING") == "1":
                 worker.said_stopping = True
+            if fields.get("REQUESTS", "").isdigit():
+                worker.requests = int(fields["REQUESTS"])
+            if fields.get("ABANDONED", "").isdigit():
+                self.tally.abandoned += int(fields["ABANDONED"])
+            if "RECYCLE" in fields:
+                worker.recycle_reason = fields["RECYCLE"] if fields["RECYCLE"] in RECYCLE_REASONS else "asked"
 
     # -- the handoff --------------------------------------------------------
 
@@ -908,6 +953,8 @@ class Launcher:
         self.rolling = True
         self.systemd.notify("RELOADING=1", "STATUS=rolling restart")
         for slot in self.slots:
+            if slot.worker is not None:
+                slot.worker.recycle_reason = slot.worker.recycle_reason or "rolling"
             self.request_handoff(slot, reason)
 
     def request_handoff(self, slot, reason):
@@ -916,6 +963,7 @@ class Launcher:
         if self.stopping_since is None and slot.replacement is None and slot not in self.pending:
             log("replace", slot=slot.number, pid=slot.worker and slot.worker.pid, reason=reason)
             self.pending.append(slot)
+            slot.handoff_asked = time.monotonic()
 
     def start_next_handoff(self):
         """At most one replacement warms up at a time, across all slots.
@@ -962,6 +1010,8 @@ class Launcher:
     def tell_to_go(self, worker, reason):
         if worker.told_to_go is None:
             worker.told_to_go = time.monotonic()
+            if worker.role == "serving":
+                self.left_service(worker, worker.recycle_reason or "asked")
             worker.role = "draining"
             if worker.slot.worker is worker:
                 worker.slot.worker = None
@@ -1001,6 +1051,13 @@ class Launcher:
         drain_s = time.monotonic() - worker.told_to_go if worker.told_to_go else None
         log("exit", slot=slot.number, pid=worker.pid, role=worker.role,
             age_s=worker.age(), drain_s=drain_s, **how)
+        self.tally.requests_of_past_workers += worker.requests
+        if drain_s is not None:
+            self.tally.observe("trac_fcgi_drain_seconds", drain_s)
+        if not expected and self.stopping_since is None:
+            self.tally.crashes += 1
+        if worker.role == "serving":
+            self.left_service(worker, (worker.recycle_reason or "exit") if expected else "crash")
         if worker.age() >= HEALTHY_S:
             slot.crashes = 0
         if slot.retired or self.stopping_since is not None:
@@ -1022,6 +1079,17 @@ class Launcher:
         # (runaway memory) leaves no handoff to do.
         if slot in self.pending and slot.worker is None:
             self.pending.remove(slot)
+
+    def left_service(self, worker, reason):
+        """A serving worker stops serving: count why, and how long its handoff took, if it had one."""
+        slot = worker.slot
+        if worker.recycled or self.stopping_since is not None:
+            return
+        worker.recycled = True
+        self.tally.recycled(reason)
+        if slot.handoff_asked is not None:
+            self.tally.observe("trac_fcgi_handoff_seconds", time.monotonic() - slot.handoff_asked)
+            slot.handoff_asked = None
 
     def back_off(self, slot):
         delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** slot.crashes)
@@ -1075,7 +1143,24 @@ class Launcher:
             deadlines += [s.not_before for s in self.slots if s.worker is None or s in self.pending]
             deadlines += [w.started + self.settings.ready_timeout
                           for w in self.workers.values() if not w.ready]
+        if self.settings.metrics_file:
+            deadlines.append((self.metrics_written or now) + METRICS_EVERY_S)
         return max(0.0, min(deadlines) - now)
+
+    def write_metrics(self):
+        """Write --metrics-file if something happened since the last write, or METRICS_EVERY_S passed."""
+        now = time.monotonic()
+        if not self.settings.metrics_file or (self.metrics_written is not None
+                                              and now - self.metrics_written < METRICS_EVERY_S):
+            return
+        self.metrics_written = now
+        workers = [(w.slot.number, w.pid, w.role, now - w.started, w.requests) for w in self.workers.values()]
+        ready = sum(1 for s in self.slots if s.worker is not None and s.worker.ready)
+        try:
+            write_atomically(self.settings.metrics_file, render_metrics(
+                metrics_values(self.tally, len(self.slots), ready, workers, self.listener)))
+        except OSError as error:
+            log("metrics-write-failed", level=0, path=self.settings.metrics_file, error=error.strerror)
 
     def kill_all(self, reason):
         for worker in self.workers.values():
@@ -1116,8 +1201,11 @@ def describe(sock):
 
 def main(argv=None):
     global VERBOSITY
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["status"]:
+        return status_main(argv[1:])
     try:
-        settings = parse_settings(sys.argv[1:] if argv is None else argv)
+        settings = parse_settings(argv)
         VERBOSITY = 0 if settings.quiet else 2 if settings.verbose else 1
         path, command = worker_command(settings.command)
         listener = listening_socket(settings.bind, settings.source["bind"])
