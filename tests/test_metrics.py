@@ -1,0 +1,454 @@
+"""--metrics-file and `trac-fcgi-launcher status`: the file says what happened.
+
+The file is read the way its readers read it: with prometheus_client's text
+parser, through Debian's prometheus-node-exporter scraped over HTTP, and by
+the status command.  Its figures are held against the launcher's own log,
+the workers' log lines and nginx's access log.
+"""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import launcher
+from stack import Load, recycles, trac_behind_nginx
+from support import (LAUNCHER, PYTHON, Process, ask_in_background, children, fcgi_get, free_port,
+                     start_launcher, wait_until, worker_script)
+
+HELLO = worker_script("hello.py")
+NODE_EXPORTER = shutil.which("prometheus-node-exporter") or "/usr/bin/prometheus-node-exporter"
+PAGES = ["/wiki/WikiStart", "/timeline"]
+
+
+# --------------------------------------------------------------------------
+# Reading the file as its readers do.
+
+def samples(text):
+    """{(sample name, ((label, value), ...)): value}, parsed by prometheus_client."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def one(found, name, **labels):
+    return found.get((name, tuple(sorted((k, str(v)) for k, v in labels.items()))))
+
+
+def per_worker(found, name):
+    """{pid: value} of a per-worker metric."""
+    return {int(dict(labels)["pid"]): value for (sample, labels), value in found.items() if sample == name}
+
+
+def roles(found):
+    return {int(dict(labels)["pid"]): dict(labels)["role"]
+            for (sample, labels), _ in found.items() if sample == "trac_fcgi_worker_info"}
+
+
+def read(path):
+    """The file's samples, once it exists."""
+    wait_until(lambda: os.path.exists(path), 30, "%s to be written" % path)
+    with open(path) as source:
+        return samples(source.read())
+
+
+def settled(path, condition, timeout=60):
+    """The file's samples once CONDITION(samples) holds."""
+    latest = {}
+
+    def check():
+        latest["found"] = read(path)
+        return condition(latest["found"])
+
+    wait_until(check, timeout, "the metrics file to show it; last read:\n%s" % (
+        open(path).read() if os.path.exists(path) else "(no file)"))
+    return latest["found"]
+
+
+def serving(count):
+    """A condition: COUNT ready workers and nobody warming up or draining."""
+    return lambda found: (one(found, "trac_fcgi_workers") == count
+                          and sorted(roles(found).values()) == ["serving"] * count)
+
+
+@pytest.fixture
+def launch(tmp_path):
+    """Launchers with hello workers and a metrics file in tmp_path; stopped at the end."""
+    started = []
+
+    def launch(*flags, env=None, name="launcher"):
+        path = str(tmp_path / (name + ".prom"))
+        process = start_launcher(tmp_path, HELLO, "--metrics-file", path, *flags, env=env, name=name)
+        process.metrics = path
+        started.append(process)
+        return process
+
+    yield launch
+    for process in started:
+        process.stop(timeout=10)
+
+
+# --------------------------------------------------------------------------
+# The pieces, in-process.
+
+def test_the_rendered_text_parses_with_prometheus_client_with_cumulative_buckets_and_escaped_labels():
+    tally = launcher.Tally()
+    tally.recycled("requests")
+    tally.recycled("no-such-reason")  # a worker's word is never a new label value
+    for seconds in (0.3, 0.7, 0.7, 45):
+        tally.observe("trac_fcgi_handoff_seconds", seconds)
+    values = {"trac_fcgi_slots": 2, "trac_fcgi_workers": 1,
+              "trac_fcgi_worker_info": {(0, 41, 'odd "role"\\\n'): 1},
+              "trac_fcgi_worker_age_seconds": {(0, 41): 1.5},
+              "trac_fcgi_recycles_total": {(reason,): n for reason, n in tally.recycles.items()},
+              "trac_fcgi_listen_backlog": None}
+    values.update(tally.histograms)
+    found = samples(launcher.render_metrics(values))
+    assert one(found, "trac_fcgi_slots") == 2
+    assert one(found, "trac_fcgi_worker_info", slot=0, pid=41, role='odd "role"\\\n') == 1
+    assert one(found, "trac_fcgi_worker_age_seconds", slot=0, pid=41) == 1.5
+    assert one(found, "trac_fcgi_recycles_total", reason="requests") == 1
+    assert one(found, "trac_fcgi_recycles_total", reason="asked") == 1
+    assert one(found, "trac_fcgi_recycles_total", reason="crash") == 0
+    buckets = [one(found, "trac_fcgi_handoff_seconds_bucket", le=le) for le in ("0.25", "0.5", "1", "30", "60", "+Inf")]
+    assert buckets == [0, 1, 3, 3, 4, 4]
+    assert one(found, "trac_fcgi_handoff_seconds_count") == 4
+    assert one(found, "trac_fcgi_handoff_seconds_sum") == pytest.approx(46.7)
+    assert not [key for key in found if key[0].startswith("trac_fcgi_listen_backlog")], "unknown is left out"
+
+
+@pytest.mark.parametrize("family, address", [(socket.AF_UNIX, None), (socket.AF_INET, ("127.0.0.1", 0)),
+                                             (socket.AF_INET6, ("::1", 0))], ids=["unix", "tcp", "tcp6"])
+def test_the_listen_backlog_counts_connections_that_no_one_has_accepted(tmp_path, family, address):
+    if family == socket.AF_INET6 and not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    address = address or str(tmp_path / "backlog.sock")
+    listener.bind(address)
+    listener.listen(7)
+    clients = []
+    try:
+        assert launcher.listen_backlog(listener) == (0, 7)
+        for _ in range(3):
+            client = socket.socket(family, socket.SOCK_STREAM)
+            client.connect(listener.getsockname())
+            clients.append(client)
+        # A TCP connection joins the accept queue when the handshake ends.
+        wait_until(lambda: launcher.listen_backlog(listener) == (3, 7), 10, "3 waiting")
+        listener.accept()[0].close()
+        assert launcher.listen_backlog(listener) == (2, 7)
+    finally:
+        for client in clients:
+            client.close()
+        listener.close()
+
+
+def test_pss_and_private_memory_of_a_real_process_are_at_most_its_resident_size():
+    child = subprocess.Popen([PYTHON, "-c", "import time; b = bytearray(32 << 20); time.sleep(30)"])
+    try:
+        wait_until(lambda: launcher.resident_bytes(child.pid) > 32 << 20, 10, "the child to fill its buffer")
+        pss, private = launcher.shared_memory(child.pid)
+        rss = launcher.resident_bytes(child.pid)
+        assert 32 << 20 < private <= pss <= rss
+    finally:
+        child.kill()
+        child.wait()
+    assert launcher.shared_memory(child.pid) == (None, None), "a process that is gone reads as unknown"
+
+
+# --------------------------------------------------------------------------
+# The launcher writes it.
+
+def test_the_file_holds_every_declared_metric_and_memory_for_every_worker(launch):
+    process = launch("--workers", "2")
+    process.wait_for("all-ready")
+    found = settled(process.metrics, serving(2))
+    names = {name for name, _ in found}
+    for name, kind, _, _ in launcher.METRICS:
+        assert (name + "_count" if kind == "histogram" else name) in names, name
+    pids = set(children(process.pid))
+    assert len(pids) == 2
+    for name in ("trac_fcgi_worker_resident_bytes", "trac_fcgi_worker_pss_bytes",
+                 "trac_fcgi_worker_private_bytes", "trac_fcgi_worker_age_seconds"):
+        assert set(per_worker(found, name)) == pids, name
+    for pid in pids:
+        assert 0 < per_worker(found, "trac_fcgi_worker_private_bytes")[pid] \
+            <= per_worker(found, "trac_fcgi_worker_pss_bytes")[pid] \
+            <= per_worker(found, "trac_fcgi_worker_resident_bytes")[pid]
+    assert one(found, "trac_fcgi_slots") == 2
+    assert one(found, "trac_fcgi_listen_backlog") == 0
+
+
+def test_requests_and_recycles_for_requests_match_what_was_asked_and_what_the_log_says(launch):
+    process = launch(env={"TRAC_FCGI_MAX_REQUESTS": "5", "TRAC_FCGI_JITTER": "0"})
+    process.wait_for("all-ready")
+    # Five requests to each of four workers, each replaced before the next
+    # five (the old worker serves on until its replacement is ready), then three.
+    for handoffs in (1, 2, 3, 4):
+        for _ in range(5):
+            assert fcgi_get(process.socket).status == 200
+        process.wait_for("hup", count=handoffs, timeout=60)
+    for _ in range(3):
+        assert fcgi_get(process.socket).status == 200
+    process.wait_for("exit", count=4, timeout=60)
+    found = settled(process.metrics, lambda found: one(found, "trac_fcgi_requests_total") == 23
+                    and one(found, "trac_fcgi_drain_seconds_count") == 4)
+    handoffs = recycles(process)
+    assert len(handoffs) == 4
+    assert one(found, "trac_fcgi_recycles_total", reason="requests") == len(handoffs)
+    assert sum(v for (name, _), v in found.items() if name == "trac_fcgi_recycles_total") == len(handoffs)
+    assert one(found, "trac_fcgi_handoff_seconds_count") == len(handoffs)
+    assert one(found, "trac_fcgi_crashes_total") == 0
+    assert list(per_worker(found, "trac_fcgi_worker_requests").values()) == [3]
+
+
+def test_each_way_a_worker_leaves_is_counted_under_its_reason(launch):
+    process = launch("--workers", "2")
+    process.wait_for("all-ready")
+    count = lambda found, reason: one(found, "trac_fcgi_recycles_total", reason=reason)
+
+    process.signal(signal.SIGHUP)
+    found = settled(process.metrics, lambda found: count(found, "rolling") == 2 and serving(2)(found))
+
+    victim = sorted(roles(found))[0]
+    os.kill(victim, signal.SIGTERM)  # someone else signals a worker: it drains and exits 0
+    found = settled(process.metrics, lambda found: count(found, "signal") == 1 and serving(2)(found))
+
+    victim = sorted(roles(found))[0]
+    os.kill(victim, signal.SIGKILL)
+    found = settled(process.metrics, lambda found: count(found, "crash") == 1 and serving(2)(found))
+    assert one(found, "trac_fcgi_crashes_total") == 1
+
+    process.signal(signal.SIGTTOU)
+    found = settled(process.metrics, lambda found: count(found, "slot-removed") == 1 and serving(1)(found))
+    assert one(found, "trac_fcgi_slots") == 1
+    by_reason = {dict(labels)["reason"]: v for (name, labels), v in found.items()
+                 if name == "trac_fcgi_recycles_total" and v}
+    assert by_reason == {"rolling": 2, "signal": 1, "crash": 1, "slot-removed": 1}
+    assert one(found, "trac_fcgi_crashes_total") == 1
+    assert one(found, "trac_fcgi_drain_seconds_count") == 3, "the rolling restart's two and the removed slot's"
+
+
+def test_a_request_a_draining_worker_gives_up_is_counted_as_abandoned(launch):
+    process = launch(env={"TRAC_FCGI_DRAIN_TIMEOUT": "1"})
+    process.wait_for("all-ready")
+    old = children(process.pid)[0]
+    threads, answers = ask_in_background(process.socket, query="delay=30")
+    wait_until(lambda: per_worker(read(process.metrics), "trac_fcgi_worker_age_seconds"), 10)
+    time.sleep(0.5)  # the request reaches the worker
+    process.signal(signal.SIGHUP)
+    process.wait_for("exit", pid=old, timeout=30)
+    found = settled(process.metrics, lambda found: one(found, "trac_fcgi_abandoned_requests_total") == 1
+                    and serving(1)(found))
+    assert one(found, "trac_fcgi_crashes_total") == 0
+    assert one(found, "trac_fcgi_recycles_total", reason="rolling") == 1
+    for thread in threads:
+        thread.join(60)
+    assert len(answers) == 1 and isinstance(answers[0], Exception), "the abandoned request got no answer"
+
+
+def test_a_worker_at_its_hard_memory_limit_is_counted_under_max_rss(launch):
+    process = launch(env={"HELLO_LEAK": str(4 << 20), "TRAC_FCGI_MAX_RSS": "64M", "TRAC_FCGI_SOFT_RSS": "64M",
+                          "TRAC_FCGI_JITTER": "0"})
+    process.wait_for("all-ready")
+    first = children(process.pid)[0]
+    wait_until(lambda: fcgi_get(process.socket).body.split()[-1] != str(first).encode(), 60,
+               "a new worker to answer")
+    found = settled(process.metrics, lambda found: one(found, "trac_fcgi_recycles_total", reason="max_rss") == 1)
+    assert one(found, "trac_fcgi_crashes_total") == 0
+
+
+def test_the_file_is_rewritten_while_idle_and_never_read_half_written(launch):
+    process = launch("--workers", "2")
+    process.wait_for("all-ready")
+    first = settled(process.metrics, serving(2))
+    last = launcher.METRICS[-1][0]  # the end of every whole file
+    torn = []
+    reads = {"count": 0}
+    stop = threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            with open(process.metrics) as source:
+                text = source.read()
+            reads["count"] += 1
+            if not text.endswith("\n") or last not in text:
+                torn.append(text)
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    try:
+        for restarts in (1, 2, 3):
+            process.signal(signal.SIGHUP)
+            process.wait_for("rolling-restart-done", count=restarts, timeout=60)
+        settled_at = settled(process.metrics, serving(2))
+        # Nothing happens from now on, yet the file is rewritten (within 10 s) with older workers.
+        events, written = len(process.log().splitlines()), os.stat(process.metrics).st_mtime
+        wait_until(lambda: os.stat(process.metrics).st_mtime > written + 3, 40, "a write with nothing happening")
+        later = read(process.metrics)
+    finally:
+        stop.set()
+        thread.join(5)
+    assert reads["count"] > 100 and not torn, "%d of %d reads were torn" % (len(torn), reads["count"])
+    assert len(process.log().splitlines()) == events, "something happened after all:\n" + process.log()
+    assert roles(later) == roles(settled_at) and set(roles(later)).isdisjoint(roles(first))
+    before = per_worker(settled_at, "trac_fcgi_worker_age_seconds")
+    after = per_worker(later, "trac_fcgi_worker_age_seconds")
+    assert all(after[pid] > before[pid] + 3 for pid in before), (before, after)
+    assert not [name for name in os.listdir(os.path.dirname(process.metrics)) if name.endswith(".tmp")]
+
+
+# --------------------------------------------------------------------------
+# `trac-fcgi-launcher status`
+
+def run_status(*argv, env=None):
+    environ = dict(os.environ)
+    environ.pop("LAUNCHER_METRICS_FILE", None)
+    environ.update(env or {})
+    return subprocess.run([PYTHON, LAUNCHER, "status", *argv], capture_output=True, text=True, env=environ,
+                          timeout=30)
+
+
+def test_status_prints_a_row_per_worker_then_the_recycles_by_reason(launch):
+    process = launch("--workers", "2")
+    process.wait_for("all-ready")
+    for _ in range(8):
+        fcgi_get(process.socket)
+    process.signal(signal.SIGHUP)
+    settled(process.metrics, lambda found: one(found, "trac_fcgi_recycles_total", reason="rolling") == 2
+            and serving(2)(found) and one(found, "trac_fcgi_requests_total") == 8)
+    for outcome in (run_status(process.metrics), run_status(env={"LAUNCHER_METRICS_FILE": process.metrics})):
+        assert outcome.returncode == 0, outcome.stderr
+        lines = outcome.stdout.splitlines()
+        assert lines[0].split() == ["slot", "pid", "role", "age", "requests", "RSS", "PSS", "private"]
+        rows = [line.split() for line in lines[1:3]]
+        assert sorted(int(row[1]) for row in rows) == sorted(children(process.pid))
+        assert [row[2] for row in rows] == ["serving", "serving"]
+        assert all(row[5].endswith("M") and row[6].endswith("M") and row[7].endswith("M") for row in rows)
+        assert "2 of 2 slots ready" in outcome.stdout
+        assert "8 requests;" in outcome.stdout
+        assert lines[-1] == "recycles: rolling 2"
+
+
+@pytest.mark.parametrize("argv, env", [([], {}), (["/nonexistent/trac.prom"], {}), ([LAUNCHER], {})],
+                         ids=["no-path", "missing-file", "not-a-metrics-file"])
+def test_status_without_a_metrics_file_says_so_in_one_line_and_exits_2(argv, env):
+    outcome = run_status(*argv, env=env)
+    assert outcome.returncode == 2 and outcome.stdout == ""
+    assert outcome.stderr.count("\n") == 1 and "Traceback" not in outcome.stderr, outcome.stderr
+
+
+def test_a_metrics_file_whose_directory_is_missing_is_refused_in_one_line(tmp_path):
+    outcome = subprocess.run([PYTHON, LAUNCHER, "--bind", "unix:" + str(tmp_path / "s.sock"),
+                              "--metrics-file", str(tmp_path / "no" / "trac.prom"), "--", *HELLO],
+                             capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert outcome.returncode == 2
+    assert outcome.stderr.count("\n") == 1 and "--metrics-file" in outcome.stderr, outcome.stderr
+
+
+# --------------------------------------------------------------------------
+# node_exporter, and the whole stack under load
+
+class NodeExporter:
+    """Debian's prometheus-node-exporter on a free port of 127.0.0.1, reading DIRECTORY's *.prom."""
+
+    def __init__(self, directory, log):
+        for _ in range(5):
+            self.port = free_port()
+            self.process = Process([NODE_EXPORTER, "--collector.disable-defaults", "--collector.textfile",
+                                    "--collector.textfile.directory=%s" % directory,
+                                    "--web.listen-address=127.0.0.1:%d" % self.port], log)
+            try:
+                wait_until(lambda: self.process.popen.poll() is not None or self._answers(), 30)
+            except AssertionError:
+                pass
+            if self.process.popen.poll() is None and self._answers():
+                return
+            self.process.stop()
+        raise AssertionError("node_exporter did not start:\n" + self.process.log())
+
+    def _answers(self):
+        try:
+            self.scrape()
+            return True
+        except OSError:
+            return False
+
+    def scrape(self):
+        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % self.port, timeout=10) as response:
+            return response.read().decode()
+
+    def stop(self):
+        self.process.stop()
+
+
+@pytest.fixture
+def started():
+    things = []
+    yield things
+    for thing in reversed(things):
+        thing.stop()
+
+
+def test_node_exporter_serves_every_sample_of_the_file(launch, tmp_path, started):
+    process = launch("--workers", "2")
+    process.wait_for("all-ready")
+    settled(process.metrics, serving(2))
+    exporter = NodeExporter(str(tmp_path), tmp_path / "node_exporter.log")
+    started.append(exporter)
+    served = samples(exporter.scrape())
+    ours = read(process.metrics)
+    assert one(served, "node_textfile_scrape_error") == 0
+    # Ages and memory move between two reads; which samples there are does not.
+    assert {key for key in served if key[0].startswith("trac_fcgi_")} == set(ours)
+
+
+def test_under_load_through_nginx_the_file_counts_what_nginx_answered_and_node_exporter_serves_it(
+        tmp_path, trac_env, started):
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    path = str(directory / "trac.prom")
+    nginx, process = trac_behind_nginx(started, tmp_path, trac_env, "--workers", "2", "--metrics-file", path,
+                                       env={"TRAC_FCGI_MAX_REQUESTS": "20"})
+    exporter = NodeExporter(str(directory), tmp_path / "node_exporter.log")
+    started.append(exporter)
+    load = Load(nginx.port, PAGES, clients=8).run(
+        stop=lambda seconds: seconds >= 10 and len(recycles(process)) >= 6, max_seconds=60)
+    answered = [entry for entry in nginx.access_log() if entry["status"] == 200]
+    report = "%s\n%d recycles" % (load.summary(), len(recycles(process)))
+    assert len(recycles(process)) >= 6 and len(answered) >= 100, report
+
+    # Once every worker that asked has been replaced and reported its last count.
+    asked = lambda: len(process.events("recycle", reason="requests"))
+    found = settled(path, lambda found: serving(2)(found) and asked() == len(recycles(process))
+                    and one(found, "trac_fcgi_recycles_total", reason="requests") == asked()
+                    and one(found, "trac_fcgi_requests_total") >= 0.95 * len(answered), timeout=90)
+    report += "\nfile:\n%s" % open(path).read()
+    assert one(found, "trac_fcgi_recycles_total", reason="requests") == len(recycles(process)), report
+    total = one(found, "trac_fcgi_requests_total")
+    assert abs(total - len(answered)) <= 0.05 * len(answered), "%d counted, %d answered: %s" % (
+        total, len(answered), report)
+    workers = set(roles(found))
+    assert workers == set(children(process.pid)), report
+    for name in ("trac_fcgi_worker_resident_bytes", "trac_fcgi_worker_pss_bytes"):
+        assert set(per_worker(found, name)) == workers, name
+        assert all(value > 20 << 20 for value in per_worker(found, name).values()), "a Trac worker is bigger"
+
+    served = samples(exporter.scrape())
+    assert one(served, "node_textfile_scrape_error") == 0
+    ours = read(path)
+    assert {key for key in served if key[0].startswith("trac_fcgi_")} == set(ours)
+    assert one(served, "trac_fcgi_recycles_total", reason="requests") == len(recycles(process))
+
+    outcome = run_status(path)
+    assert outcome.returncode == 0, outcome.stderr
+    assert all(str(pid) in outcome.stdout for pid in workers), outcome.stdout
+    assert "requests %d" % len(recycles(process)) in outcome.stdout, outcome.stdout
