@@ -44,8 +44,11 @@ HEALTHY_S = 60.0
 # Nothing scheduled: still wake now and then, so a lost signal costs at most this.
 IDLE_WAKE_S = 60.0
 # --metrics-file is written at least this often, so that ages and memory stay
-# fresh while nothing happens.
+# fresh while nothing happens; and after a change, at most this soon after
+# the last write, so that a busy site (each worker reports every second)
+# costs one write a second, not one per event.
 METRICS_EVERY_S = 10.0
+METRICS_COALESCE_S = 1.0
 
 SIGNALS = {
     # signal: (effect, for --help and the README's signals table)
@@ -810,6 +813,7 @@ class Launcher:
         self.environ = self.worker_environment()
         self.tally = Tally()
         self.metrics_written = None  # monotonic time of the last write; None: due now
+        self.metrics_changed = False  # an event since the last write
 
     def worker_environment(self):
         environ = dict(os.environ)
@@ -836,7 +840,8 @@ class Launcher:
             info = signal.sigtimedwait(HANDLED, self.seconds_to_next_deadline())
             if info is not None:
                 self.dispatch(info)
-                self.metrics_written = None  # something happened: write it down
+                self.metrics_changed = True
+        self.write_metrics(final=True)
         self.systemd.notify("STATUS=stopped")
         log("stop", status=0)
         return 0
@@ -1144,16 +1149,20 @@ class Launcher:
             deadlines += [w.started + self.settings.ready_timeout
                           for w in self.workers.values() if not w.ready]
         if self.settings.metrics_file:
-            deadlines.append((self.metrics_written or now) + METRICS_EVERY_S)
+            deadlines.append(self.metrics_due())
         return max(0.0, min(deadlines) - now)
 
-    def write_metrics(self):
-        """Write --metrics-file if something happened since the last write, or METRICS_EVERY_S passed."""
+    def metrics_due(self):
+        if self.metrics_written is None:
+            return 0.0
+        return self.metrics_written + (METRICS_COALESCE_S if self.metrics_changed else METRICS_EVERY_S)
+
+    def write_metrics(self, final=False):
+        """Write --metrics-file when it is due (see METRICS_EVERY_S), or for the last time."""
         now = time.monotonic()
-        if not self.settings.metrics_file or (self.metrics_written is not None
-                                              and now - self.metrics_written < METRICS_EVERY_S):
+        if not self.settings.metrics_file or (now < self.metrics_due() and not final):
             return
-        self.metrics_written = now
+        self.metrics_written, self.metrics_changed = now, False
         workers = [(w.slot.number, w.pid, w.role, now - w.started, w.requests) for w in self.workers.values()]
         ready = sum(1 for s in self.slots if s.worker is not None and s.worker.ready)
         try:
