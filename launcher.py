@@ -187,6 +187,10 @@ worker command:
 signals:
 %s
 
+status:
+  trac-fcgi-launcher status [PATH] prints the workers and recycles that the
+  --metrics-file PATH (default $LAUNCHER_METRICS_FILE) holds, as a table.
+
 examples:
   spawn-fcgi -n -s /run/trac/trac.sock -M 0660 -u www-data -- \\
       /usr/bin/env WORKER_PATH=/srv/trac/venv/bin/trac-fcgi trac-fcgi-launcher --workers 2
@@ -425,8 +429,8 @@ METRICS = [
     ("trac_fcgi_recycles_total", "counter", "reason",
      "serving workers that left their slot, by reason (every reason is listed, from 0)"),
     ("trac_fcgi_crashes_total", "counter", "",
-     "workers that died unasked: killed by a signal, or exited without saying STOPPING=1 or with a status "
-     "other than 0; a replacement that dies while warming up counts too"),
+     "workers that died unasked: not told to go, and not exiting 0 after STOPPING=1; a replacement "
+     "that dies while warming up counts too"),
     ("trac_fcgi_abandoned_requests_total", "counter", "",
      "accepted requests that draining workers gave up at TRAC_FCGI_DRAIN_TIMEOUT"),
     ("trac_fcgi_handoff_seconds", "histogram", "",

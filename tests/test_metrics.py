@@ -19,6 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import launcher
 from stack import Load, recycles, trac_behind_nginx
+from test_core import DRAIN_S, WARM_S
+from test_core import started as started_site
 from support import (LAUNCHER, PYTHON, Process, ask_in_background, children, fcgi_get, free_port,
                      start_launcher, wait_until, worker_script)
 
@@ -162,6 +164,94 @@ def test_pss_and_private_memory_of_a_real_process_are_at_most_its_resident_size(
         child.kill()
         child.wait()
     assert launcher.shared_memory(child.pid) == (None, None), "a process that is gone reads as unknown"
+
+
+# --------------------------------------------------------------------------
+# The counting, in the launcher's core, on a clock turned by hand (see test_core.py).
+
+def recycled(site):
+    return {reason: n for reason, n in site.core.tally.recycles.items() if n}
+
+
+def histogram(site, name):
+    figure = site.core.tally.histograms[name]
+    return figure.count, figure.sum
+
+
+def test_a_worker_that_asks_is_counted_once_under_its_reason_with_its_handoff_and_drain_times():
+    site = started_site(slots=2)
+    worker = site.serving(0)
+    site.core.notified(worker, {"REQUESTS": "20"}, site.now)
+    site.core.notified(worker, {"RECYCLE": "requests"}, site.now)
+    site.signal_launcher(signal.SIGUSR1, sender=worker)
+    site.signal_launcher(signal.SIGUSR1, sender=worker)  # asked again: still one recycle
+    site.run_until(site.now + 30)
+    assert recycled(site) == {"requests": 1}
+    assert histogram(site, "trac_fcgi_handoff_seconds") == (1, pytest.approx(WARM_S))
+    assert histogram(site, "trac_fcgi_drain_seconds") == (1, pytest.approx(DRAIN_S))
+    assert site.core.tally.requests_of_past_workers == 20
+    assert site.core.tally.crashes == 0
+
+
+def test_a_rolling_restart_counts_every_slot_as_rolling_unless_its_worker_gave_its_own_reason():
+    site = started_site(slots=3)
+    site.core.notified(site.serving(2), {"RECYCLE": "rss"}, site.now)
+    site.signal_launcher(signal.SIGHUP)
+    site.run_until(site.now + 60)
+    assert recycled(site) == {"rolling": 2, "rss": 1}
+    count, total = histogram(site, "trac_fcgi_handoff_seconds")
+    # One warm-up after another: the third slot waited for the first two.
+    assert count == 3 and total == pytest.approx(WARM_S * (1 + 2 + 3), rel=0.1)
+
+
+def test_a_worker_at_its_hard_limit_that_leaves_on_its_own_is_counted_under_max_rss():
+    site = started_site()
+    worker = site.serving()
+    site.core.notified(worker, {"RECYCLE": "rss"}, site.now)
+    site.signal_launcher(signal.SIGUSR1, sender=worker)
+    site.core.notified(worker, {"STOPPING": "1", "REQUESTS": "7", "ABANDONED": "0", "RECYCLE": "max_rss"},
+                       site.now)
+    site.core.exited(worker, 0, site.now)
+    site.run_until(site.now + 30)
+    assert recycled(site) == {"max_rss": 1}
+    assert site.core.tally.crashes == 0 and site.core.tally.requests_of_past_workers == 7
+
+
+def test_a_killed_worker_is_a_crash_and_a_replacement_that_dies_warming_is_a_crash_but_no_recycle():
+    site = started_site()
+    site.kill(site.serving())
+    site.run_until(site.now + 10)
+    assert recycled(site) == {"crash": 1} and site.core.tally.crashes == 1
+    site.behaviour[0] = "crash"
+    site.signal_launcher(signal.SIGHUP)
+    site.run_until(site.now + 0.5)
+    assert recycled(site) == {"crash": 1} and site.core.tally.crashes == 2
+
+
+def test_removed_slots_and_memory_headroom_handoffs_are_counted_too():
+    site = started_site(slots=2, shortage={"rss": 1, "mem_available": 0, "reserve": 1})
+    site.signal_launcher(signal.SIGTTOU)
+    site.core.notified(site.serving(0), {"RECYCLE": "age"}, site.now)
+    site.signal_launcher(signal.SIGUSR1, sender=site.serving(0))
+    site.run_until(site.now + 30)
+    assert recycled(site) == {"slot-removed": 1, "age": 1}
+    assert histogram(site, "trac_fcgi_handoff_seconds") == (1, 0.0), "stopped at once, then started"
+
+
+def test_stopping_the_launcher_is_no_recycle_and_no_crash_even_when_workers_are_killed():
+    site = started_site(slots=2, behaviour={0: "hang", 1: "hang"}, stop_timeout=5.0)
+    site.signal_launcher(signal.SIGTERM)
+    site.run_until(site.now + 10)
+    assert not site.core.workers
+    assert recycled(site) == {} and site.core.tally.crashes == 0
+
+
+def test_a_word_a_worker_should_not_say_is_no_new_reason():
+    site = started_site()
+    site.core.notified(site.serving(), {"RECYCLE": "because\nI said so", "REQUESTS": "-3"}, site.now)
+    site.signal_launcher(signal.SIGUSR1, sender=site.serving())
+    site.run_until(site.now + 30)
+    assert recycled(site) == {"asked": 1} and site.core.tally.requests_of_past_workers == 0
 
 
 # --------------------------------------------------------------------------
