@@ -5,6 +5,7 @@ parser, through Debian's prometheus-node-exporter scraped over HTTP, and by
 the status command.  Its figures are held against the launcher's own log,
 the workers' log lines and nginx's access log.
 """
+import json
 import os
 import shutil
 import signal
@@ -164,6 +165,66 @@ def test_pss_and_private_memory_of_a_real_process_are_at_most_its_resident_size(
         child.kill()
         child.wait()
     assert launcher.shared_memory(child.pid) == (None, None), "a process that is gone reads as unknown"
+
+
+# --------------------------------------------------------------------------
+# What a worker tells its launcher.
+
+# A stand-in launcher that only listens: it starts the worker with itself as
+# LAUNCHER_PID, records every notify datagram with the time it came, and
+# ignores SIGUSR1 (a real launcher would start a replacement).
+RECORDING_LAUNCHER = """
+import json, os, signal, socket, subprocess, sys, time
+signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+notify.bind(os.environ["RECORD_SOCKET"])
+notify.settimeout(0.1)
+worker = subprocess.Popen(sys.argv[1:], env=dict(os.environ, LAUNCHER_PID=str(os.getpid()),
+                                                 NOTIFY_SOCKET=os.environ["RECORD_SOCKET"]))
+with open(os.environ["RECORD_FILE"], "a") as out:
+    while True:
+        exited = worker.poll() is not None
+        try:
+            data = notify.recv(4096)
+        except OSError:
+            if exited:
+                break
+            continue
+        out.write(json.dumps([time.monotonic(), data.decode()]) + "\\n")
+        out.flush()
+"""
+
+
+def test_a_worker_reports_its_count_at_most_once_a_second_why_it_asks_to_go_and_what_it_left(tmp_path):
+    record = tmp_path / "notify.jsonl"
+    sock = str(tmp_path / "worker.sock")
+    worker = Process(["spawn-fcgi", "-n", "-s", sock, "--", PYTHON, "-c", RECORDING_LAUNCHER, *HELLO],
+                     tmp_path / "worker.log", env={"RECORD_SOCKET": str(tmp_path / "notify"),
+                                                   "RECORD_FILE": str(record),
+                                                   "TRAC_FCGI_MAX_REQUESTS": "25", "TRAC_FCGI_JITTER": "0"})
+    try:
+        worker.wait_for("warm")
+        wait_until(lambda: os.path.exists(sock), 10)
+        started = time.monotonic()
+        for _ in range(40):
+            assert fcgi_get(sock).status == 200
+            time.sleep(0.05)
+        spread = time.monotonic() - started
+        os.kill(children(worker.pid)[0], signal.SIGHUP)
+        assert worker.wait(30) == 0
+    finally:
+        worker.stop()
+    messages = [(when, dict(line.split("=", 1) for line in text.splitlines()))
+                for when, text in map(json.loads, record.read_text().splitlines())]
+    assert messages[0][1] == {"READY": "1"}
+    counts = [(when, int(fields["REQUESTS"])) for when, fields in messages[1:-1] if "REQUESTS" in fields]
+    # One report a second at most: over the 2 s or more that 40 requests took, a few, each higher.
+    assert 2 <= len(counts) <= spread + 2, (spread, messages)
+    assert all(b[0] - a[0] >= 0.9 and b[1] > a[1] for a, b in zip(counts, counts[1:])), messages
+    assert [fields for _, fields in messages if "RECYCLE" in fields and "STOPPING" not in fields] \
+        == [{"RECYCLE": "requests"}], "asked once, and said why"
+    # The last word: the final count, nothing abandoned, and that a signal (ours) stopped it.
+    assert messages[-1][1] == {"STOPPING": "1", "REQUESTS": "40", "ABANDONED": "0", "RECYCLE": "signal"}
 
 
 # --------------------------------------------------------------------------
