@@ -147,11 +147,13 @@ def address(text):
 
 
 def metrics_path(text):
-    """a file name ending in .prom in a directory that exists, e.g. /var/lib/prometheus/node-exporter/trac.prom"""
+    """a file name ending in .prom, in a directory that exists and that we may write, e.g. /run/trac/trac.prom"""
     # node_exporter reads only *.prom; the suffix also keeps a typo from
     # replacing some other file by the rename.
     path = os.path.abspath(text)
-    if not text.endswith(".prom") or os.path.isdir(path) or not os.path.isdir(os.path.dirname(path)):
+    directory = os.path.dirname(path)
+    if (not text.endswith(".prom") or os.path.isdir(path) or not os.path.isdir(directory)
+            or not os.access(directory, os.W_OK | os.X_OK)):
         raise ValueError
     return path
 
@@ -547,16 +549,22 @@ def write_atomically(path, text):
     """Replace PATH by TEXT so that a reader sees the old file or the new one, never half of either.
 
     The temporary name does not end in .prom, so node_exporter never reads it.
-    No fsync: after a power cut a stale or empty metrics file is harmless, and
-    the next write mends it; an fsync every few seconds is not.
+    It is made afresh (O_EXCL, O_NOFOLLOW): a symlink planted under that name
+    in a shared directory is removed, never written through.  Mode 0644
+    whatever the umask: node_exporter runs as another user, and there is
+    nothing secret here.  No fsync: after a power cut a stale or empty
+    metrics file is harmless and the next write mends it.
     """
     temporary = "%s.%d.tmp" % (path, os.getpid())
     try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
-            os.write(fd, text.encode())
-        finally:
-            os.close(fd)
+            os.unlink(temporary)  # left by a launcher that died mid-write
+        except FileNotFoundError:
+            pass
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with open(fd, "w") as out:
+            os.fchmod(fd, 0o644)
+            out.write(text)
         os.rename(temporary, path)
     except OSError:
         try:
@@ -1156,6 +1164,7 @@ class Launcher:
         self.errors_seen = set()
         self.metrics_written = None   # when --metrics-file was last written; None: never
         self.metrics_changed = False  # an event since then
+        self.metrics_failure = None   # the last write's error, logged once until a write succeeds
 
     def worker_environment(self):
         environ = dict(os.environ)
@@ -1273,7 +1282,13 @@ class Launcher:
             write_atomically(self.settings.metrics_file, render_metrics(
                 metrics_values(core.tally, len(core.slots), core.ready_workers(), workers, self.listener)))
         except OSError as error:
-            log("metrics-write-failed", level=0, path=self.settings.metrics_file, error=error.strerror)
+            if error.strerror != self.metrics_failure:
+                log("metrics-write-failed", level=0, path=self.settings.metrics_file, error=error.strerror)
+            self.metrics_failure = error.strerror
+        else:
+            if self.metrics_failure is not None:
+                log("metrics-written", path=self.settings.metrics_file)
+            self.metrics_failure = None
         return now + METRICS_EVERY_S
 
     def memory_shortage(self, pid):

@@ -128,6 +128,22 @@ def test_the_rendered_text_parses_with_prometheus_client_with_cumulative_buckets
     assert not [key for key in found if key[0].startswith("trac_fcgi_listen_backlog")], "unknown is left out"
 
 
+def test_a_write_replaces_the_file_whole_and_never_writes_through_a_planted_symlink(tmp_path):
+    path, victim = tmp_path / "trac.prom", tmp_path / "victim"
+    victim.write_text("precious\n")
+    (tmp_path / ("trac.prom.%d.tmp" % os.getpid())).symlink_to(victim)
+    path.symlink_to(victim)  # the file itself is replaced, not followed either
+    old_umask = os.umask(0o077)
+    try:
+        launcher.write_atomically(str(path), "trac_fcgi_slots 1\n")
+    finally:
+        os.umask(old_umask)
+    assert victim.read_text() == "precious\n"
+    assert not path.is_symlink() and path.read_text() == "trac_fcgi_slots 1\n"
+    assert path.stat().st_mode & 0o777 == 0o644, "node_exporter, another user, can read it whatever the umask"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trac.prom", "victim"]
+
+
 @pytest.mark.parametrize("family, address", [(socket.AF_UNIX, None), (socket.AF_INET, ("127.0.0.1", 0)),
                                              (socket.AF_INET6, ("::1", 0))], ids=["unix", "tcp", "tcp6"])
 def test_the_listen_backlog_counts_connections_that_no_one_has_accepted(tmp_path, family, address):
@@ -457,6 +473,28 @@ def test_the_file_is_rewritten_while_idle_and_never_read_half_written(launch):
     assert not [name for name in os.listdir(os.path.dirname(process.metrics)) if name.endswith(".tmp")]
 
 
+def test_a_metrics_directory_that_vanishes_is_logged_once_and_the_file_comes_back_with_it(tmp_path):
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    path = str(directory / "trac.prom")
+    process = start_launcher(tmp_path, HELLO, "--workers", "2", "--metrics-file", path)
+    try:
+        process.wait_for("all-ready")
+        settled(path, serving(2))
+        shutil.rmtree(directory)
+        for restarts in (1, 2):
+            process.signal(signal.SIGHUP)
+            process.wait_for("rolling-restart-done", count=restarts, timeout=60)
+        assert len(process.events("metrics-write-failed")) == 1, process.log()
+        assert fcgi_get(process.socket).status == 200
+        directory.mkdir()
+        process.wait_for("metrics-written", timeout=30)
+        found = settled(path, serving(2))
+        assert one(found, "trac_fcgi_recycles_total", reason="rolling") == 4
+    finally:
+        process.stop()
+
+
 # --------------------------------------------------------------------------
 # `trac-fcgi-launcher status`
 
@@ -571,11 +609,13 @@ def test_under_load_through_nginx_the_file_counts_what_nginx_answered_and_node_e
                                        env={"TRAC_FCGI_MAX_REQUESTS": "20"})
     exporter = NodeExporter(str(directory), tmp_path / "node_exporter.log")
     started.append(exporter)
+    # Until four handoffs (about 80 requests at 20 a worker): seconds on an
+    # idle machine, minutes on a loaded one.
     load = Load(nginx.port, PAGES, clients=8).run(
-        stop=lambda seconds: seconds >= 10 and len(recycles(process)) >= 6, max_seconds=60)
+        stop=lambda seconds: seconds >= 10 and len(recycles(process)) >= 4, max_seconds=300)
     answered = [entry for entry in nginx.access_log() if entry["status"] == 200]
     report = "%s\n%d recycles" % (load.summary(), len(recycles(process)))
-    assert len(recycles(process)) >= 6 and len(answered) >= 100, report
+    assert len(recycles(process)) >= 4 and len(answered) >= 80, report
 
     # Once every worker that asked has been replaced and reported its last count.
     asked = lambda: len(process.events("recycle", reason="requests"))
