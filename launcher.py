@@ -435,6 +435,10 @@ METRICS = [
      "that dies while warming up counts too"),
     ("trac_fcgi_abandoned_requests_total", "counter", "",
      "accepted requests that draining workers gave up at TRAC_FCGI_DRAIN_TIMEOUT"),
+    ("trac_fcgi_ready_timeouts_total", "counter", "",
+     "replacements killed for staying silent past --ready-timeout (the old worker kept serving)"),
+    ("trac_fcgi_stop_then_start_total", "counter", "",
+     "handoffs made break-before-make, because --memory-reserve left no room for two workers"),
     ("trac_fcgi_handoff_seconds", "histogram", "",
      "from a replacement asked for to the old worker told to go (make before break: mostly the warm-up)"),
     ("trac_fcgi_drain_seconds", "histogram", "", "from a worker told to go to its exit"),
@@ -498,6 +502,8 @@ class Tally:
         self.recycles = dict.fromkeys(RECYCLE_REASONS, 0)
         self.crashes = 0
         self.abandoned = 0
+        self.ready_timeouts = 0
+        self.stop_then_start = 0
         self.requests_of_past_workers = 0
         self.histograms = {name: Histogram(bounds) for name, bounds in HISTOGRAM_BUCKETS.items()}
 
@@ -583,7 +589,9 @@ def metrics_values(tally, slots, ready, workers, listener):
               "trac_fcgi_requests_total": tally.requests_of_past_workers + sum(w[4] for w in workers),
               "trac_fcgi_recycles_total": {(reason,): count for reason, count in tally.recycles.items()},
               "trac_fcgi_crashes_total": tally.crashes,
-              "trac_fcgi_abandoned_requests_total": tally.abandoned}
+              "trac_fcgi_abandoned_requests_total": tally.abandoned,
+              "trac_fcgi_ready_timeouts_total": tally.ready_timeouts,
+              "trac_fcgi_stop_then_start_total": tally.stop_then_start}
     values.update(tally.histograms)
     per_worker = {name: {} for name in ("trac_fcgi_worker_info", "trac_fcgi_worker_resident_bytes",
                                         "trac_fcgi_worker_pss_bytes", "trac_fcgi_worker_private_bytes",
@@ -1023,6 +1031,7 @@ class LauncherCore:
             if shortage:
                 # Not enough memory for two workers side by side: break before make.
                 self.log("stop-then-start", slot=slot.number, pid=serving.pid, **shortage)
+                self.tally.stop_then_start += 1
                 asked, slot.handoff_asked = slot.handoff_asked, None
                 self.tell_to_go(serving, "memory headroom", now, handoff_s=now - asked)
                 self.actions.append((SPAWN, slot, "serving"))
@@ -1127,6 +1136,7 @@ class LauncherCore:
             # Earlier workers said READY=1, so this one's silence means trouble;
             # its slot stays asked for and is retried after the backoff.
             self.log("ready-timeout", level=0, slot=worker.slot.number, pid=worker.pid)
+            self.tally.ready_timeouts += 1
             self.tell_to_go(worker, "silent past --ready-timeout", now)
             self.kill(worker, "silent past --ready-timeout")
             self.back_off(worker.slot, now)

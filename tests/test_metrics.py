@@ -313,6 +313,16 @@ def test_removed_slots_and_memory_headroom_handoffs_are_counted_too():
     site.run_until(site.now + 30)
     assert recycled(site) == {"slot-removed": 1, "age": 1}
     assert histogram(site, "trac_fcgi_handoff_seconds") == (1, 0.0), "stopped at once, then started"
+    assert site.core.tally.stop_then_start == 1
+
+
+def test_a_replacement_silent_past_the_ready_timeout_is_counted_and_the_old_worker_is_no_recycle():
+    site = started_site(ready_timeout=5.0)
+    site.speaks_notify = False
+    site.signal_launcher(signal.SIGHUP)
+    site.run_until(site.now + 5.5)
+    assert site.core.tally.ready_timeouts == 1
+    assert recycled(site) == {} and site.core.tally.crashes == 0
 
 
 def test_stopping_the_launcher_is_no_recycle_and_no_crash_even_when_workers_are_killed():
