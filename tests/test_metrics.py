@@ -537,6 +537,22 @@ def test_status_prints_a_row_per_worker_then_the_recycles_by_reason(launch):
         assert lines[-1] == "recycles: rolling 2"
 
 
+def test_status_of_a_file_not_rewritten_for_a_while_asks_whether_the_launcher_still_runs(tmp_path):
+    path = tmp_path / "trac.prom"
+    path.write_text(launcher.render_metrics({"trac_fcgi_slots": 1, "trac_fcgi_workers": 1,
+                                             "trac_fcgi_worker_info": {(0, 4242, "serving"): 1},
+                                             "trac_fcgi_worker_resident_bytes": {(0, 4242): 50 << 20}}))
+    fresh = run_status(str(path))
+    assert fresh.returncode == 0 and "4242" in fresh.stdout and "50.0M" in fresh.stdout
+    assert "still running" not in fresh.stdout
+    five_minutes_ago = time.time() - 300
+    os.utime(path, (five_minutes_ago, five_minutes_ago))
+    stale = run_status(str(path))
+    assert stale.returncode == 0
+    last = stale.stdout.splitlines()[-1]
+    assert last.startswith("written 5m") and last.endswith("s ago: is the launcher still running?"), last
+
+
 @pytest.mark.parametrize("argv, env", [([], {}), (["/nonexistent/trac.prom"], {}), ([LAUNCHER], {})],
                          ids=["no-path", "missing-file", "not-a-metrics-file"])
 def test_status_without_a_metrics_file_says_so_in_one_line_and_exits_2(argv, env):
