@@ -223,13 +223,9 @@ def free_port():
 
 
 def make_trac_env(path):
-    """A real Trac environment on SQLite, made by trac-admin initenv, as the README advises for several workers.
+    """A real Trac environment on SQLite, made by trac-admin initenv, with the WAL journal the README advises.
 
-    WAL lets readers go on while one process writes.  With SQLite's default
-    rollback journal, Trac's own writes on GET requests (every /timeline
-    visit saves a session) made readers in the other worker wait out Trac's
-    10 s busy timeout and fail with "database is locked", under 16 clients
-    on a loaded 2-core machine.
+    WAL lets readers go on while another worker process writes.
     """
     trac_admin = str(Path(PYTHON).parent / "trac-admin")
     subprocess.run([trac_admin, str(path), "initenv", "Test Project", "sqlite:db/trac.db?journal_mode=WAL"],
