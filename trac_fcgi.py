@@ -51,6 +51,9 @@ PERIOD_S = 0.5
 # A worker whose SIGUSR1 went unanswered asks again this often: standard
 # signals coalesce, so two workers asking at once can reach the launcher as one.
 REASK_S = 5.0
+# Under a launcher, the request count is reported on the notify socket when
+# it changes, but no more often than this: the launcher's metrics need no more.
+REPORT_EVERY_S = 1.0
 # After EMFILE, leave the backlog alone this long instead of spinning on it.
 ACCEPT_PAUSE_S = 0.1
 # Closing a connection, read what the client still sends for at most this
@@ -668,8 +671,10 @@ class RecyclingWSGIServer(WSGIServer):
         self.draining = False
         self.stop_reason = None      # why we stopped accepting
         self.reexec = False          # after draining, exec ourselves in place
+        self.stopped_because = None  # what stop_accepting() was told
         self.replacement_asked = None
         self.accept_paused_until = 0.0
+        self.reported = (0, 0.0)     # the request count last told the launcher, and when
         # Threads and signal handlers wake the main loop through this pipe.
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
@@ -817,6 +822,7 @@ class RecyclingWSGIServer(WSGIServer):
         """Called on every pass of the main loop: the whole recycling policy."""
         if self.draining:
             return
+        self.report_requests()
         rss = self.rss()
         age = time.monotonic() - self.started
         limits = self.limits
@@ -849,6 +855,7 @@ class RecyclingWSGIServer(WSGIServer):
             return self.stop_accepting(reason)
         if first:
             log("recycle", reason=reason, rss=rss, requests=self.requests, age_s=age, next="ask launcher")
+            self.tell_launcher("RECYCLE=%s" % reason)
         # Only our own launcher, never init or spawn-fcgi (the pid check above
         # already stopped us if it is gone).
         if os.getppid() == self.launcher:
@@ -857,6 +864,7 @@ class RecyclingWSGIServer(WSGIServer):
     def stop_accepting(self, reason):
         if not self.draining:
             self.draining = True
+            self.stopped_because = reason
             log("drain", reason=reason, connections=self.connections, requests=self.requests, rss=self.rss())
 
     # -- signals -------------------------------------------------------------
@@ -931,8 +939,30 @@ class RecyclingWSGIServer(WSGIServer):
             self.drain_pipe()
         log("drained", drain_s=time.monotonic() - started, abandoned=self.connections,
             requests=self.requests, rss=self.rss())
-        if self.launcher is None or os.getppid() == self.launcher:
-            sd_notify("STOPPING=1")  # a launcher that is gone has nobody listening
+        if self.launcher is None:
+            sd_notify("STOPPING=1")
+        elif os.getppid() == self.launcher:  # a launcher that is gone has nobody listening
+            # The final count and what was abandoned, for the launcher's metrics;
+            # and why we stopped, if the launcher cannot know it (it did not tell us to go).
+            own = ("max_rss" if self.stopped_because == "max_rss"
+                   else "signal" if str(self.stopped_because).startswith("SIG") else None)
+            sd_notify("STOPPING=1\nREQUESTS=%d\nABANDONED=%d%s"
+                      % (self.requests, self.connections, "\nRECYCLE=%s" % own if own else ""))
+
+    # -- reporting to the launcher ---------------------------------------------
+
+    def tell_launcher(self, message):
+        """sd_notify lines for our launcher's metrics; nothing without a launcher."""
+        if self.launcher is not None:
+            sd_notify(message)
+
+    def report_requests(self):
+        """REQUESTS=n when the count changed, at most once every REPORT_EVERY_S."""
+        count, when = self.reported
+        now = time.monotonic()
+        if self.requests != count and now - when >= REPORT_EVERY_S:
+            self.reported = (self.requests, now)
+            self.tell_launcher("REQUESTS=%d" % self.requests)
 
 
 # --------------------------------------------------------------------------

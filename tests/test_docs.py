@@ -79,3 +79,15 @@ def test_every_test_the_failure_modes_table_cites_exists():
     defined = set(re.findall(r"^def (test_\w+)", "".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py")),
                              re.M))
     assert cited and cited <= defined, cited - defined
+
+
+def test_the_readme_metrics_table_is_the_launchers_metrics_table():
+    rows = table_rows("| metric | type | labels | meaning |")
+    assert [plain(name) for name in rows] == [name for name, *_ in launcher.METRICS]
+    for name, kind, labels, meaning in launcher.METRICS:
+        assert [plain(cell) for cell in rows["`%s`" % name]] == [kind, labels, meaning]
+
+
+def test_the_readme_lists_every_recycle_reason_with_its_meaning():
+    rows = table_rows("| reason | the worker left its slot because |")
+    assert {plain(reason): plain(cells[0]) for reason, cells in rows.items()} == launcher.RECYCLE_REASONS
