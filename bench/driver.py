@@ -1,0 +1,209 @@
+#!/usr/bin/env python3
+"""driver.py: run every row and experiment of rows.py, and write the raw records.
+
+`bench/run` (or `make bench`) installs what this needs, calls it, then
+report.py.  What it writes is raw: one JSON record per round of each cell
+(every open-loop latency, wrk's figures, status counts, RSS and PSS samples,
+the CPU of each server process, the machine's load), and the experiments'
+raw figures.  Every table and plot is computed from it afterwards, by
+analysis.py and report.py, and can be computed again from the file alone.
+
+Order: first the closed-loop cells of every row (capacity), then the
+open-loop cells at fractions of that capacity (and faults), then the
+experiments.  Within a phase the rows take turns, every other round in
+reverse order, so that drift and others' load fall on every row alike.
+
+Environment: BENCH_QUICK=1 (one short round, a few rows: the pipeline, not
+the figures); BENCH_ROWS=shipped|no-keepalive|all (a row set);
+BENCH_ONLY=row,row (some rows only); BENCH_OUT (where results go, default
+bench/results); BENCH_WORK (scratch, default bench/work).
+"""
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+# The test suite's process helpers (tests/support.py, tests/stack.py) are ours too.
+sys.path[:0] = [str(BENCH), str(BENCH.parent / "tests")]
+
+import analysis  # noqa: E402
+import experiments  # noqa: E402
+import load  # noqa: E402
+import rows  # noqa: E402
+import sampling  # noqa: E402
+from servers import PYTHON, ROOT, VENV, Running, Stage, find_program, resolve, shipped_keepalive, warm_up  # noqa: E402
+
+
+def log(event, **facts):
+    sys.stderr.write("bench event=%s %s\n" % (event, " ".join("%s=%s" % kv for kv in facts.items())))
+    sys.stderr.flush()
+
+
+def chosen_rows():
+    names = rows.ROW_SETS[os.environ.get("BENCH_ROWS") or rows.DEFAULT_ROW_SET]
+    only = [name for name in os.environ.get("BENCH_ONLY", "").split(",") if name]
+    return [row for row in rows.ROWS if row["name"] in names and (not only or row["name"] in only)]
+
+
+def measure(running, tag, scenario, number, work):
+    """Sample the server while WORK() loads it; one raw record."""
+    sampler = sampling.Sampler(running, rows.SAMPLE_EVERY_S)
+    machine, cpu_before = sampling.Machine(), sampling.tree_cpu(running.root)
+    sampler.start()
+    started = time.time()
+    figures, kills = work()
+    ended = time.time()
+    samples = sampler.stop()
+    cpu_after = sampling.tree_cpu(running.root)
+    return {"row": tag, "scenario": scenario, "round": number, "started": round(started, 3),
+            "seconds": round(ended - started, 3), "load": figures, "kills": kills,
+            "samples": [[round(t - started, 2)] + rest for t, *rest in samples],
+            "cpu": {"total_s": sampling.cpu_between(cpu_before, cpu_after), "processes": cpu_after},
+            "machine": machine.end(),
+            "recycles": [round(t - started, 2) for t in running.recycles(started, ended)]}
+
+
+def closed(stage, running, row, scenario, number):
+    spec = rows.SCENARIOS[scenario]
+    nginx = stage.front(row["nginx"])
+    tag = "%s/%s/%d" % (row["name"], scenario, number)
+
+    def work():
+        killer = sampling.Killer(running, spec["kill_every"]) if spec.get("kill_every") else None
+        if killer:
+            killer.start()
+        figures = load.wrk(stage.wrk, nginx.url("/"), tag, spec["clients"], rows.SECONDS[scenario],
+                           rows.cycle(spec["mix"]))
+        return dict(figures, kind="closed", clients=spec["clients"]), killer.stop() if killer else []
+    return measure(running, row["name"], scenario, number, work)
+
+
+def open_level(stage, running, row, fraction, seconds, capacity, number):
+    nginx = stage.front(row["nginx"])
+
+    def work():
+        figures = load.open_loop(nginx.port, rows.cycle(rows.MIX), fraction * capacity, seconds)
+        return dict(figures, kind="open", fraction=fraction, capacity=round(capacity, 2)), []
+    record = measure(running, row["name"], "open", number, work)
+    record["fraction"] = fraction
+    return record
+
+
+def start(stage, row, phase, number):
+    running = Running.of_row(stage, row, "%s-%s-%d" % (row["name"], phase, number), row["run_args"], row["run_env"])
+    warm_up(stage.front(row["nginx"]), rows.cycle(rows.MIX))
+    return running
+
+
+def table(stage, record, runnable):
+    def in_turns(phase, cell):
+        for number in range(rows.ROUNDS):
+            for row in (runnable if number % 2 == 0 else runnable[::-1]):
+                wanted = [s for s in row["scenarios"] if cell(s) and rows.SECONDS.get(s) != 0]
+                if not wanted:
+                    continue
+                running = start(stage, row, phase, number)
+                try:
+                    for scenario in wanted:
+                        record["rounds"].extend(run_cell(stage, running, row, scenario, number, record))
+                finally:
+                    running.stop()
+                log("round", phase=phase, row=row["name"], round=number)
+                save(record)
+
+    in_turns("closed", lambda s: s in ("wiki", "steady", "overload"))
+    record["capacity"] = analysis.capacities(record)
+    in_turns("open", lambda s: s in ("open", "faults"))
+
+
+def run_cell(stage, running, row, scenario, number, record):
+    if scenario != "open":
+        return [closed(stage, running, row, scenario, number)]
+    capacity = record["capacity"].get(row["baseline"] or row["name"])
+    if not capacity:
+        return []
+    return [open_level(stage, running, row, fraction, seconds, capacity, number)
+            for fraction, seconds in rows.OPEN_LOOP]
+
+
+# --------------------------------------------------------------------------
+# About the run: the machine, the code, the settings.
+
+def version(argv):
+    done = subprocess.run(argv, capture_output=True, text=True)
+    found = re.search(r"\d+\.\d+(\.\d+)?", done.stdout + done.stderr)
+    return found.group(0) if found else "?"
+
+
+def machine():
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 "?")
+    uwsgi = VENV / "uwsgi"
+    return {
+        "nproc": os.cpu_count(), "cpu": model, "kernel": platform.release(),
+        "memory_gib": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / (1 << 30), 1),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
+        "versions": {"nginx": version([find_program("nginx"), "-v"]), "wrk": version([find_program("wrk"), "-v"]),
+                     "uwsgi": version([str(uwsgi), "--version"]) if uwsgi.exists() else None,
+                     "trac": version([PYTHON, "-W", "ignore", "-c", "import trac; print(trac.__version__)"])},
+    }
+
+
+def code_version():
+    """The commit measured, and whether the two programs differed from it."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=str(ROOT), capture_output=True, text=True).stdout.strip()
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "changed": git("status", "--porcelain", "--", "launcher.py", "trac_fcgi.py") != ""}
+
+
+OUT = Path(os.environ.get("BENCH_OUT") or BENCH / "results")
+WORK = Path(os.environ.get("BENCH_WORK") or BENCH / "work")
+
+
+def save(record, final=False):
+    """The records so far, in the scratch directory; at the end, in results."""
+    path = OUT / "latest.json" if final else WORK / "partial.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, separators=(",", ":")) + "\n")
+    return path
+
+
+def main():
+    began = float(os.environ.get("BENCH_STARTED") or time.time())
+    stage = Stage(WORK)
+    stage.wrk = find_program("wrk")
+    record = {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"), "command": os.environ.get("BENCH_COMMAND", "bench/run"),
+        "quick": rows.QUICK, "row_set": os.environ.get("BENCH_ROWS") or rows.DEFAULT_ROW_SET,
+        "settings": {"rounds": rows.ROUNDS, "seconds": rows.SECONDS, "open_loop": rows.OPEN_LOOP,
+                     "kill_every_s": rows.KILL_EVERY_S, "sample_every_s": rows.SAMPLE_EVERY_S,
+                     "wrk_threads": rows.WRK_THREADS, "mix": rows.MIX, "page_mix": rows.PAGE_MIX,
+                     "tickets": rows.TICKETS, "clients": {k: v["clients"] for k, v in rows.SCENARIOS.items()},
+                     "shipped_keepalive": shipped_keepalive(), "experiments": rows.EXPERIMENTS},
+        "machine": machine(), "code": code_version(), "known_settings": stage.known,
+        "rows": [], "capacity": {}, "rounds": [], "experiments": {}, "experiment_seconds": {},
+    }
+    idle = experiments.IdleLauncher(stage)
+    try:
+        for row in chosen_rows():
+            args, env, note = resolve(row, stage.known)
+            record["rows"].append(dict(row, run_args=args, run_env=env, note=note, run=args is not None))
+        table(stage, record, [row for row in record["rows"] if row["run"]])
+        experiments.run_all(stage, record, save)
+        record["experiments"]["launcher"]["idle"] = idle.result()
+    finally:
+        idle.stop()
+        stage.stop()
+    record["total_s"] = round(time.time() - began, 1)
+    log("done", total_s=record["total_s"], results=save(record, final=True))
+
+
+if __name__ == "__main__":
+    main()
