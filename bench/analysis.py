@@ -50,7 +50,8 @@ def closed_round(r):
         "errors": w["connect"] + w["read"] + w["write"] + w["timeout"], "failures": failures,
         "recycles": len(r["recycles"]), "seconds": seconds, "requests": w["requests"],
         "peak_rss_mb": max((s[2] for s in r["samples"]), default=0) / MiB,
-        "cpu_ms_per_request": 1000 * r["cpu"]["total_s"] / max(1, w["requests"]),
+        "cpu_ms_per_request": (1000 * r["cpu"]["total_s"] / max(1, w["requests"])
+                               if r["cpu"]["total_s"] is not None else None),
         "load": r["machine"]["load_end"], "busy": r["machine"]["busy"],
         "kills": len(r["kills"]), "in_flight": sum(k["in_flight"] for k in r["kills"]),
     }

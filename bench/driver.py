@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -61,10 +62,12 @@ def measure(running, tag, scenario, number, work):
     ended = time.time()
     samples = sampler.stop()
     cpu_after = sampling.tree_cpu(running.root)
+    # A server restarted mid-way (stock trac.fcgi under faults) took its CPU figures with it.
+    total = sampling.cpu_between(cpu_before, cpu_after) if set(cpu_before) & set(cpu_after) else None
     return {"row": tag, "scenario": scenario, "round": number, "started": round(started, 3),
             "seconds": round(ended - started, 3), "load": figures, "kills": kills,
             "samples": [[round(t - started, 2)] + rest for t, *rest in samples],
-            "cpu": {"total_s": sampling.cpu_between(cpu_before, cpu_after), "processes": cpu_after},
+            "cpu": {"total_s": total, "processes": cpu_after},
             "machine": machine.end(),
             "recycles": [round(t - started, 2) for t in running.recycles(started, ended)]}
 
@@ -177,6 +180,8 @@ def save(record, final=False):
 
 def main():
     began = float(os.environ.get("BENCH_STARTED") or time.time())
+    # SIGTERM (or Ctrl-C) stops the servers it started too: the finally blocks run.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("bench: stopped by SIGTERM"))
     stage = Stage(WORK)
     stage.wrk = find_program("wrk")
     record = {
@@ -194,6 +199,8 @@ def main():
     try:
         for row in chosen_rows():
             args, env, note = resolve(row, stage.known)
+            if row["server"] == "uwsgi" and not (VENV / "uwsgi").exists():
+                args, env, note = None, None, "not run: uWSGI is not installed (bench/run installs it)"
             record["rows"].append(dict(row, run_args=args, run_env=env, note=note, run=args is not None))
         table(stage, record, [row for row in record["rows"] if row["run"]])
         experiments.run_all(stage, record, save)

@@ -15,14 +15,12 @@ import time
 
 import rows
 import sampling
-from servers import PYTHON, ROOT, SERVERS, VENV, Running, http_get, is_mold, resolve, run, warm_up
+from servers import PYTHON, ROOT, SERVERS, VENV, Running, http_get, molds, resolve, run, warm_up
 from stack import Load
 from support import Process, cpu_seconds, family, memory, resident, wait_until
 
 SPECS = rows.EXPERIMENTS
 KiB = 1024
-# launcher.py's crash window: a worker younger than this that dies is a crash.
-CRASH_WINDOW_S = 10.0
 
 
 def run_all(stage, record, save):
@@ -116,11 +114,11 @@ def mold_memory(stage):
                 settle(running, workers)
                 answers = counted_load(stage, rows.cycle(rows.MIX), workers * spec["requests_per_worker"]).answers
                 time.sleep(0.5)
-                serving = set(running.workers())
+                serving, mold = set(running.workers()), molds(running.lines())
                 processes = []
                 for pid in family(running.root):
                     role = ("worker" if pid in serving else "launcher" if pid == running.root and setup != "uwsgi"
-                            else "master" if pid == running.root else "mold" if is_mold(pid) else "other")
+                            else "master" if pid == running.root else "mold" if pid in mold else "other")
                     processes.append(dict(memory(pid), pid=pid, role=role, command=sampling.command(pid)))
                 found.append({"setup": setup, "workers": workers, "note": note, "requests": len(answers),
                               "processes": processes})
@@ -165,13 +163,10 @@ def handoff(stage):
 
 
 def only_worker_killed(stage):
-    """The only worker, older than the crash window, SIGKILLed: seconds until a 200 comes back."""
+    """The only worker SIGKILLed while it serves nobody: seconds until a 200 comes back through nginx."""
     found = {}
     for setup in ("mold", "cold"):
         times = []
-        if not SPECS["only_worker_killed"]["times"]:
-            found[setup] = {"first_200_s": times}
-            continue
         running, note = ours(stage, "killed-" + setup, MOLD[setup], rows.NEVER_HIT)
         if running is None:
             found[setup] = {"not_run": note}
@@ -180,11 +175,10 @@ def only_worker_killed(stage):
         try:
             for _ in range(SPECS["only_worker_killed"]["times"]):
                 settle(running, 1)
-                worker = running.workers()[0]
-                # Past the crash window, the launcher respawns at once rather than backing off.
-                time.sleep(max(0.0, CRASH_WINDOW_S + 0.5 - age(worker)))
+                # Warm, as a worker that has served a while is.
+                warm_up(nginx, rows.cycle(rows.MIX))
                 killed = time.monotonic()
-                os.kill(worker, signal.SIGKILL)
+                os.kill(running.workers()[0], signal.SIGKILL)
                 while http_get(nginx.url("/wiki/WikiStart"), timeout=60) != 200:
                     if time.monotonic() - killed > 60:
                         raise RuntimeError("no 200 within 60 s of killing the only worker")
@@ -194,13 +188,6 @@ def only_worker_killed(stage):
             running.stop()
         found[setup] = {"note": note, "first_200_s": times}
     return found
-
-
-def age(pid):
-    """Seconds since PID started."""
-    ticks = int(open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()[19])
-    uptime = float(open("/proc/uptime").read().split()[0])
-    return uptime - ticks / os.sysconf("SC_CLK_TCK")
 
 
 def recycle_cpu(stage):

@@ -180,7 +180,7 @@ def handoff_section(record):
             line = "- %s: SIGUSR1 to the replacement's READY=1, %s s (median [min–max] of %d)" % (
                 name, fmt(analysis.spread(h.get("ready_s", [])), 3), len(h.get("ready_s", [])))
             if k.get("first_200_s"):
-                line += "; the only worker, past the crash window, SIGKILLed: a 200 after %s s (of %d)" % (
+                line += "; the only worker SIGKILLed: a 200 after %s s (of %d)" % (
                     fmt(analysis.spread(k["first_200_s"]), 3), len(k["first_200_s"]))
             out.append(line + ("; " + h["note"] if h.get("note") else "") + ".")
         out.append("")
@@ -238,22 +238,38 @@ def markdown(record):
 # The READMEs.
 
 def headline(record):
-    """The few figures the top README gives, as sentences."""
+    """The few figures the top README gives, one line each."""
     def c(row, scenario, fraction=None):
         return analysis.cell(record, row, scenario, fraction)
     found = []
-    ours, stock, uwsgi = c("ours", "wiki"), c("stock", "wiki"), c("uwsgi", "wiki")
-    if ours and stock:
-        found.append("/wiki/WikiStart, 8 connections: ours %.1f pages/s, %s× stock trac.fcgi%s." % (
-            ours["rps"]["median"], ratio(ours, stock), ", %s× uWSGI" % ratio(ours, uwsgi) if uwsgi else ""))
-    ours, stock, uwsgi = c("ours", "steady"), c("stock", "steady"), c("uwsgi", "steady")
-    if ours and stock:
-        found.append("Page mix, 8 connections: %s× stock trac.fcgi%s." % (
-            ratio(ours, stock), ", %s× uWSGI" % ratio(ours, uwsgi) if uwsgi else ""))
+    for scenario, what in (("wiki", "/wiki/WikiStart"), ("steady", "the page mix")):
+        ours, stock = c("ours", scenario), c("stock", scenario)
+        if ours and stock:
+            others = [(name, c(name, scenario)) for name in ("flup", "uwsgi", "ours-nofreeze")]
+            found.append("%s, 8 connections: ours %.1f pages/s, %s× stock trac.fcgi%s." % (
+                what, ours["rps"]["median"], ratio(ours, stock), "".join(
+                    ", %s× %s" % (ratio(ours, other), {"flup": "stock flup", "uwsgi": "uWSGI",
+                                                       "ours-nofreeze": "ours without gc.freeze"}[name])
+                    for name, other in others if other)))
     plain, recycling = c("ours", "open", 0.8), c("ours-requests", "open", 0.8)
     if plain and recycling:
-        found.append("Open-loop p99 at 80%% of capacity: %.0f ms recycling every %d requests, %.0f ms without." % (
+        found.append("Open loop at 80%% of capacity: p99 %.0f ms recycling every %d requests, %.0f ms without." % (
             recycling["p99_ms"]["median"], rows.RECYCLE_REQUESTS, plain["p99_ms"]["median"]))
+    freeze = {k: v for k, v in analysis.freeze_memory(record).items() if "requests" in v}
+    if freeze:
+        found.append("Default memory limits over %s requests: %s." % (
+            "/".join("%d" % f["requests"] for f in freeze.values()), ", ".join(
+                "%d recycles with gc.freeze %s (peak RSS %.0f MB)" % (f["recycles"], k, f["rss_peak_mb"])
+                for k, f in freeze.items())))
+    memory, handoff = analysis.mold_memory(record), record["experiments"].get("handoff", {})
+    shares = [(setup, memory[(setup, 4)]["pss_share"]) for setup in ("cold", "mold", "uwsgi")
+              if "pss_share" in memory.get((setup, 4), {})]
+    if shares:
+        found.append("4 workers: total PSS ÷ 4×RSS %s." % ", ".join("%.2f %s" % (v, k) for k, v in shares))
+    times = {k: analysis.spread(v.get("ready_s", [])) for k, v in handoff.items()}
+    if all(times.get(k) for k in ("mold", "cold")):
+        found.append("SIGUSR1 to READY=1: %.3f s with the mold, %.3f s cold." % (
+            times["mold"]["median"], times["cold"]["median"]))
     results = analysis.targets(record)
     found.append("Targets: %d met, %d missed, %d not measured." % tuple(
         sum(1 for t in results if t["met"] is v) for v in (True, False, None)))
@@ -262,11 +278,12 @@ def headline(record):
 
 def readme_section(record):
     return "\n".join([README_MARKS[0], "## Benchmark", "",
-                      "Measured %s at %s with `%s`%s. " % (record["date"], record["code"]["commit"], record["command"],
-                                                           " (quick mode)" if record["quick"] else "")
-                      + " ".join(headline(record))
-                      + " Every table, the method and the targets: [bench/README.md](bench/README.md).", "",
-                      "![memory and open-loop latency over time while recycling](bench/results/latest.png)", "",
+                       "Measured %s at %s with `%s`%s; every table, the method and the targets are in "
+                       "[bench/README.md](bench/README.md)." % (
+                           record["date"], record["code"]["commit"], record["command"],
+                           " (quick mode: the figures test the pipeline, not the code)" if record["quick"] else ""),
+                       ""] + ["- " + line for line in headline(record)] + [
+                      "", "![memory and open-loop latency over time while recycling](bench/results/latest.png)", "",
                       README_MARKS[1]])
 
 

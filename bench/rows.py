@@ -142,8 +142,8 @@ EXPERIMENTS = {
                     "setups": ["cold", "mold"] if QUICK else ["cold", "mold", "uwsgi"]},
     # SIGUSR1 to the replacement's READY=1, mold on and off.
     "handoff": {"times": 1 if QUICK else 20},
-    # The only worker, past the crash window, SIGKILLed: how soon a 200 comes back.
-    "only_worker_killed": {"times": 0 if QUICK else 3},
+    # The only worker SIGKILLed: how soon a 200 comes back.
+    "only_worker_killed": {"times": 1 if QUICK else 5},
     # CPU of every process under the launcher per request, recycling every 20 requests or never.
     "recycle_cpu": {"requests": 25 if QUICK else 300, "every": 20, "rounds": 1 if QUICK else 2},
     # The launcher alone: memory over many handoffs, idle CPU.
@@ -181,7 +181,7 @@ TARGETS = [
      "against": ("recycle_cpu", "mold", "never", "cpu_ms_per_request")},
     {"text": "4 workers after load: total PSS under the launcher ≤ 0.60 × 4 × one worker's RSS",
      "check": "at_most", "limit": 0.60, "figure": ("mold_memory", "mold", 4, "pss_share")},
-    {"text": "the only worker, past the crash window, SIGKILLed: a 200 within 0.3 s",
+    {"text": "the only worker SIGKILLed: a 200 within 0.3 s (median)",
      "check": "at_most", "limit": 0.3, "figure": ("only_worker_killed", "mold", None, "first_200_s")},
     {"text": "SIGUSR1 to READY=1 with the mold ≤ 0.1× without (a cold start)",
      "check": "ratio_at_most", "limit": 0.1,

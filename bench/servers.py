@@ -194,8 +194,7 @@ class Ours:
 
     def workers(self, root, lines=()):
         """Serving workers: the launcher's children, but not a mold, which serves nobody."""
-        molds = {int(pid) for _, line in lines for pid in re.findall(r" pid=(\d+) .*role=mold", line)}
-        return [pid for pid in children(root) if pid not in molds and not is_mold(pid)]
+        return [pid for pid in children(root) if pid not in molds(lines)]
 
     def recycles(self, lines):
         return [when for when, line in lines if self.HANDOFF.search(line)]
@@ -205,13 +204,9 @@ class Ours:
         return workers[kills % len(workers)] if workers else None
 
 
-def is_mold(pid):
-    """A mold says so in its environment (the launcher tells it its role there) or its command line."""
-    try:
-        return re.search(rb"(ROLE|role)=mold|--mold\b", Path("/proc/%d/environ" % pid).read_bytes()
-                         + Path("/proc/%d/cmdline" % pid).read_bytes()) is not None
-    except OSError:
-        return False
+def molds(lines):
+    """Pids the launcher logged as molds (event=spawn pid=N role=mold)."""
+    return {int(pid) for _, line in lines for pid in re.findall(r" pid=(\d+) .*role=mold", line)}
 
 
 SERVERS = {"stock": Stock(), "uwsgi": UWSGI(), "ours": Ours()}
