@@ -8,10 +8,9 @@ the CPU of each server process, the machine's load), and the experiments'
 raw figures.  Every table and plot is computed from it afterwards, by
 analysis.py and report.py, and can be computed again from the file alone.
 
-Order: first the closed-loop cells of every row (capacity), then the
-open-loop cells at fractions of that capacity (and faults), then the
-experiments.  Within a phase the rows take turns, every other round in
-reverse order, so that drift and others' load fall on every row alike.
+Order: round after round, each row on a freshly started server runs its
+cells (see ORDER), the rows taking turns, every other round in reverse order,
+so that drift and others' load fall on every row alike; then the experiments.
 
 Environment: BENCH_QUICK=1 (one short round, a few rows: the pipeline, not
 the figures); BENCH_ROWS=shipped|no-keepalive|all (a row set);
@@ -98,34 +97,33 @@ def open_level(stage, running, row, fraction, seconds, capacity, number):
     return record
 
 
-def start(stage, row, phase, number):
-    running = Running.of_row(stage, row, "%s-%s-%d" % (row["name"], phase, number), row["run_args"], row["run_env"])
-    warm_up(stage.front(row["nginx"]), rows.cycle(rows.MIX))
-    return running
+# A round of a row: one server start, its cells in this order.  Open loop
+# comes after steady, whose capacity it needs, and before overload and
+# faults, which leave a backlog and dead workers behind them.
+ORDER = ("wiki", "steady", "open", "overload", "faults")
 
 
 def table(stage, record, runnable):
-    def in_turns(phase, cell):
-        for number in range(rows.ROUNDS):
-            for row in (runnable if number % 2 == 0 else runnable[::-1]):
-                wanted = [s for s in row["scenarios"] if cell(s) and rows.SECONDS.get(s) != 0]
-                if not wanted:
-                    continue
-                running = start(stage, row, phase, number)
-                try:
-                    for scenario in wanted:
-                        record["rounds"].extend(run_cell(stage, running, row, scenario, number, record))
-                finally:
-                    running.stop()
-                log("round", phase=phase, row=row["name"], round=number)
-                save(record)
-
-    in_turns("closed", lambda s: s in ("wiki", "steady", "overload"))
-    record["capacity"] = analysis.capacities(record)
-    in_turns("open", lambda s: s in ("open", "faults"))
+    """Every row, round after round, the rows taking turns, every other round in reverse."""
+    for number in range(rows.ROUNDS):
+        for row in (runnable if number % 2 == 0 else runnable[::-1]):
+            wanted = [s for s in ORDER if s in row["scenarios"] and rows.SECONDS.get(s) != 0]
+            running = Running.of_row(stage, row, "%s-%d" % (row["name"], number), row["run_args"], row["run_env"])
+            try:
+                warm_up(stage.front(row["nginx"]), rows.cycle(rows.MIX))
+                for scenario in wanted:
+                    record["rounds"].extend(run_cell(stage, running, row, scenario, number, record))
+                    record["capacity"] = analysis.capacities(record)
+            finally:
+                running.stop()
+            log("round", row=row["name"], round=number)
+            save(record)
 
 
 def run_cell(stage, running, row, scenario, number, record):
+    """The cell's records.  Open loop runs at fractions of the capacity measured
+    so far in this run (the median of the steady rounds of the row, or of its
+    baseline for a recycling row); each record keeps the rate it ran at."""
     if scenario != "open":
         return [closed(stage, running, row, scenario, number)]
     capacity = record["capacity"].get(row["baseline"] or row["name"])

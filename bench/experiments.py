@@ -135,7 +135,7 @@ def stage_uwsgi(stage, processes):
 def handoff(stage):
     """SIGUSR1 to the launcher, to the replacement's READY=1 (its event=ready line), mold on and off."""
     found = {}
-    for setup in ("mold", "cold"):
+    for setup in SPECS["handoff"]["setups"]:
         row = {"name": "handoff-" + setup, "server": "ours", "args": MOLD[setup], "env": rows.NEVER_HIT}
         args, env, note = resolve(row, stage.known)
         if args is None:
@@ -165,7 +165,7 @@ def handoff(stage):
 def only_worker_killed(stage):
     """The only worker SIGKILLed while it serves nobody: seconds until a 200 comes back through nginx."""
     found = {}
-    for setup in ("mold", "cold"):
+    for setup in SPECS["only_worker_killed"]["setups"]:
         times = []
         running, note = ours(stage, "killed-" + setup, MOLD[setup], rows.NEVER_HIT)
         if running is None:
@@ -194,7 +194,7 @@ def recycle_cpu(stage):
     """CPU of every process under the launcher per request, recycling every N requests or never."""
     spec, found = SPECS["recycle_cpu"], []
     every = dict(rows.NEVER_HIT, TRAC_FCGI_MAX_REQUESTS=str(spec["every"]), TRAC_FCGI_JITTER="0")
-    configurations = [(setup, name, env) for setup in ("mold", "cold") for name, env in
+    configurations = [(setup, name, env) for setup in spec["setups"] for name, env in
                       (("every", every), ("never", rows.NEVER_HIT))]
     for number in range(spec["rounds"]):
         for setup, name, env in (configurations if number % 2 == 0 else configurations[::-1]):

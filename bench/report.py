@@ -66,8 +66,9 @@ def intro(record):
     keepalive = s["shipped_keepalive"]
     out += ["Setup: load → nginx → FastCGI unix socket → the row's server, one Trac 1.6 environment on SQLite "
             "with %d tickets. nginx is `examples/nginx.conf` as shipped (%s)%s. Mix: a cycle of %s. "
-            "Each cell is %d round%s on a freshly started server, the rows taking turns, every other round in "
-            "reverse order; a figure is the median of the rounds, [min–max] across them. A target is met only "
+            "Each cell is %d round%s. A round starts the row's server afresh and runs its cells in turn "
+            "(/wiki/WikiStart, steady, open loop, overload, faults); the rows take turns, every other round in "
+            "reverse order. A figure is the median of the rounds, [min–max] across them; a target is met only "
             "on the median. MB are MiB."
             % (s["tickets"], "FastCGI keepalive %d" % keepalive if keepalive else "no FastCGI keepalive",
                ", except the rows marked *nginx without keepalive*" if any(r["nginx"] != "shipped"
@@ -93,7 +94,8 @@ def capacity_section(record):
             continue
         stock = dict((r["name"], c) for r, c in cells).get("stock")
         faults = scenario == "faults"
-        out += ["### " + rows.SCENARIOS[scenario]["label"][0].upper() + rows.SCENARIOS[scenario]["label"][1:], ""]
+        heading = rows.SCENARIOS[scenario]["label"].format(**record["settings"])
+        out += ["### " + heading[0].upper() + heading[1:], ""]
         head = ["setup", "2xx/s", "× stock", "failed", "recycles", "peak RSS MB", "CPU/req ms", "load"]
         body = [[label(r), fmt(c["rps"], 1), ratio(c, stock), "%d" % c["total_failures"], "%d" % c["total_recycles"],
                  fmt(c["peak_rss_mb"], 1), fmt(c["cpu_ms_per_request"]), fmt(c["load"], 1)]
@@ -104,8 +106,9 @@ def capacity_section(record):
 
 def open_loop_section(record):
     out = ["## Latency (open loop)", "",
-           "Requests on a fixed schedule at a fraction of the row's capacity (its steady 2xx/s above; a "
-           "recycling row takes its non-recycling row's, so both face the same offered load), each on its own "
+           "Requests on a fixed schedule at a fraction of the row's capacity (the median of its steady rounds "
+           "so far in this run; a recycling row takes its non-recycling row's, so both face the same offered "
+           "load), each on its own "
            "connection; latency from each request's scheduled time, as wrk2 measures it, so a stall counts "
            "for every request it delays. Per round p50, p99, p99.9 and max over every request; then the "
            "median of the rounds [min–max].", ""]
@@ -171,7 +174,7 @@ def handoff_section(record):
     killed = record["experiments"].get("only_worker_killed", {})
     if handoff or killed:
         out += ["## Handoff and recovery", ""]
-        for setup in ("mold", "cold"):
+        for setup in [setup for setup in ("mold", "cold") if setup in handoff or setup in killed]:
             h, k = handoff.get(setup, {}), killed.get(setup, {})
             name = {"mold": "--mold on", "cold": "--mold off (cold exec)"}[setup]
             if "not_run" in h:
@@ -257,10 +260,14 @@ def headline(record):
             recycling["p99_ms"]["median"], rows.RECYCLE_REQUESTS, plain["p99_ms"]["median"]))
     freeze = {k: v for k, v in analysis.freeze_memory(record).items() if "requests" in v}
     if freeze:
-        found.append("Default memory limits over %s requests: %s." % (
+        verdict = ""
+        if {"on", "off"} <= set(freeze):
+            verdict = ": gc.freeze %s" % ("made them recycle more often" if freeze["on"]["recycles"] >
+                                         freeze["off"]["recycles"] else "did not make them recycle more often")
+        found.append("Default memory limits over %s requests of a wide page mix: %s%s." % (
             "/".join("%d" % f["requests"] for f in freeze.values()), ", ".join(
                 "%d recycles with gc.freeze %s (peak RSS %.0f MB)" % (f["recycles"], k, f["rss_peak_mb"])
-                for k, f in freeze.items())))
+                for k, f in freeze.items()), verdict))
     memory, handoff = analysis.mold_memory(record), record["experiments"].get("handoff", {})
     shares = [(setup, memory[(setup, 4)]["pss_share"]) for setup in ("cold", "mold", "uwsgi")
               if "pss_share" in memory.get((setup, 4), {})]

@@ -23,7 +23,7 @@ SECONDS = {                      # seconds of load per round of each kind of cel
     "faults": 2 if QUICK else 6,
 }
 # Open-loop load, as fractions of the measured capacity, and seconds at each.
-OPEN_LOOP = [(0.8, 2.5)] if QUICK else [(0.5, 3), (0.8, 8), (0.95, 3)]
+OPEN_LOOP = [(0.8, 2.5)] if QUICK else [(0.5, 2.5), (0.8, 7), (0.95, 2.5)]
 KILL_EVERY_S = 1.0 if QUICK else 3.0   # faults: one worker SIGKILLed this often
 SAMPLE_EVERY_S = 0.25                  # RSS and PSS of every server process
 WRK_THREADS = 2
@@ -68,7 +68,7 @@ SCENARIOS = {
     "steady": {"clients": 8, "mix": MIX, "label": "steady, 8 connections"},
     "overload": {"clients": 64, "mix": MIX, "label": "overload, 64 connections"},
     "faults": {"clients": 8, "mix": MIX, "kill_every": KILL_EVERY_S,
-               "label": "faults, 8 connections, one worker SIGKILLed every %g s" % KILL_EVERY_S},
+               "label": "faults, 8 connections, one worker SIGKILLed every {kill_every_s:g} s"},
 }
 ALL = ("steady", "open", "overload", "faults")
 
@@ -130,22 +130,25 @@ ROW_SETS = {
 DEFAULT_ROW_SET = "quick" if QUICK else "all"
 
 # --------------------------------------------------------------------------
-# Experiments beside the table.
+# Experiments beside the table.  A setup is how ours makes its workers:
+# forked from a warm mold, or exec'd cold (--mold off).
+
+SETUPS = ["mold"] if QUICK else ["mold", "cold"]
 
 EXPERIMENTS = {
     # Memory over many requests, with gc.freeze on and off, under the default
     # memory limits (128M, soft mark 90%): how often they would recycle.
-    "freeze_memory": {"requests": 60 if QUICK else 3000, "clients": 8, "mix": PAGE_MIX,
+    "freeze_memory": {"requests": 30 if QUICK else 3000, "clients": 8, "mix": PAGE_MIX,
                       "settings": {"on": {"TRAC_FCGI_GC_FREEZE": "on"}, "off": {"TRAC_FCGI_GC_FREEZE": "off"}}},
     # RSS, PSS and private memory of every process under the server after load.
     "mold_memory": {"workers": [1] if QUICK else [1, 2, 4], "requests_per_worker": 10 if QUICK else 60,
-                    "setups": ["cold", "mold"] if QUICK else ["cold", "mold", "uwsgi"]},
+                    "setups": SETUPS if QUICK else SETUPS + ["uwsgi"]},
     # SIGUSR1 to the replacement's READY=1, mold on and off.
-    "handoff": {"times": 1 if QUICK else 20},
+    "handoff": {"times": 1 if QUICK else 20, "setups": SETUPS},
     # The only worker SIGKILLed: how soon a 200 comes back.
-    "only_worker_killed": {"times": 1 if QUICK else 5},
+    "only_worker_killed": {"times": 1 if QUICK else 5, "setups": SETUPS},
     # CPU of every process under the launcher per request, recycling every 20 requests or never.
-    "recycle_cpu": {"requests": 25 if QUICK else 300, "every": 20, "rounds": 1 if QUICK else 2},
+    "recycle_cpu": {"requests": 25 if QUICK else 200, "every": 20, "rounds": 1 if QUICK else 2, "setups": SETUPS},
     # The launcher alone: memory over many handoffs, idle CPU.
     "launcher": {"handoffs": (100, 300 if QUICK else 10000), "idle_s": 3 if QUICK else 60},
 }
