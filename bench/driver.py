@@ -37,7 +37,8 @@ import experiments  # noqa: E402
 import load  # noqa: E402
 import rows  # noqa: E402
 import sampling  # noqa: E402
-from servers import PYTHON, ROOT, VENV, Running, Stage, find_program, resolve, shipped_keepalive, warm_up  # noqa: E402
+from servers import (PYTHON, ROOT, VENV, Running, Stage, find_program, http_get, resolve,  # noqa: E402
+                     shipped_keepalive, warm_up)
 
 
 def log(event, **facts):
@@ -125,7 +126,11 @@ def run_cell(stage, running, row, scenario, number, record):
     so far in this run (the median of the steady rounds of the row, or of its
     baseline for a recycling row); each record keeps the rate it ran at."""
     if scenario != "open":
-        return [closed(stage, running, row, scenario, number)]
+        found = [closed(stage, running, row, scenario, number)]
+        # wrk leaves its last requests queued (64 of them after overload): the
+        # next cell starts once one more request has waited its turn behind them.
+        http_get(stage.front(row["nginx"]).url("/wiki/WikiStart"), timeout=120)
+        return found
     capacity = record["capacity"].get(row["baseline"] or row["name"])
     if not capacity:
         return []

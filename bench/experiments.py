@@ -42,8 +42,12 @@ def ours(stage, name, args=(), env=None, nginx=True):
     if run_args is None:
         return None, note
     running = Running.of_row(stage, row, name, run_args, run_env)
-    if nginx:
-        warm_up(stage.front("shipped"), rows.cycle(rows.MIX))
+    try:
+        if nginx:
+            warm_up(stage.front("shipped"), rows.cycle(rows.MIX))
+    except BaseException:
+        running.stop()
+        raise
     return running, note
 
 
@@ -81,7 +85,8 @@ def freeze_memory(stage):
             ended = time.time()
             samples = sampler.stop()
             found[setting] = {
-                "note": note, "requests": len(work.answers), "failed": len(work.failures()), "seconds": round(work.seconds, 2),
+                "note": note, "requests": len(work.answers), "failed": len(work.failures()),
+                "seconds": round(work.seconds, 2),
                 "answered_at": sorted(round(a.started + a.latency - clock, 2) for a in work.answers),
                 "samples": [[round(t - started, 2)] + rest for t, *rest in samples],
                 "recycles": [round(t - started, 2) for t in running.recycles(started, ended)],
@@ -102,7 +107,6 @@ def mold_memory(stage):
                     found.append({"setup": setup, "workers": workers, "not_run": "uWSGI is not installed"})
                     continue
                 running = Running(stage, "uwsgi", stage_uwsgi(stage, workers), {}, "memory-uwsgi-%d" % workers)
-                warm_up(stage.front("shipped"), rows.cycle(rows.MIX))
                 note = None
             else:
                 running, note = ours(stage, "memory-%s-%d" % (setup, workers),
@@ -111,6 +115,7 @@ def mold_memory(stage):
                     found.append({"setup": setup, "workers": workers, "not_run": note})
                     continue
             try:
+                warm_up(stage.front("shipped"), rows.cycle(rows.MIX))
                 settle(running, workers)
                 answers = counted_load(stage, rows.cycle(rows.MIX), workers * spec["requests_per_worker"]).answers
                 time.sleep(0.5)

@@ -25,7 +25,8 @@ RECYCLE_COLOUR = "tab:red"
 
 
 def draw(record, path):
-    recycling = [row for row in record["rows"] if row["baseline"] and analysis.rounds_of(record, row["name"], "open", LEVEL)]
+    recycling = [row for row in record["rows"]
+                 if row["baseline"] and analysis.rounds_of(record, row["name"], "open", LEVEL)]
     freeze = {k: v for k, v in record["experiments"].get("freeze_memory", {}).items() if "samples" in v}
     columns = len(recycling) + (1 if freeze else 0)
     if not columns:

@@ -37,7 +37,8 @@ def fmt(value, digits=0):
 
 
 def table(head, body):
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in body] + [""]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return lines + ["| " + " | ".join(cells) + " |" for cells in body] + [""]
 
 
 def label(row):
@@ -110,8 +111,9 @@ def open_loop_section(record):
            "so far in this run; a recycling row takes its non-recycling row's, so both face the same offered "
            "load), each on its own "
            "connection; latency from each request's scheduled time, as wrk2 measures it, so a stall counts "
-           "for every request it delays. Per round p50, p99, p99.9 and max over every request; then the "
-           "median of the rounds [min–max].", ""]
+           "for every request it delays. Per round p50, p99, p99.9 and max over every request (nearest rank: "
+           "with under 1,000 requests a round, p99.9 is the round's slowest); then the median of the rounds "
+           "[min–max]. *Failed* counts, over all rounds, answers that were not a whole 2xx page.", ""]
     for fraction, seconds in record["settings"]["open_loop"]:
         cells = analysis.table(record, "open", fraction)
         if not cells:

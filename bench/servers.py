@@ -93,7 +93,8 @@ for n in range(1, int(sys.argv[2]) + 1):
     ticket.populate({"summary": "Bench ticket %d: pages render slowly" % n, "reporter": "bench",
                      "type": "defect", "status": "new", "priority": "major", "component": "component1",
                      "milestone": "milestone1",
-                     "description": "Steps:\\n 1. Open WikiStart\\n 1. Wait\\n\\n{{{\\nTraceback\\n}}}\\n[wiki:WikiStart]."})
+                     "description": "Steps:\\n 1. Open WikiStart\\n 1. Wait\\n\\n{{{\\nTraceback\\n}}}\\n"
+                                    "[wiki:WikiStart]."})
     ticket.insert()
     ticket["status"] = "accepted" if n % 3 == 0 else "new"
     ticket.save_changes("bench", "Comment %d: still happens with '''Trac 1.6'''." % n)
