@@ -267,7 +267,12 @@ def missing(record, ref):
     return reason or "not measured in this run"
 
 
+def number(x):
+    """Three significant figures, without an exponent."""
+    return "%.0f" % x if abs(x) >= 100 else "%.1f" % x if abs(x) >= 10 else "%.3g" % x
+
+
 def describe(value):
     if value["n"] == 1:
-        return "%.3g" % value["median"]
-    return "%.3g [%.3g–%.3g]" % (value["median"], value["min"], value["max"])
+        return number(value["median"])
+    return "%s [%s–%s]" % (number(value["median"]), number(value["min"]), number(value["max"]))

@@ -14,8 +14,10 @@ so that drift and others' load fall on every row alike; then the experiments.
 
 Environment: BENCH_QUICK=1 (one short round, a few rows: the pipeline, not
 the figures); BENCH_ROWS=shipped|no-keepalive|all (a row set);
-BENCH_ONLY=row,row (some rows only); BENCH_OUT (where results go, default
-bench/results); BENCH_WORK (scratch, default bench/work).
+BENCH_ONLY=row,row (some rows only; BENCH_ONLY=none for no table) and
+BENCH_EXPERIMENTS=name,name (some experiments only), while developing;
+BENCH_OUT (where results go, default bench/results); BENCH_WORK (scratch,
+default bench/work).
 """
 
 import json

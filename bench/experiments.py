@@ -24,9 +24,14 @@ KiB = 1024
 
 
 def run_all(stage, record, save):
+    """Every experiment, or those BENCH_EXPERIMENTS=name,name names (while developing)."""
+    only = [name for name in os.environ.get("BENCH_EXPERIMENTS", "").split(",") if name]
     for name, experiment in (("freeze_memory", freeze_memory), ("mold_memory", mold_memory), ("handoff", handoff),
                              ("only_worker_killed", only_worker_killed), ("recycle_cpu", recycle_cpu),
                              ("launcher", launcher_handoffs)):
+        if only and name not in only:
+            record["experiments"][name] = {}
+            continue
         started = time.time()
         record["experiments"][name] = experiment(stage)
         record["experiment_seconds"][name] = round(time.time() - started, 1)

@@ -9,6 +9,7 @@ tests start and watch processes the same way.
 
 import os
 import re
+import shutil
 import subprocess
 import threading
 import time
@@ -53,10 +54,11 @@ class Stage:
         self.spawn_fcgi = find_program("spawn-fcgi")
         self.env = self.work / "trac-env"
         self.deploy = self.work / "trac-deploy"
-        if not (self.env / "VERSION").exists():
-            make_bench_env(self.env)
-        if not (self.deploy / "cgi-bin" / "trac.fcgi").exists():
-            run([str(VENV / "trac-admin"), str(self.env), "deploy", str(self.deploy)])
+        # Made afresh each run, so that it is the fixture of the code measured.
+        for old in (self.env, self.deploy):
+            shutil.rmtree(old, ignore_errors=True)
+        make_bench_env(self.env)
+        run([str(VENV / "trac-admin"), str(self.env), "deploy", str(self.deploy)])
         self.nginx = {}
         self.known = known_settings()
 
