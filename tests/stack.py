@@ -39,13 +39,19 @@ class NginxTemplate(string.Template):
     delimiter = "@"
 
 
-def nginx_config(prefix, listen, fastcgi_server, upstream=None):
-    """examples/nginx.conf filled in; UPSTREAM replaces its `upstream trac {...}` block."""
+def nginx_config(prefix, listen, fastcgi_server, upstream=None, keepalive=True):
+    """examples/nginx.conf filled in; UPSTREAM replaces its `upstream trac {...}` block.
+
+    keepalive=False drops its `keepalive N;` and `fastcgi_keep_conn on;`
+    lines, if it has them: nginx's default, a FastCGI connection per request.
+    """
     text = (EXAMPLES / "nginx.conf").read_text()
     if upstream is not None:
         text, found = re.subn(r"^    upstream trac \{.*?^    \}\n", lambda _: upstream, text,
                               flags=re.MULTILINE | re.DOTALL)
         assert found == 1, "examples/nginx.conf has no single `upstream trac {...}` block"
+    if not keepalive:
+        text = re.sub(r"^\s*(keepalive\s+\d+|fastcgi_keep_conn\s+on)\s*;.*\n", "", text, flags=re.MULTILINE)
     return NginxTemplate(text).substitute(prefix=prefix, listen=listen,
                                           fastcgi_server=fastcgi_server or "the upstream block below",
                                           user=pwd.getpwuid(os.getuid()).pw_name)
@@ -62,7 +68,7 @@ def upstream_block(*servers):
 class Nginx:
     """Real nginx on a free port of 127.0.0.1, in its own prefix directory."""
 
-    def __init__(self, directory, fastcgi_server, upstream=None, port=None):
+    def __init__(self, directory, fastcgi_server, upstream=None, port=None, keepalive=True):
         self.prefix = Path(directory)
         for sub in ("logs", "tmp"):
             (self.prefix / sub).mkdir(parents=True, exist_ok=True)
@@ -72,7 +78,8 @@ class Nginx:
         # A free port can be taken by someone else before nginx binds it: try again.
         for attempt in range(5):
             self.port = port or free_port()
-            self.conf.write_text(nginx_config(self.prefix, "127.0.0.1:%d" % self.port, fastcgi_server, upstream))
+            self.conf.write_text(nginx_config(self.prefix, "127.0.0.1:%d" % self.port, fastcgi_server, upstream,
+                                                keepalive))
             self.process = Process([NGINX, "-p", str(self.prefix), "-c", str(self.conf),
                                     "-e", str(self.error_log_path), "-g", "daemon off;"],
                                    self.prefix / "nginx.out")

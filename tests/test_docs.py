@@ -2,7 +2,6 @@
 import re
 import signal
 import subprocess
-import sys
 
 import launcher
 import trac_fcgi
@@ -65,12 +64,6 @@ def test_launcher_help_documents_every_flag_variable_and_signal():
 def test_the_readme_opens_with_make_demo_and_make_test():
     opening = re.search(r"```sh\n(.*?)```", README, re.S).group(1)
     assert opening.split("\n")[0].startswith("make demo") and opening.split("\n")[1].startswith("make test")
-
-
-def test_the_readme_benchmark_section_is_bench_results_latest_md():
-    sys.path.insert(0, str(ROOT / "bench"))
-    import bench
-    assert bench.readme_section((ROOT / "bench/results/latest.md").read_text()) in README
 
 
 def test_every_test_the_failure_modes_table_cites_exists():
