@@ -1,0 +1,205 @@
+#!/usr/bin/env python3
+"""fronts.py: how nginx's connection settings in front of trac-fcgi trade speed against running a POST twice.
+
+Each front is examples/nginx.conf with its upstream block and two
+directives (fastcgi_keep_conn, fastcgi_next_upstream) set as the row says;
+everything else is the example as written.  Behind each: spawn-fcgi, the
+launcher with --workers 2, and workers that recycle every 12 requests
+(TRAC_FCGI_MAX_REQUESTS=12, jittered), on a fresh Trac environment.
+
+Each front gets two phases of 8 clients, each client creating a ticket
+through Trac's form, then reading /wiki/WikiStart and /timeline, in turn:
+
+    recycling   FRONTS_SECONDS (default 30) of load; workers recycle only
+    kills       the same load, and a serving worker SIGKILLed every 4 s,
+                FRONTS_KILLS times (default 6)
+
+Then the database says what really happened to each ticket asked for:
+created once, twice (a duplicate), or not at all.  Writes
+bench/results/fronts.md (and .json); scratch files go to bench/work/fronts/.
+Run it with `.venv/bin/python bench/fronts.py`; FRONTS_ONLY=name,name runs
+some fronts only.
+"""
+
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCH.parent / "tests"), str(BENCH.parent)]
+
+from stack import TicketLoad, serving_workers, ticket_summaries, trac_behind_nginx, writable_trac_env  # noqa: E402
+
+WORK = BENCH / "work" / "fronts"
+RESULTS = BENCH / "results"
+SECONDS = float(os.environ.get("FRONTS_SECONDS", "30"))
+KILLS = int(os.environ.get("FRONTS_KILLS", "6"))
+ROUNDS = int(os.environ.get("FRONTS_ROUNDS", "2"))
+KILL_EVERY_S = 4.0
+CLIENTS = 8
+PAGES = ["/wiki/WikiStart", "/timeline"]
+ONLY = [name for name in os.environ.get("FRONTS_ONLY", "").split(",") if name]
+
+
+def upstream(*lines):
+    return "    upstream trac {\n%s    }\n" % "".join("        %s;\n" % line for line in lines)
+
+
+# name: (what it is, upstream block, server directives)
+FRONTS = {
+    "default": (
+        "nginx's defaults: a connection per request, POSTs never retried",
+        upstream("server @{fastcgi_server}"),
+        {"fastcgi_keep_conn": None, "fastcgi_next_upstream": None}),
+    "twice": (
+        "a connection per request; the socket listed twice (max_fails=0), so a failed GET is retried once",
+        upstream("server @{fastcgi_server} max_fails=0", "server @{fastcgi_server} max_fails=0"),
+        {"fastcgi_keep_conn": None, "fastcgi_next_upstream": None}),
+    "keepalive": (
+        "keepalive 8, fastcgi_keep_conn on; POSTs never retried",
+        upstream("server @{fastcgi_server}", "keepalive 8"),
+        {"fastcgi_keep_conn": "on", "fastcgi_next_upstream": "error timeout"}),
+    "keepalive+retry": (
+        "keepalive 8, fastcgi_keep_conn on, fastcgi_next_upstream error timeout non_idempotent",
+        upstream("server @{fastcgi_server}", "keepalive 8"),
+        {"fastcgi_keep_conn": "on", "fastcgi_next_upstream": "error timeout non_idempotent"}),
+}
+
+
+def run_phase(nginx, launcher, tag, kills):
+    load = TicketLoad(nginx.port, CLIENTS, tag, pages=PAGES)
+    killed = []
+
+    def stop(seconds):
+        if kills:
+            if len(killed) < kills and seconds >= KILL_EVERY_S * (len(killed) + 1):
+                victims = serving_workers(launcher)
+                if victims:
+                    victim = random.choice(victims)
+                    os.kill(victim, signal.SIGKILL)
+                    killed.append(victim)
+            return len(killed) >= kills and seconds >= KILL_EVERY_S * (kills + 1)
+        return seconds >= SECONDS
+
+    logged_before = len(nginx.access_log())
+    load.run(stop, max_seconds=max(SECONDS, KILL_EVERY_S * (kills + 2)) * 3)
+    return load, killed, nginx.access_log()[logged_before:]
+
+
+def figures(phases, trac_env, tag):
+    """One phase's figures, summed over its rounds: PHASES is [(load, killed, access log), ...]."""
+    in_db = ticket_summaries(trac_env)
+    mine = {summary: n for summary, n in in_db.items() if summary.startswith(tag + " ")}
+    answers = [a for load, _, _ in phases for a in load.answers]
+    posts = [p for load, _, _ in phases for p in load.posts()]
+    seconds = sum(load.seconds for load, _, _ in phases)
+    whole = [a for a in answers if (a.status == 200 and a.complete and not a.error) or a.status == 303]
+    latencies = sorted(a.latency for a in answers) or [0.0]
+    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]
+    return {
+        "seconds": round(seconds, 1),
+        "answers": len(answers),
+        "whole_per_s": round(len(whole) / max(seconds, 0.001), 1),
+        "p50_ms": round(pick(0.5) * 1000), "p99_ms": round(pick(0.99) * 1000), "max_ms": round(latencies[-1] * 1000),
+        "failed_gets": sum(1 for a in answers if a.request[1] == "GET" and a not in whole),
+        "failed_posts": sum(1 for _, a in posts if a.status != 303),
+        # $upstream_addr reads "a, b" when nginx tried again on b.
+        "retried": sum(1 for _, _, access in phases for e in access if "," in e["upstream"]),
+        "tickets_asked": len(posts),
+        "answered_303": sum(1 for _, a in posts if a.status == 303),
+        "duplicated": sum(n - 1 for n in mine.values() if n > 1),
+        "303_not_once": sum(1 for summary, a in posts if a.status == 303 and mine.get(summary) != 1),
+        "failed_but_created": sum(1 for summary, a in posts if a.status != 303 and mine.get(summary)),
+        "kills": sum(len(killed) for _, killed, _ in phases),
+    }
+
+
+def recycled(launcher):
+    return len([h for h in launcher.events("hup") if "replaced by" in h.get("reason", "")])
+
+
+def measure_round(name, number, upstream_block, directives, trac_env):
+    """One round of both phases on a fresh stack: {phase: (load, killed, access)}, and counts."""
+    directory = WORK / name / ("round%d" % number)
+    directory.mkdir()
+    started = []
+    try:
+        nginx, launcher = trac_behind_nginx(started, directory, trac_env, "--workers", "2",
+                                            env={"TRAC_FCGI_MAX_REQUESTS": "12"},
+                                            upstream=upstream_block, directives=directives)
+        result, counts = {}, {}
+        for phase, kills in (("recycling", 0), ("kills", KILLS)):
+            before = recycled(launcher)
+            result[phase] = run_phase(nginx, launcher, phase, kills)
+            counts[phase + "_recycles"] = recycled(launcher) - before
+            print(name, number, phase, result[phase][0].summary()[:160], flush=True)
+        counts["backoffs"] = len(launcher.events("backoff"))
+        return result, counts
+    finally:
+        for thing in reversed(started):
+            thing.stop()
+
+
+def table(rows):
+    out = ["| front | whole answers/s | p50 ms | p99 ms | failed GETs | failed POSTs | retried by nginx "
+           "| duplicate tickets | kills | failed GETs | failed POSTs | POSTs failed but created | retried by nginx "
+           "| duplicate tickets | 303s not in the database exactly once |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        r, k = row["recycling"], row["kills"]
+        out.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            row["front"], r["whole_per_s"], r["p50_ms"], r["p99_ms"], r["failed_gets"], r["failed_posts"],
+            r["retried"], r["duplicated"], k["kills"], k["failed_gets"], k["failed_posts"],
+            k["failed_but_created"], k["retried"], k["duplicated"], k["303_not_once"]))
+    return "\n".join(out)
+
+
+def main():
+    WORK.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(exist_ok=True)
+    began = time.time()
+    names = [name for name in FRONTS if not ONLY or name in ONLY]
+    envs, rounds = {}, {name: [] for name in names}
+    for name in names:
+        shutil.rmtree(WORK / name, ignore_errors=True)
+        (WORK / name).mkdir(parents=True)
+        envs[name] = writable_trac_env(WORK / name / "env")
+    # The fronts take turns, every other round in reverse order, so that
+    # drift and others' load on this machine fall on every front alike.
+    for number in range(ROUNDS):
+        for name in (names if number % 2 == 0 else names[::-1]):
+            _, upstream_block, directives = FRONTS[name]
+            rounds[name].append(measure_round(name, number, upstream_block, directives, envs[name]))
+    rows = []
+    for name in names:
+        row = {"front": name, "description": FRONTS[name][0]}
+        for phase in ("recycling", "kills"):
+            row[phase] = figures([result[phase] for result, _ in rounds[name]], envs[name], phase)
+            row[phase]["recycles"] = sum(counts[phase + "_recycles"] for _, counts in rounds[name])
+        row["backoffs"] = sum(counts["backoffs"] for _, counts in rounds[name])
+        rows.append(row)
+    lines = ["# nginx fronts: speed against running a POST twice", "",
+             "Measured %s UTC by `bench/fronts.py` in %.0f s: %d clients, each creating a ticket through "
+             "Trac's form and reading %s in turn; launcher --workers 2, TRAC_FCGI_MAX_REQUESTS=12; per round, "
+             "%.0f s of recycling, then a serving worker SIGKILLed every %.0f s, %d times; %d rounds on fresh "
+             "servers, the fronts taking turns. Load average at the end: %s." % (
+                 time.strftime("%Y-%m-%d %H:%M", time.gmtime(began)), time.time() - began, CLIENTS,
+                 " and ".join(PAGES), SECONDS, KILL_EVERY_S, KILLS, ROUNDS,
+                 ", ".join("%.2f" % x for x in os.getloadavg())),
+             "", "The first seven columns are the recycling phase, the rest the kills phase.", "",
+             table(rows), ""]
+    lines += ["- **%s**: %s; %d recycles, then %d under kills; %d crash backoffs." % (
+        row["front"], row["description"], row["recycling"]["recycles"], row["kills"]["recycles"], row["backoffs"])
+        for row in rows]
+    (RESULTS / "fronts.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "fronts.json").write_text(json.dumps(rows, indent=1) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
