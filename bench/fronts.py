@@ -135,7 +135,7 @@ def measure_round(name, number, upstream_block, directives, trac_env):
         result, counts = {}, {}
         for phase, kills in (("recycling", 0), ("kills", KILLS)):
             before = recycled(launcher)
-            result[phase] = run_phase(nginx, launcher, phase, kills)
+            result[phase] = run_phase(nginx, launcher, "%s round %d" % (phase, number), kills)
             counts[phase + "_recycles"] = recycled(launcher) - before
             print(name, number, phase, result[phase][0].summary()[:160], flush=True)
         counts["backoffs"] = len(launcher.events("backoff"))

@@ -159,19 +159,23 @@ def test_killing_the_launcher_takes_every_worker_with_it_and_frees_the_socket(tm
         again.stop()
 
 
-def test_a_hung_request_is_abandoned_at_the_drain_timeout_and_counted(tmp_path):
+def test_a_hung_request_is_abandoned_at_the_drain_timeout_and_logged_by_name(tmp_path):
     # Injects: a request that never finishes, then a handoff.
-    # Holds: the old worker leaves after TRAC_FCGI_DRAIN_TIMEOUT and logs abandoned=1.
+    # Holds: the old worker leaves after TRAC_FCGI_DRAIN_TIMEOUT, logs the
+    # request it abandons by method and path, and abandoned=1.
     launcher = start_launcher(tmp_path, HELLO, env={"TRAC_FCGI_DRAIN_TIMEOUT": "2"})
     try:
         launcher.wait_for("all-ready")
         old = int(launcher.events("ready")[0]["pid"])
-        ask_in_background(launcher.socket, "delay=3600")
+        ask_in_background(launcher.socket, "delay=3600", path="/report/hung")
         time.sleep(0.3)
         launcher.signal(signal.SIGHUP)
         exit_line = launcher.wait_for("exit", pid=old, timeout=20)[0]
         assert 2 <= float(exit_line["drain_s"]) < 5
         assert launcher.wait_for("drained", abandoned=1)
+        abandoned = launcher.events("abandoned")
+        assert [(a["method"], a["path"], a["bytes_sent"]) for a in abandoned] == [("GET", "/report/hung", "0")]
+        assert float(abandoned[0]["running_s"]) >= 2
         assert fcgi_get(launcher.socket).status == 200
     finally:
         launcher.stop()
