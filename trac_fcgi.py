@@ -250,7 +250,10 @@ def log(event, **facts):
     for key, value in facts.items():
         if value is not None:
             value = "%.3f" % value if isinstance(value, float) else str(value)
-            words.append("%s=%s" % (key, value if value and " " not in value else repr(value)))
+            # Quoted when it could be misread: a request's path is the client's
+            # to choose, and a newline in it must not start a line of its own.
+            words.append("%s=%s" % (key, value if value and value.isprintable() and " " not in value
+                                    else repr(value)))
     sys.stderr.write(" ".join(words) + "\n")
     sys.stderr.flush()
 
@@ -353,6 +356,8 @@ def request_start(header):
     try:
         value = float(header.strip().removeprefix("t="))
     except ValueError:
+        return 0.0
+    if not 0 < value < 1e17:  # nan, inf and nonsense say nothing
         return 0.0
     while value > 1e11:  # milli- or microseconds
         value /= 1000

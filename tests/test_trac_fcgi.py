@@ -164,10 +164,12 @@ def test_an_answer_that_cannot_be_delivered_is_logged_with_its_request(spawn):
     worker = spawn(HELLO)
     with socket.socket(socket.AF_UNIX) as conn:
         conn.connect(worker.socket)
-        conn.sendall(fcgi_request_bytes(1, path="/slow", query="delay=0.5"))
+        # A path is the client's to choose (nginx decodes %0A): it stays on its line.
+        conn.sendall(fcgi_request_bytes(1, path="/slow\nevent=forged", query="delay=0.5"))
         time.sleep(0.2)  # the application is running: the web server was there when it began
     undelivered = worker.wait_for("undelivered")[0]
-    assert (undelivered["method"], undelivered["path"]) == ("GET", "/slow")
+    assert (undelivered["method"], undelivered["path"]) == ("GET", repr("/slow\nevent=forged"))
+    assert not worker.events("forged")
     assert undelivered["error"] in ("EPIPE", "ECONNRESET"), undelivered
     assert not worker.events("dropped")
     assert fcgi_get(worker.socket).status == 200
