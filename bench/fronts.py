@@ -14,11 +14,12 @@ through Trac's form, then reading /wiki/WikiStart and /timeline, in turn:
     kills       the same load, and a serving worker SIGKILLed every 4 s,
                 FRONTS_KILLS times (default 6)
 
-Then the database says what really happened to each ticket asked for:
-created once, twice (a duplicate), or not at all.  Writes
-bench/results/fronts.md (and .json); scratch files go to bench/work/fronts/.
-Run it with `.venv/bin/python bench/fronts.py`; FRONTS_ONLY=name,name runs
-some fronts only.
+Each front runs FRONTS_ROUNDS rounds (default 2) on freshly started
+servers, the fronts taking turns, every other round in reverse order.  Then
+the database says what really happened to each ticket asked for: created
+once, twice (a duplicate), or not at all.  Writes bench/results/fronts.md
+(and .json); scratch files go to bench/work/fronts/.  Run it with
+`.venv/bin/python bench/fronts.py`; FRONTS_ONLY=name,name runs some fronts only.
 """
 
 import json
@@ -33,7 +34,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH.parent / "tests"), str(BENCH.parent)]
 
-from stack import TicketLoad, serving_workers, ticket_summaries, trac_behind_nginx, writable_trac_env  # noqa: E402
+from stack import KEEPALIVE_FRONT, TicketLoad, serving_workers, ticket_summaries, trac_behind_nginx, writable_trac_env  # noqa: E402
 
 WORK = BENCH / "work" / "fronts"
 RESULTS = BENCH / "results"
@@ -62,12 +63,12 @@ FRONTS = {
         {"fastcgi_keep_conn": None, "fastcgi_next_upstream": None}),
     "keepalive": (
         "keepalive 8, fastcgi_keep_conn on; POSTs never retried",
-        upstream("server @{fastcgi_server}", "keepalive 8"),
-        {"fastcgi_keep_conn": "on", "fastcgi_next_upstream": "error timeout"}),
+        KEEPALIVE_FRONT["upstream"], KEEPALIVE_FRONT["directives"]),
     "keepalive+retry": (
-        "keepalive 8, fastcgi_keep_conn on, fastcgi_next_upstream error timeout non_idempotent",
-        upstream("server @{fastcgi_server}", "keepalive 8"),
-        {"fastcgi_keep_conn": "on", "fastcgi_next_upstream": "error timeout non_idempotent"}),
+        "keepalive 8, fastcgi_keep_conn on, fastcgi_next_upstream error timeout non_idempotent "
+        "(the example's settings until this comparison)",
+        KEEPALIVE_FRONT["upstream"],
+        dict(KEEPALIVE_FRONT["directives"], fastcgi_next_upstream="error timeout non_idempotent")),
 }
 
 

@@ -75,6 +75,15 @@ def upstream_block(*servers):
     return "".join("    " + line if line.strip() else line for line in text.splitlines(True))
 
 
+# The other way to run nginx in front, which examples/nginx.conf weighs and
+# turns down: FastCGI connections kept open between requests, which trac-fcgi
+# serves too.  As trac_behind_nginx(**KEEPALIVE_FRONT).
+KEEPALIVE_FRONT = {
+    "upstream": "    upstream trac {\n        server @{fastcgi_server};\n        keepalive 8;\n    }\n",
+    "directives": {"fastcgi_keep_conn": "on", "fastcgi_next_upstream": "error timeout"},
+}
+
+
 class Nginx:
     """Real nginx on a free port of 127.0.0.1, in its own prefix directory."""
 
