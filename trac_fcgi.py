@@ -417,7 +417,10 @@ class CountedConnection(fcgi_base.Connection):
         self.params_bytes = 0
         self.cut_off = False
         self.kept_alive = False  # has served a request and stays open for more
-        self.waiting_since = time.monotonic()  # accepted, or its last request ended
+        # Since when the next request has waited for us: from accept for the
+        # first, from its first record for a later one on a kept-alive
+        # connection (idle time between requests is nobody's wait).
+        self.waiting_since = time.monotonic()
         self.request = None  # the request the application is running, for the drain's log
 
     def run(self):
@@ -490,6 +493,10 @@ class CountedConnection(fcgi_base.Connection):
         if req is not None and rec.type == fcgi_base.FCGI_STDOUT:
             req.bytes_sent += rec.contentLength
 
+    def _do_begin_request(self, inrec):
+        self.waiting_since = self.waiting_since or time.monotonic()
+        fcgi_base.Connection._do_begin_request(self, inrec)
+
     def _do_params(self, inrec):
         self.params_bytes += inrec.contentLength
         if self.params_bytes > self.MAX_PARAMS_BYTES:
@@ -504,7 +511,7 @@ class CountedConnection(fcgi_base.Connection):
         self._sock.restart()
         self.kept_alive = True
         self.params_bytes = 0
-        self.waiting_since = time.monotonic()
+        self.waiting_since = None
         # On a draining worker a kept-alive connection ends with its current
         # request.  Under steady load nginx reuses it at once, so waiting for
         # it to fall idle would keep the drain going until its timeout, and
