@@ -235,8 +235,8 @@ def main():
              "Measured %s UTC at commit %s by `bench/fronts.py` in %.0f s: %d clients, each creating a ticket through "
              "Trac's form and reading %s in turn; launcher --workers 2; per round, %.0f s steady, %.0f s "
              "of recycling every 12 requests, then a serving worker SIGKILLed every %.0f s, %d times; "
-             "%d rounds on fresh servers, the fronts taking turns. Load average (others run tests on this machine too) at the "
-             "start: %s; at the end: %s." % (
+             "%d rounds on fresh servers, the fronts taking turns. Load average (others run tests on this "
+             "machine too) at the start: %s; at the end: %s." % (
                  time.strftime("%Y-%m-%d %H:%M", time.gmtime(began)), commit(), time.time() - began, CLIENTS,
                  " and ".join(PAGES), SECONDS, SECONDS, KILL_EVERY_S, KILLS, ROUNDS, load_at_start,
                  ", ".join("%.2f" % x for x in os.getloadavg())),
