@@ -290,7 +290,10 @@ def log(event, **facts):
     for key, value in facts.items():
         if value is not None:
             value = "%.3f" % value if isinstance(value, float) else str(value)
-            words.append("%s=%s" % (key, value if value and " " not in value else repr(value)))
+            # Quoted when it could be misread: a request's path is the client's
+            # to choose, and a newline in it must not start a line of its own.
+            words.append("%s=%s" % (key, value if value and value.isprintable() and " " not in value
+                                    else repr(value)))
     sys.stderr.write(" ".join(words) + "\n")
     sys.stderr.flush()
 
@@ -457,6 +460,39 @@ class QueueingThreadPool(ThreadPool):
         return ThreadPool.addJob(self, job, allowQueuing=True)
 
 
+def web_server_gone(sock):
+    """Has the web server closed its end of this connection?  Unread data does not hide it.
+
+    On a unix socket the kernel reports a full close as POLLHUP and a mere
+    shutdown of the sending side as POLLRDHUP alone, so only a real close
+    counts.  TCP tells the two apart only once we write; a FastCGI web
+    server has no reason to half-close, so there POLLRDHUP counts.
+    """
+    poller = select.poll()
+    poller.register(sock, select.POLLRDHUP)
+    events = poller.poll(0)
+    if not events:
+        return False
+    gone = select.POLLHUP if sock.family == socket.AF_UNIX else select.POLLHUP | select.POLLRDHUP
+    return bool(events[0][1] & gone)
+
+
+def request_start(header):
+    """X-Request-Start, as nginx sends it (t=${msec}): when the web server began on the request.
+
+    Seconds since the epoch, or milli- or microseconds as some proxies write it; 0 if absent or unreadable.
+    """
+    try:
+        value = float(header.strip().removeprefix("t="))
+    except ValueError:
+        return 0.0
+    if not 0 < value < 1e17:  # nan, inf and nonsense say nothing
+        return 0.0
+    while value > 1e11:  # milli- or microseconds
+        value /= 1000
+    return value
+
+
 class DeadlineSocket:
     """A client socket on which the whole of each request must arrive within one deadline.
 
@@ -512,10 +548,15 @@ class CountedConnection(fcgi_base.Connection):
     def __init__(self, sock, addr, server, timeout):
         fcgi_base.Connection.__init__(self, DeadlineSocket(sock, server.limits.idle_timeout), addr,
                                       server, timeout)
-        server.connection_opened()
+        server.connection_opened(self)
         self.params_bytes = 0
         self.cut_off = False
         self.kept_alive = False  # has served a request and stays open for more
+        # Since when the next request has waited for us: from accept for the
+        # first, from its first record for a later one on a kept-alive
+        # connection (idle time between requests is nobody's wait).
+        self.waiting_since = time.monotonic()
+        self.request = None  # the request the application is running, for the drain's log
 
     def run(self):
         try:
@@ -570,6 +611,41 @@ class CountedConnection(fcgi_base.Connection):
                 raise EOFError
         return fcgi_base.Connection.process_input(self)
 
+    def _start_request(self, req):
+        # flup runs a request as soon as its parameters are in.  A web server
+        # that gave up on it meanwhile (its client left, or its read timeout
+        # passed while the request waited in the backlog) has closed the
+        # connection: running it now would change the site for nobody to
+        # see the answer, and nginx may even have said 504 already.
+        req.arrived(self.waiting_since)
+        if web_server_gone(self._sock):
+            log("dropped", reason="the web server closed the connection before the request ran",
+                **req.facts())
+            self.cut_off = True
+            raise EOFError
+        self.request = req
+        try:
+            req.run()
+        finally:
+            self.request = None
+
+    def writeRecord(self, rec):
+        req = self._requests.get(rec.requestId)
+        try:
+            fcgi_base.Connection.writeRecord(self, rec)
+        except OSError as error:
+            if req is not None and not req.undelivered:
+                req.undelivered = True
+                log("undelivered", error=errno.errorcode.get(error.errno, type(error).__name__),
+                    bytes_sent=req.bytes_sent, **req.facts())
+            raise
+        if req is not None and rec.type == fcgi_base.FCGI_STDOUT:
+            req.bytes_sent += rec.contentLength
+
+    def _do_begin_request(self, inrec):
+        self.waiting_since = self.waiting_since or time.monotonic()
+        fcgi_base.Connection._do_begin_request(self, inrec)
+
     def _do_params(self, inrec):
         self.params_bytes += inrec.contentLength
         if self.params_bytes > self.MAX_PARAMS_BYTES:
@@ -584,6 +660,7 @@ class CountedConnection(fcgi_base.Connection):
         self._sock.restart()
         self.kept_alive = True
         self.params_bytes = 0
+        self.waiting_since = None
         # On a draining worker a kept-alive connection ends with its current
         # request.  Under steady load nginx reuses it at once, so waiting for
         # it to fall idle would keep the drain going until its timeout, and
@@ -614,10 +691,29 @@ class CountedRequest(fcgi_base.Request):
     """Counts requests and measures memory after each one, before its client learns it is over.
 
     Measured before FCGI_END_REQUEST goes out, the client's next request can
-    only arrive once the main loop can know we are past the limit.
+    only arrive once the main loop can know we are past the limit.  It also
+    knows enough about itself to name itself in a log line.
     """
 
     counted = False
+    undelivered = False  # a write of its answer failed, and was logged
+    bytes_sent = 0       # of its answer (FCGI_STDOUT: headers and body)
+    started = None       # when its parameters were in, and it was due to run
+    waited_s = None
+
+    def arrived(self, waiting_since):
+        """Called once its parameters are in: how long it waited to get here."""
+        self.started = time.monotonic()
+        queued = request_start(self.params.get("HTTP_X_REQUEST_START", ""))
+        self.waited_s = max(0.0, time.time() - queued if queued else self.started - waiting_since)
+
+    def facts(self):
+        """What a log line says about this request."""
+        params = self.params
+        return {"method": params.get("REQUEST_METHOD"),
+                "path": params.get("SCRIPT_NAME", "") + params.get("PATH_INFO", ""),
+                "client": params.get("REMOTE_ADDR"),
+                "waited_s": self.waited_s}
 
     def _end(self, appStatus=0, protocolStatus=fcgi_base.FCGI_REQUEST_COMPLETE):
         self.count()
@@ -659,7 +755,7 @@ class RecyclingWSGIServer(WSGIServer):
         self.started = time.monotonic()
         self.launcher = launcher_pid()
         self.lock = threading.Lock()
-        self.connections = 0
+        self.open = set()  # every accepted connection not yet closed
         # Kept-alive connections holding a thread while they wait for their
         # next request (oldest first, with when they began to wait); whether
         # a connection waits in the backlog for a thread; and the connection
@@ -680,13 +776,17 @@ class RecyclingWSGIServer(WSGIServer):
 
     # -- counting (called from connection threads) -------------------------
 
-    def connection_opened(self):
+    @property
+    def connections(self):
+        return len(self.open)
+
+    def connection_opened(self, connection):
         with self.lock:
-            self.connections += 1
+            self.open.add(connection)
 
     def connection_closed(self, connection):
         with self.lock:
-            self.connections -= 1
+            self.open.discard(connection)
             was_full = self.connections == self.limits.max_threads - 1
             if self.releasing is connection:
                 self.releasing = None
@@ -937,6 +1037,7 @@ class RecyclingWSGIServer(WSGIServer):
         while self.connections and time.monotonic() < deadline:
             select.select([self.wake_r], [], [], min(PERIOD_S, max(0, deadline - time.monotonic())))
             self.drain_pipe()
+        self.log_abandoned()
         log("drained", drain_s=time.monotonic() - started, abandoned=self.connections,
             requests=self.requests, rss=self.rss())
         if self.launcher is None:
@@ -963,6 +1064,16 @@ class RecyclingWSGIServer(WSGIServer):
         if self.requests != count and now - when >= REPORT_EVERY_S:
             self.reported = (self.requests, now)
             self.tell_launcher("REQUESTS=%d" % self.requests)
+
+    def log_abandoned(self):
+        """One line for each request still running as the drain times out: what its client loses."""
+        now = time.monotonic()
+        with self.lock:
+            running = [connection.request for connection in self.open]
+        for request in running:
+            if request is not None:
+                log("abandoned", running_s=now - request.started, bytes_sent=request.bytes_sent,
+                    **request.facts())
 
 
 # --------------------------------------------------------------------------

@@ -66,6 +66,11 @@ def test_the_readme_opens_with_make_demo_and_make_test():
     assert opening.split("\n")[0].startswith("make demo") and opening.split("\n")[1].startswith("make test")
 
 
+def test_the_readme_nginx_fronts_table_is_bench_results_fronts_md():
+    table = [line for line in (ROOT / "bench/results/fronts.md").read_text().splitlines() if line.startswith("|")]
+    assert table and "\n".join(table) in README
+
+
 def test_every_test_the_failure_modes_table_cites_exists():
     table = README[README.index("## Failure modes"):README.index("## Benchmark")]
     cited = set(re.findall(r"`(test_\w+)`", table))

@@ -175,15 +175,59 @@ def test_a_request_accepted_but_not_yet_on_a_thread_is_answered(spawn):
     assert worker.events("drained", abandoned=0)
 
 
-def test_the_drain_is_bounded_and_abandoned_requests_are_counted(spawn):
+def test_the_drain_is_bounded_and_each_abandoned_request_is_logged_by_name(spawn):
     worker = spawn(HELLO, env={"TRAC_FCGI_DRAIN_TIMEOUT": "1"})
-    threads, results = ask_in_background(worker.socket, "delay=30", count=2)
+    threads, results = ask_in_background(worker.socket, "delay=30", count=2, path="/hung")
     time.sleep(0.4)
     started = time.monotonic()
     worker.signal(signal.SIGTERM)
     assert worker.wait(10) == 0
     assert time.monotonic() - started < 5
     assert worker.events("drained", abandoned=2)
+    abandoned = worker.events("abandoned")
+    assert [(a["method"], a["path"], a["client"], a["bytes_sent"]) for a in abandoned] == [
+        ("GET", "/hung", "127.0.0.1", "0")] * 2
+    assert all(float(a["running_s"]) >= 1 for a in abandoned), abandoned
+
+
+# --------------------------------------------------------------------------
+# A web server that has given up
+
+def test_a_request_whose_web_server_closed_the_connection_before_it_ran_is_dropped_and_logged(spawn):
+    # As nginx does at fastcgi_read_timeout: the request waited in the backlog
+    # (here behind a stopped worker) until the web server closed its end.
+    worker = spawn(HELLO)
+    worker.signal(signal.SIGSTOP)
+    try:
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.connect(worker.socket)
+            conn.sendall(fcgi_request_bytes(1, path="/newticket", method="POST", body=b"summary=x",
+                                            params={"HTTP_X_REQUEST_START": "t=%.3f" % time.time()}))
+            time.sleep(1)
+    finally:
+        worker.signal(signal.SIGCONT)
+    dropped = worker.wait_for("dropped")[0]
+    assert (dropped["method"], dropped["path"]) == ("POST", "/newticket")
+    assert float(dropped["waited_s"]) >= 1, "measured from when the web server began (X-Request-Start)"
+    assert fcgi_get(worker.socket).status == 200
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(10) == 0
+    assert worker.events("drained", requests=1), "the application ran only for the GET"
+
+
+def test_an_answer_that_cannot_be_delivered_is_logged_with_its_request(spawn):
+    worker = spawn(HELLO)
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.connect(worker.socket)
+        # A path is the client's to choose (nginx decodes %0A): it stays on its line.
+        conn.sendall(fcgi_request_bytes(1, path="/slow\nevent=forged", query="delay=0.5"))
+        time.sleep(0.2)  # the application is running: the web server was there when it began
+    undelivered = worker.wait_for("undelivered")[0]
+    assert (undelivered["method"], undelivered["path"]) == ("GET", repr("/slow\nevent=forged"))
+    assert not worker.events("forged")
+    assert undelivered["error"] in ("EPIPE", "ECONNRESET"), undelivered
+    assert not worker.events("dropped")
+    assert fcgi_get(worker.socket).status == 200
 
 
 def test_a_kept_alive_connection_is_closed_cleanly_after_its_current_request_on_drain(spawn):
