@@ -33,7 +33,8 @@ serve-debs:
 	$(APT_GET_MISSING)
 
 # Debian packages, installed only when a command is missing.  systemd brings
-# systemd-socket-activate and systemd-analyze, which the recipe tests run.
+# systemd-socket-activate and systemd-analyze, which the recipe tests run;
+# prometheus-node-exporter reads the launcher's metrics file in its tests.
 debs:
 	@missing=""; \
 	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$$missing nginx-light"; \
@@ -41,6 +42,7 @@ debs:
 	command -v cgi-fcgi >/dev/null || missing="$$missing libfcgi-bin"; \
 	command -v wrk >/dev/null || missing="$$missing wrk"; \
 	command -v systemd-socket-activate >/dev/null || missing="$$missing systemd"; \
+	command -v prometheus-node-exporter >/dev/null || missing="$$missing prometheus-node-exporter"; \
 	$(APT_GET_MISSING)
 
 # The end of both recipes above: install what they found $$missing.
