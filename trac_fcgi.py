@@ -368,9 +368,10 @@ class Refreezer:
     its frames still hold its objects.
     """
 
-    def __init__(self, enabled, wake):
+    def __init__(self, enabled, wake, wait_s=FREEZE_WAIT_S):
         self.enabled = enabled
         self.wake = wake              # wakes the main loop, which polls us
+        self.wait_s = wait_s
         self.lock = threading.Condition()
         self.in_flight = 0
         self.next_at = 1              # the request count at which to freeze next
@@ -382,10 +383,10 @@ class Refreezer:
     def request_starting(self):
         """Called before the application runs: wait while a freeze is due or under way."""
         with self.lock:
-            # Past FREEZE_WAIT_S the freeze is postponed (see poll): go ahead.
+            # Past wait_s the freeze is postponed (see poll): go ahead.
             while self.freezing or (self.closed_at is not None
-                                    and time.monotonic() < self.closed_at + FREEZE_WAIT_S):
-                self.lock.wait(None if self.freezing else self.closed_at + FREEZE_WAIT_S - time.monotonic())
+                                    and time.monotonic() < self.closed_at + self.wait_s):
+                self.lock.wait(None if self.freezing else self.closed_at + self.wait_s - time.monotonic())
             self.in_flight += 1
 
     def request_done(self, requests):
@@ -408,7 +409,7 @@ class Refreezer:
             if self.closed_at is None:
                 return
             waited = time.monotonic() - self.closed_at
-            if self.in_flight and waited < FREEZE_WAIT_S:
+            if self.in_flight and waited < self.wait_s:
                 return
             postponed = self.in_flight > 0
             if postponed:
