@@ -445,6 +445,11 @@ class Refreezer:
             with self.lock:
                 self.freezing = False
                 self.closed_at = None
+                # Under load the requests in flight when the gate closed end
+                # before the freeze: the next one is due only at the next
+                # doubling past them, not at once.
+                while self.next_at <= requests:
+                    self.next_at *= 2
                 self.lock.notify_all()
         log("freeze", frozen=frozen, requests=requests, waited_s=waited)
 

@@ -62,6 +62,18 @@ def test_freezes_come_due_after_requests_1_2_4_8_and_so_on(capsys):
     assert freezes_logged(capsys) == [1, 2, 4, 8, 16, 32]
 
 
+def test_a_freeze_that_waited_for_requests_in_flight_sets_the_next_one_a_doubling_past_them(capsys):
+    refreezer = Refreezer(True, wake=lambda: None, wait_s=PATIENT)
+    for _ in range(6):
+        refreezer.request_starting()       # six at once, as under load
+    for requests in range(1, 7):
+        refreezer.request_done(requests)   # due after 1, done once all six have ended
+    refreezer.poll(6)
+    for requests in range(7, 10):
+        serve(refreezer, requests)
+    assert freezes_logged(capsys) == [6, 8]
+
+
 def test_a_freeze_due_while_a_request_is_in_flight_waits_for_it(capsys):
     woken = []
     refreezer = Refreezer(True, wake=lambda: woken.append(True), wait_s=PATIENT)
