@@ -402,11 +402,19 @@ class Refreezer:
     def request_starting(self):
         """Called before the application runs: wait while a freeze is due or under way."""
         with self.lock:
-            # Past wait_s the freeze is postponed (see poll): go ahead.
-            while self.freezing or (self.closed_at is not None
-                                    and time.monotonic() < self.closed_at + self.wait_s):
-                self.lock.wait(None if self.freezing else self.closed_at + self.wait_s - time.monotonic())
+            while self.freezing or (self.closed_at is not None and not self.slow_in_flight()):
+                self.lock.wait(None if self.freezing or not self.in_flight
+                               else self.closed_at + self.wait_s - time.monotonic())
             self.in_flight += 1
+
+    def slow_in_flight(self):
+        """Whether requests in flight have kept a due freeze waiting too long: it is postponed (see poll).
+
+        With none in flight the main loop, woken, is about to freeze: wait
+        for it, however slow the machine.  The main loop polls for as long
+        as it serves, and stop() opens the gate when it stops.
+        """
+        return self.in_flight and time.monotonic() >= self.closed_at + self.wait_s
 
     def request_done(self, requests):
         """Called once the application and its response are done; REQUESTS counts this one."""
@@ -425,19 +433,17 @@ class Refreezer:
     def poll(self, requests):
         """Freeze if the gate is closed and no request is in flight; postpone if they take too long."""
         with self.lock:
-            if self.closed_at is None:
+            if self.closed_at is None or (self.in_flight and not self.slow_in_flight()):
                 return
-            waited = time.monotonic() - self.closed_at
-            if self.in_flight and waited < self.wait_s:
-                return
-            postponed = self.in_flight > 0
+            waited, in_flight = time.monotonic() - self.closed_at, self.in_flight
+            postponed = in_flight > 0
             if postponed:
                 self.closed_at = None
                 self.lock.notify_all()
             else:
                 self.freezing = True
         if postponed:
-            log("freeze-postponed", in_flight=self.in_flight, waited_s=waited, next_at=self.next_at)
+            log("freeze-postponed", in_flight=in_flight, waited_s=waited, next_at=self.next_at)
             return
         try:
             frozen = freeze_warm_set()

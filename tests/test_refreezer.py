@@ -102,6 +102,17 @@ def test_a_request_arriving_while_a_freeze_is_due_waits_until_it_is_done(capsys)
     assert started.wait(30)
 
 
+def test_with_none_in_flight_a_request_waits_for_the_due_freeze_however_late_the_main_loop_is(capsys):
+    refreezer = Refreezer(True, wake=lambda: None, wait_s=0.1)
+    refreezer.request_starting()
+    refreezer.request_done(1)              # due, and nothing in flight to wait for
+    started = start_waiting_request(refreezer)
+    assert not started.wait(0.5)           # five times the wait, and still waiting
+    refreezer.poll(1)
+    assert freezes_logged(capsys) == [1]
+    assert started.wait(30)
+
+
 def test_requests_in_flight_past_the_wait_postpone_the_freeze_and_the_waiting_go_ahead(capsys):
     refreezer = Refreezer(True, wake=lambda: None, wait_s=0.2)
     refreezer.request_starting()           # a slow request
