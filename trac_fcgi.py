@@ -328,7 +328,9 @@ def hup_when_parent_dies():
 # live object into a generation the collector never walks, so that
 # collection walks only what came after.  The cost: cyclic garbage among
 # frozen objects is never collected.  Only what was live at a freeze can
-# leak so, once; recycling bounds it like any other growth.
+# leak so, once; recycling bounds it like any other growth.  (The CGI
+# fallback serves its one request inside _setupSocket and exits: it never
+# gets as far as freezing.)
 
 # How long new requests may wait for the requests in flight to finish, so
 # that a freeze finds none.  Past it they go ahead and the freeze waits for
