@@ -7,7 +7,9 @@ run it as the launcher's WORKER_PATH.  It serves Trac (or any WSGI app) with
 flup's threaded FastCGI server, measures its resident memory, request count
 and age, and when one crosses its limit it asks its launcher for a
 replacement (SIGUSR1), keeps serving until the launcher says go (SIGHUP), then
-stops accepting and finishes every request it has accepted.
+stops accepting and finishes every request it has accepted.  It also
+freezes Trac's long-lived objects out of the garbage collector's reach, which
+Trac otherwise walks in full after every request ("Freezing the warm set").
 
 The settings are environment variables, listed below with their defaults;
 `trac_fcgi.py --help` prints the same table.  Edit DEFAULT_TRAC_ENV as you
