@@ -387,8 +387,9 @@ class Refreezer:
     then the main loop, the one thread that runs no request, collects and
     freezes, and opens the gate.  A request counts as done once its
     application has returned and flup has dropped its response (see
-    CountedRequest.count), so a freeze can catch only flup's own few objects
-    for the request that just ended: a few kilobytes.
+    CountedRequest.count), so a freeze catches only flup's own objects for
+    the requests that have just ended or wait at the gate (their FastCGI
+    records are read before it): a few kilobytes each.
     """
 
     def __init__(self, enabled, wake, wait_s=FREEZE_WAIT_S):
