@@ -421,7 +421,7 @@ class Refreezer:
         for it, however slow the machine.  The main loop polls for as long
         as it serves, and stop() opens the gate when it stops.
         """
-        return self.in_flight and time.monotonic() >= self.closed_at + self.wait_s
+        return self.in_flight > 0 and time.monotonic() >= self.closed_at + self.wait_s
 
     def request_done(self, requests):
         """Called once the application and its response are done; REQUESTS counts this one."""
