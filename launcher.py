@@ -24,9 +24,11 @@ import argparse
 import errno
 import fcntl
 import os
+import re
 import shutil
 import signal
 import socket
+import stat
 import struct
 import sys
 import time
@@ -109,34 +111,31 @@ def positive_seconds(text):
 
 
 def size_bytes(text):
-    """a size in bytes with an optional K, M or G suffix, e.g. 512M"""
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper()
-    number, unit = (text[:-1], text[-1]) if text[-1:] in units and text[-1:] else (text, "")
-    value = int(number) * units[unit]
-    if value < 0:
+    """a size in bytes: digits with an optional K, M or G suffix, e.g. 128M"""
+    # Written the same in trac_fcgi.py; tests/test_settings.py feeds both one table.
+    match = re.fullmatch(r"([0-9]+)([KMG]?)", text.strip().upper())
+    if not match:
         raise ValueError
-    return value
+    return int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2)]
 
 
 def address(text):
     """an address: unix:/path[:mode], HOST:PORT or [v6]:PORT, e.g. unix:/run/trac/trac.sock"""
+    # Written the same in trac_fcgi.py; tests/test_settings.py feeds both one table.
     if text.startswith("unix:"):
-        path, mode = text[len("unix:"):], 0o660
-        head, sep, tail = path.rpartition(":")
-        if sep and tail and all(c in "01234567" for c in tail):
-            path, mode = head, int(tail, 8)
-        if not path.startswith("/"):
+        path, mode = text[len("unix:"):], "660"
+        match = re.fullmatch(r"(.*):([0-9]+)", path)
+        if match:  # a trailing :digits is always the mode, so a bad mode is refused, not taken as a file name
+            path, mode = match.groups()
+        if not path.startswith("/") or "\0" in path or not re.fullmatch(r"0?[0-7]{3}", mode):
             raise ValueError
-        return socket.AF_UNIX, path, mode
-    host, _, port = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        family, host = socket.AF_INET6, host[1:-1]
-    else:
-        family = socket.AF_INET
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return socket.AF_UNIX, path, int(mode, 8)
+    match = (re.fullmatch(r"\[([^\[\]\s]+)\]:([0-9]{1,5})", text)
+             or re.fullmatch(r"([^\[\]\s:]+):([0-9]{1,5})", text))
+    if not match or not 0 < int(match.group(2)) < 65536:
         raise ValueError
-    return family, host, int(port)
+    family = socket.AF_INET6 if text.startswith("[") else socket.AF_INET
+    return family, match.group(1), int(match.group(2))
 
 
 # (flag, environment variable, parser, default, metavar, help)
@@ -274,35 +273,65 @@ def bind_socket(family, host, port):
     try:
         sock.bind((host, port))
     except OSError as error:
-        raise BadInput("cannot bind %s port %d: %s; pick a free address" % (host, port, error.strerror))
+        sock.close()
+        raise BadInput("cannot bind %s port %d: %s; pick a free address"
+                       % (host, port, error.strerror or error))
     sock.listen(socket.SOMAXCONN)
     return sock
 
 
 def bind_unix(path, mode):
-    if os.path.exists(path):
-        # Only a stale file is removed: a live launcher still answers on it.
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)
-        else:
-            raise BadInput("unix:%s: something is listening there already; stop it or pick another path" % path)
-        finally:
-            probe.close()
+    remove_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # Bind under a umask that leaves no window in which the file is world-writable.
     old_umask = os.umask(0o777 & ~mode)
     try:
         sock.bind(path)
     except OSError as error:
-        raise BadInput("cannot bind unix:%s: %s; check the directory exists and is writable" % (path, error.strerror))
+        sock.close()
+        raise BadInput("cannot bind unix:%s: %s; check the directory exists and is writable"
+                       % (path, error.strerror or error))
     finally:
         os.umask(old_umask)
     os.chmod(path, mode)
     sock.listen(socket.SOMAXCONN)
     return sock
+
+
+def remove_stale_socket(path):
+    """Make room for our socket at PATH: only a socket that nobody listens on is removed.
+
+    Anything else there is refused and left as it was: a typo such as
+    unix:/srv/trac/trac.ini must not cost that file, and a live socket
+    belongs to a server that still answers on it.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return  # nothing there, or nothing we may look at: bind() says which
+    if not stat.S_ISSOCK(mode):
+        raise BadInput("unix:%s exists and is not a socket, so it was left as it is; "
+                       "give the path where the socket should be, e.g. unix:/run/trac/trac.sock" % path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)  # a listener with a full backlog must not hold us up
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        # Left by a server that is gone.  A server that binds the same path
+        # between this probe and the unlink loses its file: a window of
+        # microseconds, against one that lasts until an admin cleans up.
+        os.unlink(path)
+        return
+    except FileNotFoundError:
+        return
+    except BlockingIOError:
+        pass  # listening, with a full backlog
+    except OSError as error:
+        raise BadInput("unix:%s is a socket, and whether anything listens on it cannot be told (%s); "
+                       "remove it if it is stale, or pick another path" % (path, error.strerror))
+    finally:
+        probe.close()
+    raise BadInput("unix:%s: something is listening there already; stop it or pick another path" % path)
 
 
 def worker_command(command):

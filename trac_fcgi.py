@@ -28,13 +28,17 @@ import gc
 import importlib
 import io
 import random
+import re
 import select
 import signal
 import socket
 import stat
+import struct
 import sys
+import textwrap
 import threading
 import time
+import traceback
 import urllib.parse
 import warnings
 
@@ -69,14 +73,12 @@ class BadSetting(Exception):
 
 
 def size(text):
-    """a size in bytes with an optional K, M or G suffix, e.g. 128M"""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper()
-    factor = units.get(text[-1:], 1)
-    number = text[:-1] if text[-1:] in units else text
-    if not number.isdigit():
+    """a size in bytes: digits with an optional K, M or G suffix, e.g. 128M"""
+    # Written the same in launcher.py; tests/test_settings.py feeds both one table.
+    match = re.fullmatch(r"([0-9]+)([KMG]?)", text.strip().upper())
+    if not match:
         raise ValueError
-    return int(number) * factor
+    return int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2)]
 
 
 def count(text):
@@ -140,6 +142,25 @@ def app_spec(text):
     return text
 
 
+def address(text):
+    """an address: unix:/path[:mode], HOST:PORT or [v6]:PORT, e.g. unix:/run/trac/trac.sock"""
+    # Written the same in launcher.py; tests/test_settings.py feeds both one table.
+    if text.startswith("unix:"):
+        path, mode = text[len("unix:"):], "660"
+        match = re.fullmatch(r"(.*):([0-9]+)", path)
+        if match:  # a trailing :digits is always the mode, so a bad mode is refused, not taken as a file name
+            path, mode = match.groups()
+        if not path.startswith("/") or "\0" in path or not re.fullmatch(r"0?[0-7]{3}", mode):
+            raise ValueError
+        return socket.AF_UNIX, path, int(mode, 8)
+    match = (re.fullmatch(r"\[([^\[\]\s]+)\]:([0-9]{1,5})", text)
+             or re.fullmatch(r"([^\[\]\s:]+):([0-9]{1,5})", text))
+    if not match or not 0 < int(match.group(2)) < 65536:
+        raise ValueError
+    family = socket.AF_INET6 if text.startswith("[") else socket.AF_INET
+    return family, match.group(1), int(match.group(2))
+
+
 # (environment variable, parser, default, meaning)
 SETTINGS = [
     ("TRAC_FCGI_MAX_RSS", size, "128M",
@@ -173,17 +194,19 @@ PASSED_THROUGH = [
     ("FCGI_WEB_SERVER_ADDRS", "comma-separated web server addresses allowed on a TCP socket"),
     ("FCGI_FORCE_CGI", "Y serves one CGI request, as flup does"),
     ("LAUNCHER_PID, NOTIFY_SOCKET", "set by trac-fcgi-launcher; see its --help"),
+    ("LAUNCHER_READY_WORKERS", "set by trac-fcgi-launcher: how many other workers served when this one "
+                               "started, which a failed warm-up reports"),
 ]
 
 HELP = """\
-usage: trac_fcgi.py [--bind ADDR] [--help]
+usage: trac_fcgi.py [--bind ADDR] [--help] [--version]
 
 A drop-in trac.fcgi: serves Trac over FastCGI on fd 0 and replaces itself
 before its memory, request count or age pass their limits.
 
   with spawn-fcgi:  spawn-fcgi -n -s /run/trac/trac.sock -- /srv/trac/cgi-bin/trac.fcgi
   with a launcher:  WORKER_PATH=/srv/trac/cgi-bin/trac.fcgi trac-fcgi-launcher --bind unix:/run/trac/trac.sock
-  by hand:          trac_fcgi.py --bind 127.0.0.1:9000   (or unix:/path)
+  by hand:          trac_fcgi.py --bind 127.0.0.1:9000   (or unix:/path[:mode], mode 0660 by default)
   in a terminal:    runs one CGI request, as flup does (REQUEST_METHOD etc. from the environment)
 
 settings (environment variables):
@@ -201,10 +224,24 @@ signals:
 
 
 def help_text():
-    rows = ["  %-24s %s (default %s)" % (name, meaning, default if default is not None else "see meaning")
+    def row(name, meaning):
+        return textwrap.fill(meaning, 79, initial_indent="  %-24s " % name, subsequent_indent=" " * 27,
+                             break_on_hyphens=False)
+    rows = [row(name, meaning if default is None else "%s (default %s)" % (meaning, default))
             for name, _, default, meaning in SETTINGS]
-    passed = ["  %-24s %s" % row for row in PASSED_THROUGH]
+    passed = [row(name, meaning) for name, meaning in PASSED_THROUGH]
     return HELP % ("\n".join(rows), "\n".join(passed))
+
+
+def answered_without_serving(argv):
+    """--help and --version: answered before anything is imported, so that they work without flup."""
+    if "--help" in argv or "-h" in argv:
+        sys.stdout.write(help_text())
+    elif argv == ["--version"]:
+        sys.stdout.write("%s\n" % __version__)
+    else:
+        return False
+    return True
 
 
 class Limits:
@@ -475,11 +512,96 @@ class Refreezer:
 
 
 # --------------------------------------------------------------------------
+# --bind: the listening socket, made without destroying anything.
+# Written the same in launcher.py, whose --bind reads the same addresses.
+
+def bind_socket(family, host, port):
+    if family == socket.AF_UNIX:
+        return bind_unix(host, port)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise BadSetting("cannot bind %s port %d: %s; pick a free address"
+                         % (host, port, error.strerror or error))
+    sock.listen(socket.SOMAXCONN)
+    return sock
+
+
+def bind_unix(path, mode):
+    remove_stale_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Bind under a umask that leaves no window in which the file is world-writable.
+    old_umask = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(path)
+    except OSError as error:
+        sock.close()
+        raise BadSetting("cannot bind unix:%s: %s; check the directory exists and is writable"
+                         % (path, error.strerror or error))
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, mode)
+    sock.listen(socket.SOMAXCONN)
+    return sock
+
+
+def remove_stale_socket(path):
+    """Make room for our socket at PATH: only a socket that nobody listens on is removed.
+
+    Anything else there is refused and left as it was: a typo such as
+    unix:/srv/trac/trac.ini must not cost that file, and a live socket
+    belongs to a server that still answers on it.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return  # nothing there, or nothing we may look at: bind() says which
+    if not stat.S_ISSOCK(mode):
+        raise BadSetting("unix:%s exists and is not a socket, so it was left as it is; "
+                         "give the path where the socket should be, e.g. unix:/run/trac/trac.sock" % path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)  # a listener with a full backlog must not hold us up
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        # Left by a server that is gone.  A server that binds the same path
+        # between this probe and the unlink loses its file: a window of
+        # microseconds, against one that lasts until an admin cleans up.
+        os.unlink(path)
+        return
+    except FileNotFoundError:
+        return
+    except BlockingIOError:
+        pass  # listening, with a full backlog
+    except OSError as error:
+        raise BadSetting("unix:%s is a socket, and whether anything listens on it cannot be told (%s); "
+                         "remove it if it is stale, or pick another path" % (path, error.strerror))
+    finally:
+        probe.close()
+    raise BadSetting("unix:%s: something is listening there already; stop it or pick another path" % path)
+
+
+# --------------------------------------------------------------------------
 # The server.
 
-from flup.server import fcgi_base  # noqa: E402  (after the settings an admin edits)
-from flup.server.fcgi import WSGIServer  # noqa: E402
-from flup.server.threadpool import ThreadPool  # noqa: E402
+try:
+    from flup.server import fcgi_base  # noqa: E402  (after the settings an admin edits)
+    from flup.server.fcgi import WSGIServer  # noqa: E402
+    from flup.server.threadpool import ThreadPool  # noqa: E402
+except ImportError as missing:
+    # Run as a script by a Python that lacks flup (`./trac_fcgi.py` finds the
+    # first python3 on PATH): say which Python, and how to give it flup.
+    if __name__ != "__main__":
+        raise
+    if answered_without_serving(sys.argv[1:]):
+        sys.exit(0)
+    sys.stderr.write("trac-fcgi: %s cannot import flup (%s): install what this file needs with "
+                     "%s -m pip install flup==1.0.3 'Trac>=1.6,<1.7' 'setuptools<81', or run it with "
+                     "a Python that has them\n" % (sys.executable, missing, sys.executable))
+    sys.exit(2)
 
 
 class QueueingThreadPool(ThreadPool):
@@ -530,6 +652,12 @@ class DeadlineSocket:
         return getattr(self._sock, name)
 
 
+# What flup's record decoding raises on bytes that are not FastCGI (a
+# name-value pair longer than its record, a BEGIN_REQUEST body of the wrong
+# size): the client's fault, not ours, when flup's own code raises it.
+MALFORMED_RECORD = (IndexError, struct.error)
+
+
 class CountedConnection(fcgi_base.Connection):
     """A FastCGI connection counted from the moment it is accepted until it is closed.
 
@@ -553,13 +681,27 @@ class CountedConnection(fcgi_base.Connection):
     def run(self):
         try:
             fcgi_base.Connection.run(self)
-        except Exception:
-            pass  # malformed input or a vanished client ends this connection only
+        except OSError:
+            pass  # the client went away, or took too long: the connection ends, nothing to fix here
+        except Exception as error:
+            self.report(error)  # ends this connection only, and is never swallowed
         finally:
             if self._sock.expired:
                 self.server.idle_connection_closed(self._addr)
             self._sock.close()  # again, for a connection that ended in an exception
             self.server.connection_closed(self)
+
+    def report(self, error):
+        """One line for a client's malformed records; for a bug of ours, the line and its traceback."""
+        peer = self._addr or "unix"
+        where = traceback.extract_tb(error.__traceback__)[-1:]
+        line = traceback.format_exception_only(error)[-1].strip()
+        if isinstance(error, MALFORMED_RECORD) and where and where[0].filename == fcgi_base.__file__:
+            log("bad-request", reason="malformed record (%s)" % line, peer=peer)
+            return
+        at = "%s:%d" % (os.path.basename(where[0].filename), where[0].lineno) if where else None
+        log("connection-error", error=line, at=at, peer=peer)
+        traceback.print_exception(error)
 
     def process_input(self):
         # flup waits for the next record in 1 s selects for as long as the
@@ -673,8 +815,7 @@ class RecyclingWSGIServer(WSGIServer):
         # ThreadedServer.__init__ would start a stock pool's threads only for
         # us to replace it, so only the FastCGI half is initialised here.
         fcgi_base.BaseFCGIServer.__init__(self, application, multithreaded=True, multiprocess=True,
-                                          bindAddress=bindAddress, multiplexed=False,
-                                          umask=0o117)  # a --bind unix socket is 0660, as the launcher's
+                                          bindAddress=bindAddress, multiplexed=False)
         # Every thread is started up front and none dies off, so "a thread is
         # free" is simply "fewer connections than threads".
         self._threadPool = QueueingThreadPool(minSpare=1, maxSpare=limits.max_threads,
@@ -910,20 +1051,30 @@ class RecyclingWSGIServer(WSGIServer):
     # -- start and finish ------------------------------------------------------
 
     def _setupSocket(self):
-        """flup's, which serves one CGI request and exits outside FastCGI.
+        """--bind's socket, or flup's: fd 0, or one CGI request and exit outside FastCGI.
 
         flup wraps fd 0 as AF_INET whatever it is; we rewrap it with its real
         family, so unix peers are told apart from TCP ones, and check that it
         listens: accept() on anything else would fail on every pass.
         """
-        if self._bindAddress is None and not stat.S_ISSOCK(fd0_mode()):
+        if self._bindAddress is not None:
+            # Ours, not flup's: flup unlinks whatever is at a unix path first.
+            try:
+                return bind_socket(*self._bindAddress)
+            except BadSetting as problem:
+                raise BadSetting("--bind: %s" % problem)
+        if not stat.S_ISSOCK(fd0_mode()):
             # flup tells CGI from FastCGI by wrapping fd 0 as a socket, which
             # Python 3 refuses for a non-socket before flup can look.
             self.forceCGI = True
-        sock = WSGIServer._setupSocket(self)
-        if self._bindAddress is not None:
-            return sock
-        real = socket.socket(fileno=os.dup(sock.fileno()))
+        try:
+            sock = WSGIServer._setupSocket(self)
+            real = socket.socket(fileno=os.dup(sock.fileno()))
+        except OSError as error:
+            hint = ("raise the open-files limit (ulimit -n)" if error.errno in (errno.EMFILE, errno.ENFILE)
+                    else "start me under spawn-fcgi or trac-fcgi-launcher, or use --bind ADDR")
+            raise BadSetting("fd 0 cannot be used as the listening socket: %s; %s"
+                             % (error.strerror or error, hint))
         sock.close()
         if not real.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             raise BadSetting("fd 0 is a socket but not a listening one: start me under spawn-fcgi "
@@ -1014,8 +1165,10 @@ def load_application(spec):
 def warm_up(application, path):
     """Serve one request in-process, so the first real one finds templates compiled.
 
-    Returns the HTTP status.  A replacement whose warm-up fails with a server
-    error must not take over from a worker that serves.
+    Returns the HTTP status and the exception behind a failure, if the app
+    reported one (through start_response's exc_info, as Trac does) or raised
+    one.  A replacement whose warm-up fails with a server error must not take
+    over from a worker that serves.
     """
     environ = {
         "REQUEST_METHOD": "GET", "SCRIPT_NAME": "", "PATH_INFO": path, "QUERY_STRING": "",
@@ -1025,52 +1178,82 @@ def warm_up(application, path):
         "wsgi.errors": sys.stderr, "wsgi.multithread": True, "wsgi.multiprocess": True,
         "wsgi.run_once": False,
     }
-    status = []
-    result = application(environ, lambda s, headers, exc_info=None: status.append(s) or (lambda data: None))
+    status, errors = [], []
+
+    def start_response(line, headers, exc_info=None):
+        status.append(line)
+        if exc_info:
+            errors.append(exc_info[1])
+        return lambda data: None
+
     try:
-        for _ in result:
-            pass
-    finally:
-        if hasattr(result, "close"):
-            result.close()
-    return int(status[0].split()[0]) if status else 500
+        result = application(environ, start_response)
+        try:
+            for _ in result:
+                pass
+        finally:
+            if hasattr(result, "close"):
+                result.close()
+    except Exception as error:  # the app's own bug: reported below, as flup reports one in a request
+        traceback.print_exc()
+        return 500, error
+    return (int(status[-1].split()[0]) if status else 500), (errors[-1] if errors else None)
 
 
-def parse_bind(address):
-    """--bind: unix:/path, HOST:PORT or [v6]:PORT, as flup's bindAddress wants it."""
-    if address.startswith("unix:") and address[len("unix:"):].startswith("/"):
-        return address[len("unix:"):]
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise BadSetting("--bind %r is not an address: use unix:/path, HOST:PORT or [v6]:PORT" % address)
-    if host.startswith("[") and host.endswith("]"):
-        return (host[1:-1], int(port), 0, 0)  # flup binds IPv6 for a 4-tuple
-    return (host, int(port))
+def others_serving():
+    """How many other workers serve while this one starts: 0 without a launcher, None if it did not say."""
+    if launcher_pid() is None:
+        return 0  # plain spawn-fcgi re-executes this very process: nobody else serves
+    count = os.environ.get("LAUNCHER_READY_WORKERS", "")
+    return int(count) if count.isdigit() else None
+
+
+def warm_failed(limits, status, error):
+    """Log why the warm-up failed, what fixes it, and whether the site is served meanwhile."""
+    reason = None if error is None else " ".join(("%s: %s" % (type(error).__name__, error)).split())
+    # Trac refuses to open an environment whose database is older than its
+    # code (after an install pulled in a newer Trac) and names the command.
+    upgrade = re.search(r'trac-admin\s+"([^"]+)"\s+upgrade', reason or "")
+    fix = ('run trac-admin "%s" upgrade' % upgrade.group(1) if upgrade
+           else "fix the app or set TRAC_FCGI_WARMUP")
+    others = others_serving()
+    meanwhile = ("nothing serves this site until then" if others == 0
+                 else "1 other worker serves meanwhile" if others == 1
+                 else "%d other workers serve meanwhile" % others if others
+                 else "the launcher retries with backoff")
+    rest = ("trac.log has the rest" if limits.app.startswith("trac.")
+            else "the traceback is above" if error is not None and error.__traceback__ is not None
+            else None)
+    log("warm-failed", path=limits.warmup, status=status, error=reason, serving=others,
+        hint="; ".join(part for part in (fix, meanwhile, rest) if part))
+
+
+def parse_bind(text):
+    try:
+        return address(text)
+    except ValueError:
+        raise BadSetting("--bind %r is not %s" % (text, address.__doc__))
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if "--help" in argv or "-h" in argv:
-        sys.stdout.write(help_text())
+    if answered_without_serving(argv):
         return 0
     try:
         bind = None
         if argv[:1] == ["--bind"] and len(argv) == 2:
             bind = parse_bind(argv[1])
         elif argv:
-            raise BadSetting("unknown arguments %s: the only option is --bind ADDR (see --help)" % " ".join(argv))
+            raise BadSetting("unknown arguments %s: the options are --bind ADDR, --help and --version"
+                             % " ".join(argv))
         limits = Limits(os.environ)
         application = load_application(limits.app)
         server = RecyclingWSGIServer(application, limits, bindAddress=bind)
-        try:
-            sock = server._setupSocket()
-        except (OSError, OverflowError) as error:
-            raise BadSetting("--bind %s: %s; pick a free address in a directory that exists"
-                             % (argv[1], getattr(error, "strerror", None) or error))
+        sock = server._setupSocket()
         if launcher_pid() is not None:
             hup_when_parent_dies()
         started = time.monotonic()
-        status = warm_up(application, limits.warmup) if limits.warmup else None
+        status, error = warm_up(application, limits.warmup) if limits.warmup else (None, None)
         frozen = freeze_warm_set() if limits.gc_freeze else 0
         warm_s, warm_rss = time.monotonic() - started, server.rss()
         # Before the warm line: a refusal stays the one line on stderr.
@@ -1078,12 +1261,17 @@ def main(argv=None):
     except BadSetting as problem:
         sys.stderr.write("trac-fcgi: %s\n" % problem)
         return 2
+    except OSError as error:
+        if error.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        sys.stderr.write("trac-fcgi: out of file descriptors while starting (%s): raise the open-files "
+                         "limit (ulimit -n)\n" % error.strerror)
+        return 2
 
     if status is not None:
         log("warm", path=limits.warmup, status=status, warm_s=warm_s, rss=warm_rss, frozen=frozen)
         if status >= 500:
-            log("warm-failed", path=limits.warmup, status=status,
-                hint="the worker that serves now keeps serving; fix the app or set TRAC_FCGI_WARMUP")
+            warm_failed(limits, status, error)
             return 1
     sd_notify("READY=1")
     # Re-exec only where fd 0 is the socket: it survives exec, a --bind one does not.

@@ -168,9 +168,17 @@ class Answer:
         return self.error is None and self.status == 200 and self.complete
 
     def __repr__(self):
-        return "<Answer %s %s %d bytes%s%s %.3fs>" % (
+        return "<Answer %s %s %d bytes%s%s %.3fs%s>" % (
             self.path, self.status, len(self.body), "" if self.complete else " TRUNCATED",
-            " error=%s" % self.error if self.error else "", self.latency)
+            " error=%s" % self.error if self.error else "", self.latency, self.why())
+
+    def why(self):
+        """For a server error, the words of Trac's error page that say what went wrong."""
+        if not self.status or self.status < 500:
+            return ""
+        message = re.search(rb'class="message">(.*?)</(?:p|div)>', self.body, re.S)
+        text = re.sub(rb"<[^>]+>", b" ", message.group(1) if message else self.body[:300])
+        return " why=%r" % " ".join(text.decode("utf-8", "replace").split())[:300]
 
 
 def whole_body(response, body):

@@ -206,6 +206,16 @@ def wait_until(predicate, timeout=30, what="condition"):
         time.sleep(0.05)
 
 
+def listening(path):
+    """Whether something listens on the unix socket at PATH (a file that exists may not listen yet)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+    return True
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -213,9 +223,12 @@ def free_port():
 
 
 def make_trac_env(path):
-    """A real Trac environment on SQLite, made by trac-admin initenv."""
+    """A real Trac environment on SQLite, made by trac-admin initenv, with the WAL journal the README advises.
+
+    WAL lets readers go on while another worker process writes.
+    """
     trac_admin = str(Path(PYTHON).parent / "trac-admin")
-    subprocess.run([trac_admin, str(path), "initenv", "Test Project", "sqlite:db/trac.db"],
+    subprocess.run([trac_admin, str(path), "initenv", "Test Project", "sqlite:db/trac.db?journal_mode=WAL"],
                    check=True, capture_output=True)
     return str(path)
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from stack import Load, drains, recycles, stop_all, trac_behind_nginx
+from stack import Load, drains, http_get, recycles, stop_all, trac_behind_nginx
 from support import (LAUNCHER, PYTHON, TRAC_FCGI, Process, ask_in_background, children, family, fcgi_get,
                      start_launcher, wait_until, worker_script)
 
@@ -66,6 +66,26 @@ def test_killing_a_worker_mid_load_fails_only_its_requests_in_flight_and_its_slo
     # the shortest backoff (1 s), even on a slow, loaded machine.
     assert back_after - float(ready[0]["ready_s"]) < 1.0
     assert load.answers[-1].ok, load.summary()
+
+
+def test_the_only_worker_killed_six_times_three_seconds_apart_is_back_each_time_after_one_cold_start(site):
+    # Injects: SIGKILL to the only Trac worker, six times, 3 s apart (the OOM
+    # killer, a crashing plugin).  Holds: each time the slot is refilled at
+    # once, never after a crash backoff, and Trac answers again.
+    nginx, launcher = site()
+    launcher.wait_for("all-ready")
+    for kill in range(1, 7):
+        victim = int(launcher.events("ready", slot=0)[-1]["pid"])
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        launcher.wait_for("ready", count=kill + 1, timeout=60)
+        back_after = time.monotonic() - killed_at
+        ready_s = float(launcher.events("ready")[-1]["ready_s"])
+        # What the launcher adds to the new worker's own cold start.
+        assert back_after - ready_s < 1.0, (kill, back_after, ready_s)
+        assert http_get(nginx.port, "/wiki/WikiStart").status == 200
+        time.sleep(max(0.0, 3 - (time.monotonic() - killed_at)))
+    assert not launcher.events("backoff"), launcher.log()
 
 
 def test_a_crash_loop_backs_off_to_one_spawn_a_minute_costs_no_cpu_and_obeys_sigterm(tmp_path):

@@ -12,6 +12,9 @@ Environment knobs (all optional):
   HELLO_PICKUP_DELAY      seconds between a connection being accepted and its
                           thread starting on it: widens the "accepted but not
                           started" window so a test can hit it every time
+  HELLO_CONNECTION_BUG    1: a request for ?bug ends, once answered, in an
+                          exception raised inside the connection code, where a
+                          bug of trac_fcgi's own would raise one
 """
 import os
 import sys
@@ -21,7 +24,9 @@ _leak = []
 
 
 def app(environ, start_response):
-    """Says which process answered; /broken answers 500."""
+    """Says which process answered; /broken answers 500; /raise raises."""
+    if environ["PATH_INFO"] == "/raise":
+        raise RuntimeError("hello was asked to fail")
     delay = float(os.environ.get("HELLO_DELAY", "0"))
     if environ.get("QUERY_STRING", "").startswith("delay="):
         delay = float(environ["QUERY_STRING"][len("delay="):])
@@ -74,6 +79,15 @@ def main():
             run(connection)
 
         trac_fcgi.CountedConnection.run = late_run
+    if os.environ.get("HELLO_CONNECTION_BUG") == "1":
+        end_request = trac_fcgi.CountedConnection.end_request
+
+        def buggy_end_request(connection, req, *args, **kw):
+            end_request(connection, req, *args, **kw)
+            if req.params.get("QUERY_STRING") == "bug":
+                raise ZeroDivisionError("injected by HELLO_CONNECTION_BUG")
+
+        trac_fcgi.CountedConnection.end_request = buggy_end_request
     sys.exit(trac_fcgi.main([]))
 
 
