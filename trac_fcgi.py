@@ -401,21 +401,23 @@ class Refreezer:
     without end, so a worker freezes about log2(requests) times, 14 by its
     10,000th request.  Measured in one process on a Trac environment with
     1,000 requests over 85 pages, Zipf-weighted so that rare pages are first
-    seen late; the objects Trac's collection walked (median), and CPU time:
+    seen late: the objects Trac's collection walked (median), and the CPU
+    time against never freezing (two rounds, policies taking turns):
 
-        never                                    55,700 objects   31 ms a request
-        once, after the warm-up                  15,600           14 ms
-        after requests 1, 2, 4 ... 64, no more   11,800           13 ms
-        after requests 1, 2, 4, 8 ... (chosen)    1,600           11 ms
-        when over 2,000 unfrozen objects lived    1,200           11 ms
+        never                                    55,700 objects   100%
+        once, after the warm-up                  15,600            41%
+        after requests 1, 2, 4 ... 64, no more   11,800            36%
+        after requests 1, 2, 4, 8 ... (chosen)    1,600            30%
+        when over 2,000 unfrozen objects lived    1,200            27%
 
     Trac's long-lived set keeps growing well past the first requests (from
     40,000 to 57,000 objects here), so a cap leaves much of it walked for
-    good.  A threshold on what is alive did no better, and measuring it
-    needs what the doubling does not: a moment with no request in flight
-    (their objects count too) and a walk of the young objects, at every
-    request.  Under TRAC_ENV_PARENT_DIR, with four environments first opened
-    150 requests apart, the doubling left 2,300 objects to walk.
+    good.  The threshold did a little better here, with one request at a
+    time; under load the objects of the requests in flight count too, so
+    it would need a moment with none in flight to read it, at every request,
+    and a walk of the young objects each time.  The doubling needs neither.
+    Under TRAC_ENV_PARENT_DIR, with four environments first opened 150
+    requests apart, it left 2,300 objects to walk.
 
     gc.freeze() is global and the worker is multi-threaded, so a freeze
     must not catch a request half-way (its objects, garbage soon, would be
