@@ -51,6 +51,9 @@ PERIOD_S = 0.5
 # A worker whose SIGUSR1 went unanswered asks again this often: standard
 # signals coalesce, so two workers asking at once can reach the launcher as one.
 REASK_S = 5.0
+# Under a launcher, the request count is reported on the notify socket when
+# it changes, but no more often than this: the launcher's metrics need no more.
+REPORT_EVERY_S = 1.0
 # After EMFILE, leave the backlog alone this long instead of spinning on it.
 ACCEPT_PAUSE_S = 0.1
 # Closing a connection, read what the client still sends for at most this
@@ -366,6 +369,9 @@ def bind_socket(family, host, port):
 
 
 def bind_unix(path, mode):
+    if len(os.fsencode(path)) > 107:  # sun_path holds 108 bytes, and Python keeps one for a NUL
+        raise BadSetting("unix:%s is %d bytes long, more than the 107 a unix socket's path may have; "
+                         "use a shorter path" % (path, len(os.fsencode(path))))
     remove_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # Bind under a umask that leaves no window in which the file is world-writable.
@@ -429,13 +435,14 @@ try:
 except ImportError as missing:
     # Run as a script by a Python that lacks flup (`./trac_fcgi.py` finds the
     # first python3 on PATH): say which Python, and how to give it flup.
+    flup_missing = ("%s cannot import flup (%s): install what this file needs with %s -m pip install "
+                    "flup==1.0.3 'Trac>=1.6,<1.7' 'setuptools<81', or run it with a Python that has them"
+                    % (sys.executable, missing, sys.executable))
     if __name__ != "__main__":
-        raise
+        raise ImportError(flup_missing) from missing  # imported: the importer decides what to say
     if answered_without_serving(sys.argv[1:]):
         sys.exit(0)
-    sys.stderr.write("trac-fcgi: %s cannot import flup (%s): install what this file needs with "
-                     "%s -m pip install flup==1.0.3 'Trac>=1.6,<1.7' 'setuptools<81', or run it with "
-                     "a Python that has them\n" % (sys.executable, missing, sys.executable))
+    sys.stderr.write("trac-fcgi: %s\n" % flup_missing)
     sys.exit(2)
 
 
@@ -568,13 +575,13 @@ class CountedConnection(fcgi_base.Connection):
         """One line for a client's malformed records; for a bug of ours, the line and its traceback."""
         peer = self._addr or "unix"
         where = traceback.extract_tb(error.__traceback__)[-1:]
-        line = traceback.format_exception_only(error)[-1].strip()
+        line = traceback.format_exception_only(type(error), error)[-1].strip()
         if isinstance(error, MALFORMED_RECORD) and where and where[0].filename == fcgi_base.__file__:
             log("bad-request", reason="malformed record (%s)" % line, peer=peer)
             return
         at = "%s:%d" % (os.path.basename(where[0].filename), where[0].lineno) if where else None
         log("connection-error", error=line, at=at, peer=peer)
-        traceback.print_exception(error)
+        traceback.print_exception(type(error), error, error.__traceback__)  # 3 arguments, as Python 3.9 wants
 
     def process_input(self):
         # flup waits for the next record in 1 s selects for as long as the
@@ -760,8 +767,10 @@ class RecyclingWSGIServer(WSGIServer):
         self.draining = False
         self.stop_reason = None      # why we stopped accepting
         self.reexec = False          # after draining, exec ourselves in place
+        self.stopped_because = None  # what stop_accepting() was told
         self.replacement_asked = None
         self.accept_paused_until = 0.0
+        self.reported = (0, 0.0)     # the request count last told the launcher, and when
         # Threads and signal handlers wake the main loop through this pipe.
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
@@ -913,6 +922,7 @@ class RecyclingWSGIServer(WSGIServer):
         """Called on every pass of the main loop: the whole recycling policy."""
         if self.draining:
             return
+        self.report_requests()
         rss = self.rss()
         age = time.monotonic() - self.started
         limits = self.limits
@@ -945,6 +955,7 @@ class RecyclingWSGIServer(WSGIServer):
             return self.stop_accepting(reason)
         if first:
             log("recycle", reason=reason, rss=rss, requests=self.requests, age_s=age, next="ask launcher")
+            self.tell_launcher("RECYCLE=%s" % reason)
         # Only our own launcher, never init or spawn-fcgi (the pid check above
         # already stopped us if it is gone).
         if os.getppid() == self.launcher:
@@ -953,6 +964,7 @@ class RecyclingWSGIServer(WSGIServer):
     def stop_accepting(self, reason):
         if not self.draining:
             self.draining = True
+            self.stopped_because = reason
             log("drain", reason=reason, connections=self.connections, requests=self.requests, rss=self.rss())
 
     # -- signals -------------------------------------------------------------
@@ -1028,8 +1040,30 @@ class RecyclingWSGIServer(WSGIServer):
         self.log_abandoned()
         log("drained", drain_s=time.monotonic() - started, abandoned=self.connections,
             requests=self.requests, rss=self.rss())
-        if self.launcher is None or os.getppid() == self.launcher:
-            sd_notify("STOPPING=1")  # a launcher that is gone has nobody listening
+        if self.launcher is None:
+            sd_notify("STOPPING=1")
+        elif os.getppid() == self.launcher:  # a launcher that is gone has nobody listening
+            # The final count and what was abandoned, for the launcher's metrics;
+            # and why we stopped, if the launcher cannot know it (it did not tell us to go).
+            own = ("max_rss" if self.stopped_because == "max_rss"
+                   else "signal" if str(self.stopped_because).startswith("SIG") else None)
+            sd_notify("STOPPING=1\nREQUESTS=%d\nABANDONED=%d%s"
+                      % (self.requests, self.connections, "\nRECYCLE=%s" % own if own else ""))
+
+    # -- reporting to the launcher ---------------------------------------------
+
+    def tell_launcher(self, message):
+        """sd_notify lines for our launcher's metrics; nothing without a launcher."""
+        if self.launcher is not None:
+            sd_notify(message)
+
+    def report_requests(self):
+        """REQUESTS=n when the count changed, at most once every REPORT_EVERY_S."""
+        count, when = self.reported
+        now = time.monotonic()
+        if self.requests != count and now - when >= REPORT_EVERY_S:
+            self.reported = (self.requests, now)
+            self.tell_launcher("REQUESTS=%d" % self.requests)
 
     def log_abandoned(self):
         """One line for each request still running as the drain times out: what its client loses."""

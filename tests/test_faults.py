@@ -13,8 +13,8 @@ import time
 import pytest
 
 from stack import Load, drains, http_get, recycles, stop_all, trac_behind_nginx
-from support import (LAUNCHER, PYTHON, TRAC_FCGI, Process, ask_in_background, children, family, fcgi_get,
-                     start_launcher, wait_until, worker_script)
+from support import (LAUNCHER, PYTHON, TRAC_FCGI, Process, ask_in_background, children, cpu_seconds, family,
+                     fcgi_get, start_launcher, wait_until, worker_script)
 
 HELLO = worker_script("hello.py")
 PAGES = ["/wiki/WikiStart", "/timeline", "/wiki/TracGuide"]
@@ -26,11 +26,6 @@ def site(tmp_path, trac_env):
     started = []
     yield lambda *launcher_flags, env=None: trac_behind_nginx(started, tmp_path, trac_env, *launcher_flags, env=env)
     stop_all(*reversed(started))
-
-
-def cpu_seconds(pid):
-    fields = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def in_background(load, stop, max_seconds):

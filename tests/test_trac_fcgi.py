@@ -99,14 +99,15 @@ def test_help_lists_every_setting_once_with_its_default():
 # Running as checked out
 
 def test_the_checkout_runs_as_a_program_with_help_and_version():
-    """./trac_fcgi.py, through its shebang: whichever python3 is first on PATH,
-    with flup or without, answers --help and --version."""
+    """./trac_fcgi.py and ./launcher.py, through their shebangs: whichever
+    python3 is first on PATH, with flup or without, answers --help and --version."""
     import trac_fcgi
-    for flag, says in (("--help", "TRAC_FCGI_MAX_RSS"), ("--version", trac_fcgi.__version__)):
-        result = subprocess.run(["./trac_fcgi.py", flag], cwd=os.path.dirname(TRAC_FCGI), capture_output=True,
-                                text=True, timeout=60)
-        assert result.returncode == 0 and says in result.stdout, result.stderr
-        assert result.stderr == ""
+    for script, says in (("./trac_fcgi.py", "TRAC_FCGI_MAX_RSS"), ("./launcher.py", "WORKER_PATH")):
+        for flag, answer in (("--help", says), ("--version", trac_fcgi.__version__)):
+            result = subprocess.run([script, flag], cwd=os.path.dirname(TRAC_FCGI), capture_output=True,
+                                    text=True, timeout=60)
+            assert result.returncode == 0 and answer in result.stdout, (script, flag, result.stderr)
+            assert result.stderr == ""
 
 
 @pytest.fixture(scope="module")
