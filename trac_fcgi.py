@@ -22,6 +22,7 @@ DEFAULT_TRAC_ENV = "/var/lib/trac/project"
 
 import ctypes
 import errno
+import hashlib
 import importlib
 import io
 import random
@@ -32,7 +33,6 @@ import stat
 import sys
 import threading
 import time
-import urllib.parse
 import warnings
 
 # Trac 1.6 imports pkg_resources, whose deprecation warning would open every
@@ -307,6 +307,76 @@ def hup_when_parent_dies():
 
 
 # --------------------------------------------------------------------------
+# Reloading in place (no launcher): signals held across exec, one process of a pool at a time.
+
+# The signals that stop or reload a worker.  Before its handlers are in, each
+# would have its default effect and kill it; so they stay blocked from just
+# before a re-exec until the new image has installed its handlers.  The mask
+# survives exec, and what arrived meanwhile is acted on once it serves.
+STOP_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+# The reload turn's socket crosses exec under this fd number (never a setting).
+TURN_FD_VARIABLE = "TRAC_FCGI_RELOAD_TURN_FD"
+
+
+class ReloadTurn:
+    """One re-exec at a time among the processes that serve one site without a launcher.
+
+    mod_fcgid, lighttpd with max-procs above 1, or spawn-fcgi -F N start
+    several copies of this script that share no parent of ours; with the same
+    limits they would cross them together and all reload at once, leaving
+    nobody to serve.  The turn is an abstract unix socket name, which every
+    process of the same user can see: holding it bound is holding the turn,
+    and the kernel frees it when its holder dies, however it dies.  The
+    holder keeps it across exec and gives it up once its new image serves.
+    """
+
+    def __init__(self, environ):
+        # The same script, user and Trac environment: the processes of one pool.
+        site = "\0".join([os.path.realpath(sys.argv[0]), environ.get("TRAC_ENV", ""),
+                          environ.get("TRAC_ENV_PARENT_DIR", "")])
+        self.name = "\0trac-fcgi-reload-%d-%s" % (os.getuid(), hashlib.sha256(site.encode()).hexdigest()[:24])
+        self.sock = None
+        fd = environ.pop(TURN_FD_VARIABLE, "")
+        if fd.isdigit():
+            try:  # handed over by our previous image
+                self.sock = socket.socket(fileno=int(fd))
+                self.sock.set_inheritable(False)
+            except OSError:
+                self.sock = None
+
+    def take(self):
+        """True if we hold the turn (now or already)."""
+        if self.sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                sock.bind(self.name)
+            except OSError:
+                sock.close()
+                return False  # another process of the pool is reloading
+            self.sock = sock
+        return True
+
+    def keep_across_exec(self):
+        if self.sock is not None:
+            self.sock.set_inheritable(True)
+            os.environ[TURN_FD_VARIABLE] = str(self.sock.fileno())
+
+    def release(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+            return True
+        return False
+
+
+def reexec():
+    """Exec ourselves in place: fd 0, the listening socket, survives, and so does the turn."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    log("re-exec")
+    os.execv(sys.executable, [sys.executable] + sys.argv)
+
+
+# --------------------------------------------------------------------------
 # The server.
 
 from flup.server import fcgi_base  # noqa: E402  (after the settings an admin edits)
@@ -326,6 +396,12 @@ class QueueingThreadPool(ThreadPool):
 
     def addJob(self, job, allowQueuing=True):
         return ThreadPool.addJob(self, job, allowQueuing=True)
+
+    def _worker(self):
+        # Only the main thread takes the stop signals.  A signal that a pool
+        # thread took just before a re-exec would be lost with the old image.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        ThreadPool._worker(self)
 
 
 class DeadlineSocket:
@@ -524,6 +600,8 @@ class RecyclingWSGIServer(WSGIServer):
         self.stop_reason = None      # why we stopped accepting
         self.reexec = False          # after draining, exec ourselves in place
         self.replacement_asked = None
+        self.reload_turn = ReloadTurn(os.environ)
+        self.waiting_for_turn = False
         self.accept_paused_until = 0.0
         # Threads and signal handlers wake the main loop through this pipe.
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -613,7 +691,6 @@ class RecyclingWSGIServer(WSGIServer):
         # for a connection must get EAGAIN, not sleep in accept() deaf to
         # signals (DESIGN.md, "Blocked in accept() ignores signals").
         sock.setblocking(False)
-        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         while not self.draining:
             watch = [self.wake_r]
             # With every thread busy, the backlog is watched only to learn
@@ -676,12 +753,18 @@ class RecyclingWSGIServer(WSGIServer):
         age = time.monotonic() - self.started
         limits = self.limits
         if self.stop_reason:
+            if self.reexec and not self.turn_to_reload(self.stop_reason):
+                return
             return self.stop_accepting(self.stop_reason)
         if self.launcher is not None and os.getppid() != self.launcher:
             return self.stop_accepting("launcher gone")
         if limits.max_rss and rss >= limits.max_rss:
-            # The limit is a promise: stop now, replacement ready or not.
-            # Connections wait in the backlog; none is refused.
+            # The limit is a promise: stop now, replacement ready or not, and
+            # (without a launcher) turn to reload or not.  Connections wait in
+            # the backlog; none is refused.
+            if self.launcher is None:
+                self.reexec = True
+                self.reload_turn.take()
             return self.stop_accepting("max_rss")
         reason = ("rss" if limits.soft_rss and rss >= limits.soft_rss
                   else "requests" if limits.max_requests and self.requests >= limits.max_requests
@@ -690,24 +773,38 @@ class RecyclingWSGIServer(WSGIServer):
         if reason:
             self.ask_for_replacement(reason, rss, age)
 
+    def turn_to_reload(self, reason, **facts):
+        """True once this process may reload: no other process of its pool is reloading."""
+        if self.reload_turn.take():
+            log("recycle", reason=reason, requests=self.requests, next="re-exec", **facts)
+            return True
+        if not self.waiting_for_turn:
+            self.waiting_for_turn = True
+            log("recycle", reason=reason, requests=self.requests, next="wait for turn", **facts)
+        return False
+
     def ask_for_replacement(self, reason, rss, age):
+        if self.launcher is None:
+            return self.reload_in_place(reason, rss, age)
         now = time.monotonic()
         if self.replacement_asked is not None and now - self.replacement_asked < REASK_S:
             return
         first = self.replacement_asked is None
         self.replacement_asked = now
-        if self.launcher is None:
-            # Plain spawn-fcgi: nobody to ask.  Drain, then exec in place;
-            # fd 0 survives exec, so new connections wait in the backlog.
-            log("recycle", reason=reason, rss=rss, requests=self.requests, age_s=age, next="re-exec")
-            self.reexec = True
-            return self.stop_accepting(reason)
         if first:
             log("recycle", reason=reason, rss=rss, requests=self.requests, age_s=age, next="ask launcher")
         # Only our own launcher, never init or spawn-fcgi (the pid check above
         # already stopped us if it is gone).
         if os.getppid() == self.launcher:
             os.kill(self.launcher, signal.SIGUSR1)
+
+    def reload_in_place(self, reason, rss, age):
+        # Plain spawn-fcgi, mod_fcgid, lighttpd: nobody to ask.  Drain, then
+        # exec in place; fd 0 survives exec, so new connections wait in the
+        # backlog.  Until our turn comes, we keep serving.
+        if self.turn_to_reload(reason, rss=rss, age_s=age):
+            self.reexec = True
+            self.stop_accepting(reason)
 
     def stop_accepting(self, reason):
         if not self.draining:
@@ -727,9 +824,34 @@ class RecyclingWSGIServer(WSGIServer):
         self.stop_reason = signal.Signals(signum).name
 
     def _installSignalHandlers(self):
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         for signum, handler in ((signal.SIGHUP, self._hupHandler), (signal.SIGTERM, self._intHandler),
                                 (signal.SIGINT, self._intHandler)):
             signal.signal(signum, handler)
+        # Held since our previous image's exec (see STOP_SIGNALS): what
+        # arrived during our start-up is delivered here, to the handlers.
+        held = sorted(s.name for s in signal.sigpending() & STOP_SIGNALS)
+        if held:
+            log("held-signals", signals=",".join(held))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+    # -- the request's environment ---------------------------------------------
+
+    def _sanitizeEnv(self, environ):
+        """PATH_INFO exactly as the web server sent it, as stock trac.fcgi takes it.
+
+        Web servers decode PATH_INFO, as CGI says, and Trac's default FastCGI
+        server (trac.web._fcgi) uses it as it comes.  flup instead rebuilds an
+        empty one from the still-quoted REQUEST_URI, which is why Trac's
+        TRAC_USE_FLUP mode unquotes every PATH_INFO again: a page named
+        "Odd%41Name" would then be served as "OddAName".  So this is stock's
+        version, not flup's.
+        """
+        environ.setdefault("SCRIPT_NAME", "")
+        environ.setdefault("PATH_INFO", "")
+        for name, default in (("REQUEST_METHOD", "GET"), ("SERVER_NAME", "localhost"),
+                              ("SERVER_PORT", "80"), ("SERVER_PROTOCOL", "HTTP/1.0")):
+            environ.setdefault(name, default)
 
     # -- start and finish ------------------------------------------------------
 
@@ -791,17 +913,6 @@ def fd0_mode():
                          "or use --bind ADDR")
 
 
-class UnquotePathInfo:
-    """Trac's own fix for flup (trac.web.fcgi_frontend): flup leaves PATH_INFO quoted."""
-
-    def __init__(self, application):
-        self.application = application
-
-    def __call__(self, environ, start_response):
-        environ["PATH_INFO"] = urllib.parse.unquote(environ.get("PATH_INFO", ""))
-        return self.application(environ, start_response)
-
-
 def prepare_trac_environment():
     """The environment that Trac's deploy template sets up."""
     for name in ("TRAC_ENV", "TRAC_ENV_PARENT_DIR"):
@@ -832,7 +943,7 @@ def load_application(spec):
     except Exception as error:  # an app that fails to import is a setting to fix
         raise BadSetting("TRAC_FCGI_APP=%s cannot be loaded (%s: %s): install it or fix the name"
                          % (spec, type(error).__name__, error))
-    return UnquotePathInfo(application)
+    return application
 
 
 def warm_up(application, path):
@@ -909,10 +1020,12 @@ def main(argv=None):
                 hint="the worker that serves now keeps serving; fix the app or set TRAC_FCGI_WARMUP")
             return 1
     sd_notify("READY=1")
+    if server.reload_turn.release():
+        log("reloaded")  # our pool's next process may take its turn
     # Re-exec only where fd 0 is the socket: it survives exec, a --bind one does not.
     if server.run(sock) and bind is None:
-        log("re-exec")
-        os.execv(sys.executable, [sys.executable] + sys.argv)
+        server.reload_turn.keep_across_exec()
+        reexec()
     return 0
 
 
