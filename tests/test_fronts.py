@@ -1,0 +1,251 @@
+"""Every FastCGI front a Trac admin uses, each recipe in examples/ run as written.
+
+lighttpd with spawn-fcgi, lighttpd starting the launcher itself (bin-path),
+Apache's mod_proxy_fcgi on the launcher's --bind socket, and Apache's
+mod_fcgid running trac-fcgi with no launcher at all.  Every server is the
+real Debian one, in a temp dir with its own config, logs and port; Trac is a
+real environment; logins go through the web server's basic auth.  Then what
+only a front without a launcher needs: a self re-exec that a signal cannot
+kill, and a pool of processes that reloads one at a time.
+"""
+import base64
+import collections
+import http.client
+import re
+import signal
+import subprocess
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+from stack import (EXAMPLES, SPAWN_FCGI, START_TIMEOUT, TRAC_FCGI, Apache, Lighttpd, Load, exchange,
+                   is_trac_page, recycles)
+from support import PYTHON, Process, fcgi_get, make_trac_env, start_launcher, wait_until
+
+VENV = Path(PYTHON).parent.parent
+PREFIX = "/trac"
+WELCOME = "Welcome to Trac"
+USER, PASSWORD = "alice", "wonderland"
+# A wiki page whose name holds a literal "%41", and the page that decoding
+# its name twice would find instead.
+ODD_NAME, ODD_URL = "Odd%41Name", "/wiki/Odd%2541Name"
+PAGES = {ODD_NAME: "the page whose name holds a percent sign", "OddAName": "the page named odd a name"}
+
+
+@pytest.fixture
+def started():
+    """Everything a test starts, stopped at teardown newest first (the front before Trac)."""
+    things = []
+    yield things
+    for thing in reversed(things):
+        thing.stop()
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """A Trac environment of the fronts' own (tickets are created in it) with the two odd pages, and an htpasswd."""
+    directory = tmp_path_factory.mktemp("fronts")
+    trac_env = make_trac_env(directory / "env")
+    trac_admin = str(VENV / "bin" / "trac-admin")
+    for name, text in PAGES.items():
+        page = directory / "page.txt"
+        page.write_text(text + "\n")
+        # trac-admin unquotes the page name it is given: quote it once.
+        subprocess.run([trac_admin, trac_env, "wiki", "import", urllib.parse.quote(name), str(page)],
+                       check=True, capture_output=True)
+    htpasswd = directory / "htpasswd"
+    subprocess.run(["htpasswd", "-cbm", str(htpasswd), USER, PASSWORD], check=True, capture_output=True)
+    return {"trac_env": trac_env, "htpasswd": str(htpasswd)}
+
+
+def wiki_text(answer):
+    """The wiki page's own content, as Trac rendered it."""
+    found = re.search(rb'<div class="wikipage searchable">(.*?)</div>', answer.body, re.DOTALL)
+    return found[1].strip() if found else None
+
+
+@pytest.fixture(scope="module")
+def stock_odd_page(site, tmp_path_factory):
+    """The odd page as stock trac.fcgi (Trac's default FastCGI server) serves it, PATH_INFO decoded once."""
+    directory = tmp_path_factory.mktemp("stock")
+    sock = str(directory / "stock.sock")
+    stock = Process([SPAWN_FCGI, "-n", "-s", sock, "--", PYTHON, "-m", "trac.web.fcgi_frontend"],
+                    directory / "stock.log", env={"TRAC_ENV": site["trac_env"], "TRAC_USE_FLUP": "0"})
+    try:
+        def answer():
+            try:
+                return fcgi_get(sock, "/wiki/" + ODD_NAME, timeout=START_TIMEOUT)
+            except OSError:
+                return None
+        response = wait_until(answer, START_TIMEOUT, "stock trac.fcgi to answer:\n" + stock.log())
+    finally:
+        stock.stop()
+    text = wiki_text(response)
+    assert response.status == 200 and text and PAGES[ODD_NAME].encode() in text, response.body[:3000]
+    return text
+
+
+# --------------------------------------------------------------------------
+# The recipes: each starts its Trac and its front, and says how to count recycles.
+
+def lighttpd_url(url):
+    """The lines of examples/lighttpd*.conf an admin edits to put Trac at URL ("" for the root)."""
+    return ['var.trac_url   = "%s"' % (url or "/"), 'var.trac_login = "%s/login"' % url]
+
+
+def lighttpd_with_spawn_fcgi(started, tmp_path, site, url, limits):
+    sock = tmp_path / "trac.sock"
+    backend = Process([str(EXAMPLES / "spawn-fcgi.sh")], tmp_path / "spawn-fcgi.log", env=dict(
+        limits, VENV=str(VENV), TRAC_ENV=site["trac_env"], SOCKET=str(sock), WORKERS="2",
+        TRAC_USER="", WEB_GROUP=""))  # stay root: spawn-fcgi will not switch to uid 0
+    started.append(backend)
+    backend.wait_for("all-ready", timeout=START_TIMEOUT)
+    front = Lighttpd(tmp_path / "lighttpd", "lighttpd.conf", {"socket": sock, "htpasswd": site["htpasswd"]},
+                     settings=lighttpd_url(url))
+    started.append(front)
+    return front, lambda: len(recycles(backend))
+
+
+def lighttpd_bin_path(started, tmp_path, site, url, limits):
+    # The launcher's limits reach it through lighttpd's own environment,
+    # which lighttpd passes on along with bin-environment.
+    front = Lighttpd(tmp_path / "lighttpd", "lighttpd-bin-path.conf",
+                     {"socket": tmp_path / "trac.sock", "htpasswd": site["htpasswd"], "venv": VENV,
+                      "trac_env": site["trac_env"]}, settings=lighttpd_url(url), env=limits)
+    started.append(front)
+    front.process.wait_for("all-ready", timeout=START_TIMEOUT)  # the launcher logs to lighttpd's stderr
+    return front, lambda: len(recycles(front.process))
+
+
+def apache_proxy_fcgi(started, tmp_path, site, url, limits):
+    launcher = start_launcher(tmp_path, [TRAC_FCGI], "--workers", "2",
+                              env=dict(limits, TRAC_ENV=site["trac_env"]))
+    started.append(launcher)
+    launcher.wait_for("all-ready", timeout=START_TIMEOUT)
+    front = Apache(tmp_path / "apache", "apache-proxy-fcgi.conf",
+                   {"socket": launcher.socket, "htpasswd": site["htpasswd"]})
+    started.append(front)
+    return front, lambda: len(recycles(launcher))
+
+
+def apache_fcgid(started, tmp_path, site, url, limits, processes=None):
+    # An admin sets a worker's limits with FcgidInitialEnv lines, as the
+    # example's TRAC_FCGI_MAX_RSS one.
+    extra = "".join("FcgidInitialEnv %s %s\n" % item for item in limits.items())
+    settings = ["FcgidMaxProcessesPerClass %d" % processes] if processes else []
+    front = Apache(tmp_path / "apache", "apache-fcgid.conf",
+                   {"venv": VENV, "trac_env": site["trac_env"], "htpasswd": site["htpasswd"]},
+                   settings=settings, extra=extra)
+    started.append(front)
+    return front, lambda: len(reexecs(front))
+
+
+def reexecs(front):
+    """Every self re-exec the front's trac-fcgi processes logged (mod_fcgid puts their stderr in its error log)."""
+    return [line for line in front.errors().splitlines() if re.search(r"^trac-fcgi\[\d+\] event=re-exec", line)]
+
+
+RECIPES = {"lighttpd-spawn-fcgi": lighttpd_with_spawn_fcgi, "lighttpd-bin-path": lighttpd_bin_path,
+           "apache-proxy-fcgi": apache_proxy_fcgi, "apache-fcgid": apache_fcgid}
+
+
+# --------------------------------------------------------------------------
+# A browser: cookies, basic auth, forms.
+
+class Browser:
+    """One user on one kept-alive connection, keeping the cookies Trac sets."""
+
+    def __init__(self, port):
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=START_TIMEOUT)
+        self.cookies = {}
+
+    def go(self, path, form=None, password=None):
+        headers = {}
+        if self.cookies:
+            headers["Cookie"] = "; ".join("%s=%s" % item for item in self.cookies.items())
+        if password:
+            headers["Authorization"] = "Basic " + base64.b64encode(("%s:%s" % (USER, password)).encode()).decode()
+        body = None
+        if form is not None:
+            body = urllib.parse.urlencode(form)
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+        answer = exchange(self.conn, path, "GET" if form is None else "POST", body, headers)
+        for name, value in answer.headers:
+            if name.lower() == "set-cookie":
+                key, _, value = value.split(";", 1)[0].partition("=")
+                self.cookies[key.strip()] = value
+        return answer
+
+    def stop(self):
+        self.conn.close()
+
+
+def location_path(answer):
+    return urllib.parse.urlsplit(answer.header("Location") or "").path
+
+
+# --------------------------------------------------------------------------
+# Each recipe, as a user sees it
+
+@pytest.mark.parametrize("url", [PREFIX, ""], ids=["at-a-prefix", "at-the-root"])
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_serves_trac_logs_in_through_the_web_server_and_creates_a_ticket(
+        started, tmp_path, site, stock_odd_page, recipe, url):
+    front, _ = RECIPES[recipe](started, tmp_path, site, url, {})
+    browser = Browser(front.port)
+    started.append(browser)
+
+    # Pages, and the links in them: every one starts with where Trac is.
+    page = browser.go(url + "/wiki/WikiStart")
+    assert is_trac_page(page, WELCOME), (page, front.errors()[-3000:])
+    assert ('href="%s/wiki/TracGuide"' % url).encode() in page.body
+    assert ('href="%s/chrome/common/css/trac.css"' % url).encode() in page.body
+    links = re.findall(rb'href="(/[^"]*)"', page.body)
+    assert links and all(link.startswith((url + "/").encode()) for link in links), links
+    if not url:
+        assert not [link for link in links if link.startswith(PREFIX.encode() + b"/")], links
+    assert is_trac_page(browser.go(url + "/timeline"), "Timeline")
+    assert is_trac_page(browser.go(url or "/"), WELCOME)
+
+    # A name with a literal %41 in it is the page stock trac.fcgi serves.
+    odd = browser.go(url + ODD_URL)
+    assert odd.status == 200 and wiki_text(odd) == stock_odd_page, (wiki_text(odd), stock_odd_page)
+
+    # Logging in: the web server asks for the password, Trac reads REMOTE_USER.
+    assert browser.go(url + "/login").status == 401
+    assert browser.go(url + "/login", password="wrong").status == 401
+    login = browser.go(url + "/login", password=PASSWORD)
+    assert login.status in (302, 303) and "trac_auth" in browser.cookies, login
+    assert location_path(login).startswith(url + "/") or location_path(login) == url, login.headers
+    page = browser.go(url + "/wiki/WikiStart")
+    assert re.search(rb"logged in as\s*(<[^>]*>\s*)*" + USER.encode(), page.body), page.body[:3000]
+
+    # A ticket, created through the form as a browser posts it.
+    form = browser.go(url + "/newticket")
+    token = re.search(rb'name="__FORM_TOKEN" value="([^"]+)"', form.body)
+    assert is_trac_page(form, "Create New Ticket") and token, form
+    summary = "Created through %s %s" % (recipe, "at the root" if not url else "under " + url)
+    created = browser.go(url + "/newticket", form={
+        "__FORM_TOKEN": token[1].decode(), "field_summary": summary, "field_description": "via the form",
+        "field_type": "defect", "submit": "Create ticket"})
+    assert created.status == 303 and re.match(re.escape(url) + r"/ticket/\d+$", location_path(created)), created
+    ticket = browser.go(location_path(created))
+    assert is_trac_page(ticket, summary) and USER.encode() in ticket.body, ticket
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_answers_sixteen_clients_whole_through_ten_recycles(started, tmp_path, site, recipe):
+    # Each worker recycles after about 20 requests (+-10% jitter).
+    front, recycled = RECIPES[recipe](started, tmp_path, site, PREFIX, {"TRAC_FCGI_MAX_REQUESTS": "20"})
+    load = Load(front.port, [PREFIX + "/wiki/WikiStart", PREFIX + "/timeline"], clients=16)
+    load.run(stop=lambda seconds: recycled() >= 10, max_seconds=180)
+    report = "%s\n%d recycles\nfront's errors:\n%s" % (load.summary(), recycled(), front.errors()[-3000:])
+    assert recycled() >= 10, "too few recycles: " + report
+    assert load.answers and not load.errors(), "connection errors: " + report
+    assert not load.non_200(), "non-200 answers: " + report
+    assert not load.truncated(), "cut-off bodies: " + report
+    statuses = collections.Counter(e["status"] for e in front.access_log())
+    assert set(statuses) == {200}, "the front logged %s: %s" % (dict(statuses), report)
