@@ -30,18 +30,26 @@ import socket
 import struct
 import sys
 import time
+import traceback
 
 __version__ = "0.1.0"
 
-# A worker that dies sooner than this after its start was a crash.
-CRASH_WINDOW_S = 10.0
-# Crash backoff doubles from the first to the last figure, and is forgotten
-# once a worker has stayed up for HEALTHY_S.
+# Backoff is for workers that cannot start: one that dies before READY=1 is
+# a crash, and its slot waits BACKOFF_FIRST_S, doubling up to BACKOFF_MAX_S,
+# until a worker of that slot says READY=1 again.
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 60.0
-HEALTHY_S = 60.0
+# A worker that was ready and then died unplanned (the OOM killer, a crashing
+# plugin, kill -9) is respawned at once: it can start, and its slot is empty.
+# Only a slot whose ready workers die more often than this is backed off, and
+# never while no other slot serves (an empty site is worse than a busy spawn).
+DEATHS_BEFORE_GUARD = 10
+DEATH_WINDOW_S = 60.0
 # Nothing scheduled: still wake now and then, so a lost signal costs at most this.
 IDLE_WAKE_S = 60.0
+# After an unexpected exception in the loop, wait at least this long for the
+# next event, so that a bug that recurs on every pass cannot become a spin.
+LOOP_ERROR_PAUSE_S = 1.0
 
 SIGNALS = {
     # signal: (effect, for --help and the README's signals table)
@@ -52,9 +60,29 @@ SIGNALS = {
     signal.SIGTERM: "graceful stop: SIGHUP every worker, wait --stop-timeout for them to drain, SIGKILL the rest, exit 0",
     signal.SIGINT: "same as SIGTERM",
     signal.SIGQUIT: "immediate stop: SIGKILL every worker, exit 0",
+    signal.SIGUSR2: "ignored and logged: unicorn and gunicorn upgrade on it; here SIGHUP already loads new code, "
+                    "make-before-break",
 }
-# SIGCHLD reaps workers and SIGIO says a notify datagram is waiting.
-HANDLED = set(SIGNALS) | {signal.SIGCHLD, signal.SIGIO}
+# Faults of the launcher's own code keep their default action: blocking them
+# would hide a crash, not prevent it.
+FAULTS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGTRAP, signal.SIGSYS,
+          signal.SIGABRT}
+# Every other signal that can be caught (SIGALRM, SIGPIPE, SIGWINCH, the
+# real-time ones ...) is waited for too, and ignored with a log line: by
+# default most of them end a process, and a supervisor that a stray kill ends
+# takes every worker with it.
+WAITED = signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP} - FAULTS
+IGNORED_EFFECT = "ignored and logged; only SIGKILL ends the launcher unplanned"
+
+
+def signal_name(number):
+    """SIGTERM, SIGRTMIN+6, or the bare number: a name is never required."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        if signal.SIGRTMIN < number <= signal.SIGRTMAX:
+            return "SIGRTMIN+%d" % (number - signal.SIGRTMIN)
+        return str(number)
 
 
 # --------------------------------------------------------------------------
@@ -143,7 +171,8 @@ examples:
   spawn-fcgi -n -s /run/trac/trac.sock -M 0660 -u www-data -- \\
       /usr/bin/env WORKER_PATH=/srv/trac/venv/bin/trac-fcgi trac-fcgi-launcher --workers 2
   trac-fcgi-launcher --bind unix:/run/trac/trac.sock --workers 2 -- /srv/trac/venv/bin/trac-fcgi
-""" % "\n".join("  %-8s %s" % (signal.Signals(s).name, effect) for s, effect in SIGNALS.items())
+""" % "\n".join(["  %-8s %s" % (signal.Signals(s).name, effect) for s, effect in SIGNALS.items()]
+                + ["  %-8s %s" % ("others", IGNORED_EFFECT)])
 
 
 def parse_settings(argv):
@@ -201,8 +230,11 @@ def log(event, level=1, **facts):
             value = "%.3f" % value
         value = str(value)
         words.append("%s=%s" % (key, value if value and " " not in value else repr(value)))
-    sys.stderr.write(" ".join(words) + "\n")
-    sys.stderr.flush()
+    try:
+        sys.stderr.write(" ".join(words) + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass  # nobody reads our log any more (a closed pipe): no reason to die
 
 
 # --------------------------------------------------------------------------
@@ -349,7 +381,473 @@ class Systemd:
 
 
 # --------------------------------------------------------------------------
-# Workers and slots.
+# The core: every decision, over plain data, with the time passed in.
+#
+# Events go in as method calls (spawned, notified, exited, signalled), each
+# with the time `now`.  Decisions come out as actions in `actions`, which the
+# shell below carries out.  tick() does whatever is due and returns when
+# something next will be: the code that decides what is due also decides when
+# to wake.  Nothing here reads a clock, a file or a socket, so
+# tests/test_core.py drives it through hours of signals in milliseconds.
+
+SPAWN, SIGNAL, SYSTEMD = "spawn", "signal", "systemd"
+
+
+class Worker:
+    """One worker process.  Its role is the whole of its handoff state:
+
+    warming  started as a replacement for its slot's serving worker
+    serving  the slot's accepting worker (or about to be, before READY=1)
+    draining told to go (SIGHUP); its exit is expected, never a crash
+    """
+
+    def __init__(self, pid, slot, role, now):
+        self.pid, self.slot, self.role = pid, slot, role
+        self.started = now
+        self.ready = False
+        self.told_to_go = None      # when it was sent SIGHUP
+        self.killed = False         # sent SIGKILL, which is never sent twice
+        self.said_stopping = False  # sent STOPPING=1: it exits of its own accord
+
+    def age(self, now):
+        return now - self.started
+
+
+class Slot:
+    """A place for one serving worker.  Which workers fill it is read off the
+    workers themselves (Worker.slot and Worker.role), never stored here too."""
+
+    def __init__(self, number):
+        self.number = number
+        self.retired = False        # removed by SIGTTOU; gone once its workers are
+        self.handoff_asked = None   # when its replacement was asked for, until the old worker is told to go
+        self.crashes = 0            # workers in a row that died before READY=1
+        self.not_before = 0.0       # backoff: no spawn for this slot before then
+        self.deaths = []            # when its ready workers died unplanned, within DEATH_WINDOW_S
+
+
+class LauncherCore:
+    def __init__(self, slots, ready_timeout, stop_timeout, log=log, memory_shortage=lambda pid: None):
+        self.slots = [Slot(number) for number in range(slots)]
+        self.ready_timeout, self.stop_timeout = ready_timeout, stop_timeout
+        self.log = log
+        # None if a replacement fits in memory beside worker PID, else the facts of why not.
+        self.memory_shortage = memory_shortage
+        self.workers = {}            # pid -> Worker, every child not yet reaped
+        self.actions = []            # (SPAWN, slot, role), (SIGNAL, pid, signum), (SYSTEMD, lines)
+        self.rolling = False         # a rolling restart is under way (systemd RELOADING=1)
+        self.stopping_since = None
+        self.workers_speak_notify = False
+        self.told_systemd_ready = False
+        self.status = None
+
+    # -- what the state says, derived where it is needed --------------------
+
+    def worker_of(self, slot, role):
+        return next((w for w in self.workers.values() if w.slot is slot and w.role == role), None)
+
+    def serves(self, slot):
+        """Whether SLOT has a serving worker that has said READY=1."""
+        worker = self.worker_of(slot, "serving")
+        return worker is not None and worker.ready
+
+    def ready_workers(self):
+        return sum(1 for slot in self.slots if self.serves(slot))
+
+    @property
+    def finished(self):
+        return self.stopping_since is not None and not self.workers
+
+    # -- events ---------------------------------------------------------------
+
+    def signalled(self, signum, sender, now):
+        """The whole policy for each signal, one line each."""
+        policy = {
+            signal.SIGUSR1: self.on_usr1,
+            signal.SIGHUP: lambda sender, now: self.rolling_restart("SIGHUP", now),
+            signal.SIGTTIN: self.on_ttin,
+            signal.SIGTTOU: self.on_ttou,
+            signal.SIGTERM: self.on_term,
+            signal.SIGINT: self.on_term,
+            signal.SIGQUIT: self.on_quit,
+        }.get(signum)
+        if policy is None:
+            return self.log("ignored", signal=signal_name(signum), sender=sender)
+        policy(sender, now)
+
+    def spawned(self, slot, pid, role, now):
+        self.workers[pid] = Worker(pid, slot, role, now)
+        self.log("spawn", slot=slot.number, pid=pid, role=role)
+
+    def spawn_failed(self, slot, error, now):
+        self.log("spawn-failed", level=0, slot=slot.number, error=error)
+        self.back_off(slot, now)
+
+    def notified(self, pid, fields, now):
+        worker = self.workers.get(pid)
+        if worker is None:
+            return  # not one of ours: the kernel vouches for the pid
+        if fields.get("READY") == "1":
+            self.workers_speak_notify = True
+            self.became_ready(worker, "notify", now)
+        if fields.get("STOPPING") == "1":
+            worker.said_stopping = True
+
+    def exited(self, pid, code, now):
+        """CODE is the exit status, or minus the signal number (os.waitstatus_to_exitcode)."""
+        worker = self.workers.pop(pid, None)
+        if worker is None:
+            return
+        slot = worker.slot
+        how = {"status": code} if code >= 0 else {"signal": signal_name(-code)}
+        self.log("exit", slot=slot.number, pid=pid, role=worker.role, age_s=worker.age(now),
+                 drain_s=None if worker.told_to_go is None else now - worker.told_to_go, **how)
+        if worker.role == "serving":
+            # Nothing is left to hand off; a replacement already warming takes over the slot.
+            slot.handoff_asked = None
+            replacement = self.worker_of(slot, "warming")
+            if replacement is not None:
+                replacement.role = "serving"
+        planned = worker.told_to_go is not None or (worker.said_stopping and code == 0)
+        if planned or slot.retired or self.stopping_since is not None:
+            return
+        if not worker.ready:
+            self.back_off(slot, now)  # it cannot start: a crash, whatever its role
+        elif worker.role == "serving":
+            self.died_serving(slot, now)
+
+    # -- one method per signal ------------------------------------------------
+
+    def on_usr1(self, sender, now):
+        worker = self.workers.get(sender)
+        if worker is None:
+            self.rolling_restart("SIGUSR1 from pid %s" % sender, now)
+        elif worker.role == "serving":
+            # Standard signals coalesce, so two workers asking at once may
+            # reach us as one: workers repeat the request until answered.
+            self.ask_for_handoff(worker.slot, "worker asked", now)
+
+    def on_ttin(self, sender, now):
+        if self.stopping_since is None:
+            slot = Slot(max([s.number for s in self.slots], default=-1) + 1)
+            self.slots.append(slot)
+            self.log("slot-added", slot=slot.number, workers=len(self.slots))
+
+    def on_ttou(self, sender, now):
+        if self.stopping_since is None and len(self.slots) > 1:
+            slot = self.slots.pop()
+            slot.retired = True
+            self.log("slot-removed", slot=slot.number, workers=len(self.slots))
+            for worker in [w for w in self.workers.values() if w.slot is slot]:
+                self.tell_to_go(worker, "slot removed", now)
+
+    def on_term(self, sender, now):
+        if self.stopping_since is None:
+            self.stopping_since = now
+            self.actions.append((SYSTEMD, ("STOPPING=1",)))
+            self.log("stopping", workers=len(self.workers), timeout_s=self.stop_timeout)
+            for worker in list(self.workers.values()):
+                self.tell_to_go(worker, "launcher stopping", now)
+
+    def on_quit(self, sender, now):
+        if self.stopping_since is None:
+            self.stopping_since = now
+            self.actions.append((SYSTEMD, ("STOPPING=1",)))
+        for worker in list(self.workers.values()):
+            self.kill(worker, "SIGQUIT")
+
+    # -- the handoff ------------------------------------------------------------
+
+    def rolling_restart(self, reason, now):
+        if self.stopping_since is not None:
+            return
+        if self.rolling:
+            return self.log("coalesced", level=2, reason=reason)  # a burst costs nothing
+        self.log("rolling-restart", reason=reason, workers=len(self.slots))
+        self.rolling = True
+        self.actions.append((SYSTEMD, ("RELOADING=1", "STATUS=rolling restart")))
+        for slot in self.slots:
+            self.ask_for_handoff(slot, reason, now)
+
+    def ask_for_handoff(self, slot, reason, now):
+        # Coalesced: a slot already waiting or warming is not asked again.
+        serving = self.worker_of(slot, "serving")
+        if self.stopping_since is None and slot.handoff_asked is None and serving is not None:
+            self.log("replace", slot=slot.number, pid=serving.pid, reason=reason)
+            slot.handoff_asked = now
+
+    def start_next_handoff(self, now):
+        """Start at most one replacement at a time, across all slots; return the deadlines it waits on.
+
+        A slot whose previous worker still drains waits for its exit, so no
+        slot ever has more than two processes, whatever the signals.  Only a
+        wait on the clock (backoff) is a deadline: a wait on a warming or a
+        draining worker ends with an event (READY=1, an exit), and the loop
+        sleeps until then instead of spinning.
+        """
+        if any(w.role == "warming" for w in self.workers.values()):
+            return []
+        deadlines = []
+        for slot in sorted((s for s in self.slots if s.handoff_asked is not None), key=lambda s: s.handoff_asked):
+            if any(w.slot is slot and w.role == "draining" for w in self.workers.values()):
+                continue
+            if slot.not_before > now:
+                deadlines.append(slot.not_before)
+                continue
+            serving = self.worker_of(slot, "serving")
+            shortage = self.memory_shortage(serving.pid)
+            if shortage:
+                # Not enough memory for two workers side by side: break before make.
+                self.log("stop-then-start", slot=slot.number, pid=serving.pid, **shortage)
+                slot.handoff_asked = None
+                self.tell_to_go(serving, "memory headroom", now)
+                self.actions.append((SPAWN, slot, "serving"))
+            else:
+                self.actions.append((SPAWN, slot, "warming"))
+            return []
+        return deadlines
+
+    def became_ready(self, worker, how, now):
+        if worker.ready:
+            return
+        worker.ready = True
+        slot = worker.slot
+        slot.crashes = 0
+        self.log("ready", slot=slot.number, pid=worker.pid, ready_s=worker.age(now), by=how)
+        if worker.role == "warming":
+            old = self.worker_of(slot, "serving")
+            worker.role = "serving"
+            if old is not None:
+                asked, slot.handoff_asked = slot.handoff_asked, None
+                self.tell_to_go(old, "replaced by pid %d" % worker.pid, now,
+                                handoff_s=None if asked is None else now - asked)
+
+    def tell_to_go(self, worker, reason, now, **facts):
+        if worker.told_to_go is None:
+            worker.told_to_go = now
+            worker.role = "draining"
+            self.log("hup", slot=worker.slot.number, pid=worker.pid, reason=reason, **facts)
+            self.actions.append((SIGNAL, worker.pid, signal.SIGHUP))
+
+    def kill(self, worker, reason):
+        if not worker.killed:
+            worker.killed = True
+            self.log("kill", slot=worker.slot.number, pid=worker.pid, reason=reason)
+            self.actions.append((SIGNAL, worker.pid, signal.SIGKILL))
+
+    # -- births and deaths --------------------------------------------------------
+
+    def died_serving(self, slot, now):
+        """A ready worker died unplanned: respawn at once, unless its slot's workers keep dying."""
+        slot.deaths = [t for t in slot.deaths if now - t < DEATH_WINDOW_S] + [now]
+        others_serve = any(self.serves(other) for other in self.slots if other is not slot)
+        if len(slot.deaths) > DEATHS_BEFORE_GUARD and others_serve:
+            self.back_off(slot, now)
+
+    def back_off(self, slot, now):
+        delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** slot.crashes)
+        slot.crashes += 1
+        slot.not_before = now + delay
+        self.log("backoff", level=0, slot=slot.number, crashes=slot.crashes, delay_s=delay)
+
+    # -- time ---------------------------------------------------------------------
+
+    def tick(self, now):
+        """Do whatever is due at NOW; return when something next will be.
+
+        The shell carries out `actions` before it calls tick() again.
+        """
+        wake = [now + IDLE_WAKE_S]
+        if self.stopping_since is not None:
+            deadline = self.stopping_since + self.stop_timeout
+            if now < deadline:
+                return min(deadline, now + IDLE_WAKE_S)
+            for worker in list(self.workers.values()):
+                self.kill(worker, "stop timeout")
+            return min(wake)
+        for slot in self.slots:
+            if self.worker_of(slot, "serving") is None and self.worker_of(slot, "warming") is None:
+                if slot.not_before <= now:
+                    self.actions.append((SPAWN, slot, "serving"))
+                else:
+                    wake.append(slot.not_before)
+        for worker in list(self.workers.values()):
+            if not worker.ready and worker.role != "draining":
+                deadline = worker.started + self.ready_timeout
+                if now >= deadline:
+                    self.ready_timed_out(worker, now)
+                else:
+                    wake.append(deadline)
+        wake += self.start_next_handoff(now)
+        if self.rolling and all(slot.handoff_asked is None for slot in self.slots):
+            self.rolling = False
+            self.told_systemd_ready = False
+            self.log("rolling-restart-done", workers=len(self.slots))
+        self.report_status()
+        return min(wake)
+
+    def ready_timed_out(self, worker, now):
+        if self.workers_speak_notify and worker.role == "warming":
+            # Earlier workers said READY=1, so this one's silence means trouble;
+            # its slot stays asked for and is retried after the backoff.
+            self.log("ready-timeout", level=0, slot=worker.slot.number, pid=worker.pid)
+            self.tell_to_go(worker, "silent past --ready-timeout", now)
+            self.kill(worker, "silent past --ready-timeout")
+            self.back_off(worker.slot, now)
+        else:
+            # A stock trac.fcgi never speaks the notify protocol: alive is ready.
+            self.became_ready(worker, "timeout", now)
+
+    def report_status(self):
+        ready = self.ready_workers()
+        roles = [w.role for w in self.workers.values()]
+        status = "%d of %d workers ready, %d warming, %d draining" % (
+            ready, len(self.slots), roles.count("warming"), roles.count("draining"))
+        if status != self.status:
+            self.status = status
+            self.actions.append((SYSTEMD, ("STATUS=" + status,)))
+        if ready == len(self.slots) and not self.rolling and not self.told_systemd_ready:
+            self.told_systemd_ready = True
+            self.log("all-ready", workers=ready)
+            self.actions.append((SYSTEMD, ("READY=1",)))
+
+
+# --------------------------------------------------------------------------
+# The shell: signals and datagrams in, processes and signals out.
+
+class Launcher:
+    def __init__(self, settings, listener, path, argv):
+        self.settings = settings
+        self.listener = listener
+        self.path, self.argv = path, argv
+        self.core = LauncherCore(settings.workers, settings.ready_timeout, settings.stop_timeout,
+                                 memory_shortage=self.memory_shortage)
+        self.notify = open_notify_socket()
+        self.systemd = Systemd(os.environ.get("NOTIFY_SOCKET"))
+        self.environ = self.worker_environment()
+        self.errors_seen = set()
+
+    def worker_environment(self):
+        environ = dict(os.environ)
+        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            environ.pop(name, None)
+        environ["LAUNCHER_PID"] = str(os.getpid())
+        # Ours, never systemd's: the workers report to us, and we to systemd.
+        environ["NOTIFY_SOCKET"] = "@" + NOTIFY_NAME % os.getpid()
+        return environ
+
+    def run(self):
+        signal.pthread_sigmask(signal.SIG_BLOCK, WAITED)
+        close_inherited_fds(keep={self.listener.fileno(), self.notify.fileno()})
+        log("start", workers=len(self.core.slots), socket=describe(self.listener), worker=" ".join(self.argv))
+        pause = 0.0
+        while True:
+            try:
+                wake_at = self.settle(time.monotonic())
+                if self.core.finished:
+                    break
+                info = signal.sigtimedwait(WAITED, max(pause, wake_at - time.monotonic(), 0.0))
+                pause = 0.0
+                if info is not None:
+                    self.dispatch(info)
+            except Exception as error:  # noqa: BLE001 - the loop outlives its bugs
+                # As unicorn's "master loop error": one bug must not take the
+                # socket and every worker with it.  Log, pause, go on.
+                self.loop_error(error)
+                pause = LOOP_ERROR_PAUSE_S
+        self.systemd.notify("STATUS=stopped")
+        log("stop", status=0)
+        return 0
+
+    def settle(self, now):
+        """Let the core do what is due and carry out its actions, until it has no more for now."""
+        for _ in range(8):  # each pass only acts on what the one before changed
+            wake_at = self.core.tick(now)
+            actions, self.core.actions = self.core.actions, []
+            if not actions:
+                break
+            for action in actions:
+                self.perform(action, now)
+        return wake_at
+
+    def perform(self, action, now):
+        kind, *args = action
+        if kind == SPAWN:
+            self.spawn(*args, now)
+        elif kind == SIGNAL:
+            try:
+                os.kill(*args)
+            except ProcessLookupError:
+                pass  # it died meanwhile; its SIGCHLD is on its way
+        elif kind == SYSTEMD:
+            self.systemd.notify(*args[0])
+
+    def dispatch(self, info):
+        now = time.monotonic()
+        if info.si_signo == signal.SIGCHLD:
+            self.reap(now)
+        elif info.si_signo == signal.SIGIO:
+            self.read_notifications(now)
+        else:
+            log("signal", level=2, signal=signal_name(info.si_signo), sender=info.si_pid)
+            self.core.signalled(info.si_signo, info.si_pid, now)
+
+    def reap(self, now):
+        # A worker says STOPPING=1 and then exits; SIGCHLD is the lower signal
+        # number and comes out of sigtimedwait first, so read what it said
+        # before judging its exit.
+        self.read_notifications(now)
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.core.exited(pid, os.waitstatus_to_exitcode(status), now)
+
+    def read_notifications(self, now):
+        for pid, fields in read_notifications(self.notify):
+            log("notify", level=2, pid=pid, fields=",".join(fields))
+            self.core.notified(pid, fields, now)
+
+    def spawn(self, slot, role, now):
+        environ = dict(self.environ, LAUNCHER_READY_WORKERS=str(self.core.ready_workers()))
+        try:
+            pid = os.posix_spawn(
+                self.path, self.argv, environ,
+                file_actions=[(os.POSIX_SPAWN_DUP2, self.listener.fileno(), 0)],
+                # Signal masks and ignored dispositions cross exec: give the
+                # worker a clean slate, or it could never see SIGHUP.
+                setsigmask=(),
+                setsigdef=signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP})
+        except OSError as error:
+            return self.core.spawn_failed(slot, error.strerror, now)
+        self.core.spawned(slot, pid, role, now)
+
+    def memory_shortage(self, pid):
+        reserve = self.settings.memory_reserve
+        if not reserve:
+            return None
+        rss, available = resident_bytes(pid), memory_available()
+        if available - rss >= reserve:
+            return None
+        return {"rss": rss, "mem_available": available, "reserve": reserve}
+
+    def loop_error(self, error):
+        # The traceback once per place it comes from; after that, one line.
+        frame = traceback.extract_tb(error.__traceback__)[-1:] or [None]
+        where = (type(error).__name__, frame[0] and (frame[0].filename, frame[0].lineno))
+        first = where not in self.errors_seen
+        self.errors_seen.add(where)
+        log("loop-error", level=0, error="%s: %s" % (type(error).__name__, error),
+            traceback="follows" if first else "logged before")
+        if first:
+            try:
+                traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+            except (OSError, ValueError):
+                pass
+
 
 def resident_bytes(pid):
     try:
@@ -365,375 +863,6 @@ def memory_available():
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     return 0
-
-
-class Worker:
-    """One worker process.  Its role is the whole of its handoff state:
-
-    warming  started as a replacement, not accepting yet as far as we know
-    serving  the slot's accepting worker
-    draining told to go (SIGHUP); its exit is expected, never a crash
-    """
-
-    def __init__(self, pid, slot, role):
-        self.pid = pid
-        self.slot = slot
-        self.role = role
-        self.started = time.monotonic()
-        self.ready = False
-        self.told_to_go = None     # monotonic time of the SIGHUP
-        self.said_stopping = False  # sent STOPPING=1: it exits of its own accord
-
-    def age(self):
-        return time.monotonic() - self.started
-
-
-class Slot:
-    def __init__(self, number):
-        self.number = number
-        self.worker = None           # the serving worker
-        self.replacement = None      # the warming worker, at most one
-        self.crashes = 0
-        self.not_before = 0.0        # backoff: no spawn for this slot before then
-        self.retired = False         # removed by SIGTTOU; gone once its workers are
-
-
-# --------------------------------------------------------------------------
-# The launcher.
-
-class Launcher:
-    def __init__(self, settings, listener, path, argv):
-        self.settings = settings
-        self.listener = listener
-        self.path, self.argv = path, argv
-        self.slots = [Slot(n) for n in range(settings.workers)]
-        self.workers = {}            # pid -> Worker, every child we have not reaped
-        self.pending = []            # slots waiting for a make-before-break handoff
-        self.rolling = False         # a rolling restart is under way (systemd RELOADING)
-        self.stopping_since = None
-        self.all_ready_told = False
-        self.status = None
-        self.workers_speak_notify = False
-        self.notify = open_notify_socket()
-        self.systemd = Systemd(os.environ.get("NOTIFY_SOCKET"))
-        self.environ = self.worker_environment()
-
-    def worker_environment(self):
-        environ = dict(os.environ)
-        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-            environ.pop(name, None)
-        environ["LAUNCHER_PID"] = str(os.getpid())
-        # Ours, never systemd's: the workers report to us, and we to systemd.
-        environ["NOTIFY_SOCKET"] = "@" + NOTIFY_NAME % os.getpid()
-        return environ
-
-    # -- the main loop ----------------------------------------------------
-
-    def run(self):
-        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
-        close_inherited_fds(keep={self.listener.fileno(), self.notify.fileno()})
-        log("start", workers=len(self.slots), socket=describe(self.listener), worker=" ".join(self.argv))
-        for slot in self.slots:
-            self.spawn(slot, "serving")
-        while True:
-            self.schedule()
-            if self.stopping_since is not None and not self.workers:
-                break
-            info = signal.sigtimedwait(HANDLED, self.seconds_to_next_deadline())
-            if info is not None:
-                self.dispatch(info)
-        self.systemd.notify("STATUS=stopped")
-        log("stop", status=0)
-        return 0
-
-    def dispatch(self, info):
-        handler = {
-            signal.SIGCHLD: self.handle_chld,
-            signal.SIGIO: self.handle_io,
-            signal.SIGUSR1: self.handle_usr1,
-            signal.SIGHUP: self.handle_hup,
-            signal.SIGTTIN: self.handle_ttin,
-            signal.SIGTTOU: self.handle_ttou,
-            signal.SIGTERM: self.handle_term,
-            signal.SIGINT: self.handle_term,
-            signal.SIGQUIT: self.handle_quit,
-        }[info.si_signo]
-        if info.si_signo not in (signal.SIGCHLD, signal.SIGIO):
-            log("signal", level=2, signal=signal.Signals(info.si_signo).name, sender=info.si_pid)
-        handler(info)
-
-    # -- one method per signal: each is the whole policy for it -----------
-
-    def handle_usr1(self, info):
-        worker = self.workers.get(info.si_pid)
-        if worker is None:
-            self.rolling_restart("SIGUSR1 from pid %d" % info.si_pid)
-        elif worker.role == "serving":
-            # Standard signals coalesce, so two workers asking at once may
-            # reach us as one: workers repeat the request until answered.
-            self.request_handoff(worker.slot, "worker asked")
-
-    def handle_hup(self, info):
-        self.rolling_restart("SIGHUP")
-
-    def handle_ttin(self, info):
-        if self.stopping_since is None:
-            slot = Slot(max([s.number for s in self.slots], default=-1) + 1)
-            self.slots.append(slot)
-            log("slot-added", slot=slot.number, workers=len(self.slots))
-            self.spawn(slot, "serving")
-
-    def handle_ttou(self, info):
-        if self.stopping_since is None and len(self.slots) > 1:
-            slot = self.slots.pop()
-            slot.retired = True
-            if slot in self.pending:
-                self.pending.remove(slot)
-            log("slot-removed", slot=slot.number, workers=len(self.slots))
-            for worker in (slot.replacement, slot.worker):
-                if worker:
-                    self.tell_to_go(worker, "slot removed")
-
-    def handle_term(self, info):
-        if self.stopping_since is None:
-            self.stopping_since = time.monotonic()
-            self.pending.clear()
-            self.systemd.notify("STOPPING=1")
-            log("stopping", workers=len(self.workers), timeout_s=self.settings.stop_timeout)
-            for worker in list(self.workers.values()):
-                self.tell_to_go(worker, "launcher stopping")
-
-    def handle_quit(self, info):
-        self.systemd.notify("STOPPING=1")
-        self.kill_all("SIGQUIT")
-        self.stopping_since = self.stopping_since or time.monotonic()
-
-    def handle_chld(self, info):
-        # A worker says STOPPING=1 and then exits; SIGCHLD is the lower signal
-        # number and comes out of sigtimedwait first, so read what it said
-        # before judging its exit.
-        self.handle_io(info)
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            worker = self.workers.pop(pid, None)
-            if worker is not None:
-                self.reaped(worker, status)
-
-    def handle_io(self, info):
-        for pid, fields in read_notifications(self.notify):
-            worker = self.workers.get(pid)
-            log("notify", level=2, pid=pid, fields=",".join(fields))
-            if worker is None:
-                continue  # not one of ours: credentials cannot be forged
-            if fields.get("READY") == "1":
-                self.workers_speak_notify = True
-                self.became_ready(worker, "notify")
-            if fields.get("STOPPING") == "1":
-                worker.said_stopping = True
-
-    # -- the handoff --------------------------------------------------------
-
-    def rolling_restart(self, reason):
-        if self.stopping_since is not None:
-            return
-        if self.rolling:
-            # Coalesced into the restart under way: a burst costs nothing.
-            return log("coalesced", level=2, reason=reason)
-        log("rolling-restart", reason=reason, workers=len(self.slots))
-        self.rolling = True
-        self.systemd.notify("RELOADING=1", "STATUS=rolling restart")
-        for slot in self.slots:
-            self.request_handoff(slot, reason)
-
-    def request_handoff(self, slot, reason):
-        # Coalesced: a slot is in the queue at most once, and not at all while
-        # its replacement warms up, so bursts of signals cost nothing.
-        if self.stopping_since is None and slot.replacement is None and slot not in self.pending:
-            log("replace", slot=slot.number, pid=slot.worker and slot.worker.pid, reason=reason)
-            self.pending.append(slot)
-
-    def start_next_handoff(self):
-        """At most one replacement warms up at a time, across all slots.
-
-        A slot whose previous worker is still draining waits for it to exit,
-        so no slot ever has more than two processes, whatever the signals.
-        """
-        if self.stopping_since is not None or any(s.replacement for s in self.slots):
-            return
-        now = time.monotonic()
-        draining = {w.slot for w in self.workers.values() if w.role == "draining"}
-        for slot in self.pending:
-            if slot.not_before <= now and slot not in draining:
-                self.pending.remove(slot)
-                break
-        else:
-            return
-        if slot.worker is None:
-            return  # its worker died meanwhile; schedule() respawns it
-        rss = resident_bytes(slot.worker.pid)
-        if self.settings.memory_reserve and memory_available() - rss < self.settings.memory_reserve:
-            # Not enough memory for two workers side by side: break before make.
-            log("stop-then-start", slot=slot.number, pid=slot.worker.pid, rss=rss,
-                mem_available=memory_available(), reserve=self.settings.memory_reserve)
-            self.tell_to_go(slot.worker, "memory headroom")
-            slot.worker = None
-            self.spawn(slot, "serving")
-        else:
-            self.spawn(slot, "warming")
-
-    def became_ready(self, worker, how):
-        if worker.ready:
-            return
-        worker.ready = True
-        slot = worker.slot
-        log("ready", slot=slot.number, pid=worker.pid, ready_s=worker.age(), by=how)
-        if worker.role == "warming":
-            old, slot.worker, slot.replacement = slot.worker, worker, None
-            worker.role = "serving"
-            if old is not None:
-                self.tell_to_go(old, "replaced by pid %d" % worker.pid)
-        self.report_status()
-
-    def tell_to_go(self, worker, reason):
-        if worker.told_to_go is None:
-            worker.told_to_go = time.monotonic()
-            worker.role = "draining"
-            if worker.slot.worker is worker:
-                worker.slot.worker = None
-            if worker.slot.replacement is worker:
-                worker.slot.replacement = None
-            log("hup", slot=worker.slot.number, pid=worker.pid, reason=reason)
-            os.kill(worker.pid, signal.SIGHUP)
-
-    # -- births and deaths ------------------------------------------------
-
-    def spawn(self, slot, role):
-        try:
-            pid = os.posix_spawn(
-                self.path, self.argv, self.environ,
-                file_actions=[(os.POSIX_SPAWN_DUP2, self.listener.fileno(), 0)],
-                # Signal masks and ignored dispositions cross exec: give the
-                # worker a clean slate, or it could never see SIGHUP.
-                setsigmask=(),
-                setsigdef=signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP})
-        except OSError as error:
-            log("spawn-failed", level=0, slot=slot.number, error=error.strerror)
-            self.back_off(slot)
-            return
-        worker = Worker(pid, slot, role)
-        self.workers[pid] = worker
-        if role == "warming":
-            slot.replacement = worker
-        else:
-            slot.worker = worker
-        log("spawn", slot=slot.number, pid=pid, role=role)
-
-    def reaped(self, worker, status):
-        slot = worker.slot
-        code = os.waitstatus_to_exitcode(status)
-        how = {"status": code} if code >= 0 else {"signal": signal.Signals(-code).name}
-        expected = worker.told_to_go is not None or (worker.said_stopping and code == 0)
-        drain_s = time.monotonic() - worker.told_to_go if worker.told_to_go else None
-        log("exit", slot=slot.number, pid=worker.pid, role=worker.role,
-            age_s=worker.age(), drain_s=drain_s, **how)
-        if worker.age() >= HEALTHY_S:
-            slot.crashes = 0
-        if slot.retired or self.stopping_since is not None:
-            return
-        if worker is slot.replacement:
-            # The old worker keeps serving; try again later.
-            slot.replacement = None
-            self.back_off(slot)
-            self.pending.append(slot)
-        elif worker is slot.worker:
-            slot.worker = None
-            if slot.replacement is not None:
-                # Its replacement is already warming: it takes over the slot.
-                slot.worker, slot.replacement = slot.replacement, None
-                slot.worker.role = "serving"
-            elif not expected and worker.age() < CRASH_WINDOW_S:
-                self.back_off(slot)
-        # A worker that asked to be replaced and then exited on its own
-        # (runaway memory) leaves no handoff to do.
-        if slot in self.pending and slot.worker is None:
-            self.pending.remove(slot)
-
-    def back_off(self, slot):
-        delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** slot.crashes)
-        slot.crashes += 1
-        slot.not_before = time.monotonic() + delay
-        log("backoff", level=0, slot=slot.number, crashes=slot.crashes, delay_s=delay)
-
-    # -- time -----------------------------------------------------------
-
-    def schedule(self):
-        """Do whatever is due now.  Called after every event."""
-        now = time.monotonic()
-        if self.stopping_since is not None:
-            if now - self.stopping_since >= self.settings.stop_timeout and self.workers:
-                self.kill_all("stop timeout")
-            return
-        for slot in self.slots:
-            if slot.worker is None and slot.replacement is None and slot.not_before <= now:
-                self.spawn(slot, "serving")
-        for worker in list(self.workers.values()):
-            if not worker.ready and worker.age() >= self.settings.ready_timeout:
-                self.ready_timed_out(worker)
-        self.start_next_handoff()
-        if self.rolling and not self.pending and not any(s.replacement for s in self.slots):
-            self.rolling = False
-            log("rolling-restart-done", workers=len(self.slots))
-            self.all_ready_told = False
-        self.report_status()
-
-    def ready_timed_out(self, worker):
-        if worker.role == "draining":
-            worker.ready = True  # nothing to promote
-        elif self.workers_speak_notify and worker.role == "warming":
-            # Earlier workers said READY=1, so this one's silence means trouble.
-            slot = worker.slot
-            log("ready-timeout", level=0, slot=slot.number, pid=worker.pid)
-            self.tell_to_go(worker, "silent past --ready-timeout")
-            os.kill(worker.pid, signal.SIGKILL)
-            self.back_off(slot)
-            self.pending.append(slot)
-        else:
-            # A stock trac.fcgi never speaks the notify protocol: alive is ready.
-            self.became_ready(worker, "timeout")
-
-    def seconds_to_next_deadline(self):
-        now = time.monotonic()
-        deadlines = [now + IDLE_WAKE_S]
-        if self.stopping_since is not None:
-            deadlines.append(self.stopping_since + self.settings.stop_timeout)
-        else:
-            deadlines += [s.not_before for s in self.slots if s.worker is None or s in self.pending]
-            deadlines += [w.started + self.settings.ready_timeout
-                          for w in self.workers.values() if not w.ready]
-        return max(0.0, min(deadlines) - now)
-
-    def kill_all(self, reason):
-        for worker in self.workers.values():
-            log("kill", slot=worker.slot.number, pid=worker.pid, reason=reason)
-            os.kill(worker.pid, signal.SIGKILL)
-
-    def report_status(self):
-        ready = sum(1 for s in self.slots if s.worker is not None and s.worker.ready)
-        status = "%d of %d workers ready, %d warming, %d draining" % (
-            ready, len(self.slots), sum(1 for s in self.slots if s.replacement),
-            sum(1 for w in self.workers.values() if w.role == "draining"))
-        if status != self.status:
-            self.status = status
-            self.systemd.notify("STATUS=" + status)
-        if ready == len(self.slots) and not self.rolling and not self.all_ready_told:
-            self.all_ready_told = True
-            log("all-ready", workers=ready)
-            self.systemd.notify("READY=1")
 
 
 def close_inherited_fds(keep):
