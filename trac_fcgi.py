@@ -314,8 +314,10 @@ def hup_when_parent_dies():
 # before a re-exec until the new image has installed its handlers.  The mask
 # survives exec, and what arrived meanwhile is acted on once it serves.
 STOP_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
-# The reload turn's socket crosses exec under this fd number (never a setting).
+# The reload turn's socket crosses exec under this fd number, and the stand-in
+# serving meanwhile is named by its pid (internal, never settings).
 TURN_FD_VARIABLE = "TRAC_FCGI_RELOAD_TURN_FD"
+STAND_IN_VARIABLE = "TRAC_FCGI_STAND_IN_PID"
 
 
 class ReloadTurn:
@@ -374,6 +376,24 @@ def reexec():
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     log("re-exec")
     os.execv(sys.executable, [sys.executable] + sys.argv)
+
+
+def close_trac_databases():
+    """Close every Trac environment's pooled database connections, before a fork.
+
+    An SQLite (or any) connection must not be used on both sides of a fork;
+    the process that forks is about to exec, and the stand-in opens its own.
+    """
+    env_module = sys.modules.get("trac.env")
+    if env_module is None:
+        return  # not Trac
+    from trac.db.api import DatabaseManager
+    with env_module.env_cache_lock:
+        for env in list(env_module.env_cache.values()):
+            try:
+                DatabaseManager(env).shutdown()
+            except Exception as error:  # a plugin's database; the stand-in reconnects
+                log("db-shutdown-failed", error=error)
 
 
 # --------------------------------------------------------------------------
@@ -602,6 +622,10 @@ class RecyclingWSGIServer(WSGIServer):
         self.replacement_asked = None
         self.reload_turn = ReloadTurn(os.environ)
         self.waiting_for_turn = False
+        # A stand-in is a fork of a worker about to re-exec, which serves
+        # while the new image starts, then drains and exits (see stand_in()).
+        self.parent_serving = None   # in a stand-in: the pid it serves for
+        self.stand_ins = [int(pid) for pid in os.environ.pop(STAND_IN_VARIABLE, "").split(",") if pid.isdigit()]
         self.accept_paused_until = 0.0
         # Threads and signal handlers wake the main loop through this pipe.
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -758,6 +782,14 @@ class RecyclingWSGIServer(WSGIServer):
             return self.stop_accepting(self.stop_reason)
         if self.launcher is not None and os.getppid() != self.launcher:
             return self.stop_accepting("launcher gone")
+        self.reap_stand_ins()
+        if self.parent_serving is not None:
+            # A stand-in never recycles: it goes once its parent's new image serves.
+            if os.getppid() != self.parent_serving:
+                return self.stop_accepting("parent gone")
+            if limits.max_rss and rss >= limits.max_rss:
+                return self.stop_accepting("max_rss")
+            return
         if limits.max_rss and rss >= limits.max_rss:
             # The limit is a promise: stop now, replacement ready or not, and
             # (without a launcher) turn to reload or not.  Connections wait in
@@ -811,11 +843,73 @@ class RecyclingWSGIServer(WSGIServer):
             self.draining = True
             log("drain", reason=reason, connections=self.connections, requests=self.requests, rss=self.rss())
 
+    # -- the stand-in: make before break without a launcher ----------------------
+    #
+    # Re-executing in place leaves nobody on the socket while the new image
+    # imports Trac and warms up; under mod_fcgid, which hands each process
+    # its own socket, one request waits that long at every reload.  So the
+    # drained worker first forks a copy of itself that goes on serving, then
+    # execs.  The copy is warm at once (a fork), holds the old image's memory
+    # only until the new image is ready, and keeps MAX_RSS as a promise.
+
+    def fork_stand_in(self):
+        """In the parent: the stand-in's pid.  In the stand-in: serve, then exit; never returns."""
+        if self.connections:
+            return None  # requests abandoned at the drain timeout: their threads are no state to fork
+        close_trac_databases()
+        pid = os.fork()
+        if pid:
+            self.stand_ins.append(pid)
+            os.environ[STAND_IN_VARIABLE] = ",".join(map(str, self.stand_ins))
+            return pid
+        status = 1
+        try:
+            status = self.serve_as_stand_in()
+        finally:
+            os._exit(status)
+
+    def serve_as_stand_in(self):
+        parent = os.getppid()
+        hup_when_parent_dies()  # also if the new image dies starting up
+        if self.reload_turn.sock is not None:
+            self.reload_turn.sock.close()  # our copy only: the parent holds the turn
+            self.reload_turn.sock = None
+        # The fork has only this thread: a fresh pool, lock and state, as a
+        # newly started worker has, and our own /proc/self.
+        self._threadPool = QueueingThreadPool(minSpare=1, maxSpare=self.limits.max_threads,
+                                              maxThreads=self.limits.max_threads)
+        self.lock = threading.Lock()
+        self.rss = ResidentMemory()
+        self.connections, self.idle, self.backlog_waiting, self.releasing = 0, {}, False, None
+        self.draining, self.stop_reason, self.reexec = False, None, False
+        self.parent_serving, self.stand_ins = parent, []
+        log("stand-in", serves_for=parent, requests=self.requests, rss=self.rss())
+        self.run(socket.socket(fileno=os.dup(0)))
+        return 0
+
+    def stand_in_go(self):
+        """In a new image: the stand-ins that served while it started may go now."""
+        for pid in self.stand_ins:
+            try:
+                os.kill(pid, signal.SIGHUP)
+            except ProcessLookupError:
+                pass
+
+    def reap_stand_ins(self):
+        for pid in list(self.stand_ins):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                self.stand_ins.remove(pid)
+
     # -- signals -------------------------------------------------------------
 
     def _hupHandler(self, signum, frame):
-        # Under plain spawn-fcgi, SIGHUP is a graceful reload: drain, then exec.
-        if self.launcher is None:
+        # Under plain spawn-fcgi, SIGHUP is a graceful reload: drain, then
+        # exec.  A stand-in's SIGHUP comes from its parent's new image: go.
+        if self.launcher is None and self.parent_serving is None:
             self.reexec = True
         self.stop_reason = self.stop_reason or "SIGHUP"
 
@@ -1020,10 +1114,12 @@ def main(argv=None):
                 hint="the worker that serves now keeps serving; fix the app or set TRAC_FCGI_WARMUP")
             return 1
     sd_notify("READY=1")
+    server.stand_in_go()
     if server.reload_turn.release():
         log("reloaded")  # our pool's next process may take its turn
     # Re-exec only where fd 0 is the socket: it survives exec, a --bind one does not.
     if server.run(sock) and bind is None:
+        server.fork_stand_in()
         server.reload_turn.keep_across_exec()
         reexec()
     return 0

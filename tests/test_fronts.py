@@ -314,14 +314,70 @@ def test_a_mod_fcgid_pool_reloads_one_process_at_a_time_and_its_p99_stays_within
         return load, recycled() - before, front, report
 
     # Without recycling, for a while; then recycling every 20 requests, for
-    # at least as long and through at least 3 reloads of each process.
+    # at least as long and through at least 2 reloads of each process.
     plain, _, _, plain_report = measure("plain", {}, lambda seconds, recycles: seconds >= 15)
     recycling, count, front, report = measure(
         "recycling", {"TRAC_FCGI_MAX_REQUESTS": "20"},
-        lambda seconds, recycles: seconds >= plain.seconds and recycles >= 3 * processes)
+        lambda seconds, recycles: seconds >= plain.seconds and recycles >= 2 * processes)
     report += "\n" + plain_report
-    print(report)
-    assert count >= 3 * processes, report
+    assert count >= 2 * processes, report
     assert not reload_overlaps(front.errors()), "reloads overlapped: %s\n%s" % (reload_overlaps(front.errors()), report)
     assert p99(recycling) <= 2 * p99(plain), "p99 %.3f s recycling against %.3f s without:\n%s" % (
         p99(recycling), p99(plain), report)
+
+
+# --------------------------------------------------------------------------
+# Plain spawn-fcgi: a self re-exec that a signal cannot kill
+
+def test_sighups_and_a_sigterm_that_land_during_a_re_exec_are_acted_on_once_the_worker_serves(tmp_path, site):
+    sock = str(tmp_path / "trac.sock")
+    worker = Process([SPAWN_FCGI, "-n", "-s", sock, "--", TRAC_FCGI], tmp_path / "worker.log",
+                     env={"TRAC_ENV": site["trac_env"]})
+    answers, asking = [], threading.Event()
+
+    def ask_throughout():
+        while not asking.is_set():
+            started = time.monotonic()
+            try:
+                answers.append((started, time.monotonic(), fcgi_get(sock, "/wiki/WikiStart", timeout=START_TIMEOUT)))
+            except (OSError, EOFError) as error:
+                answers.append((started, time.monotonic(), error))
+                time.sleep(0.05)
+
+    client = threading.Thread(target=ask_throughout)
+    try:
+        worker.wait_for("warm", timeout=START_TIMEOUT)
+        client.start()
+        # Two SIGHUPs 0.5 s apart: the second lands while the re-executed
+        # image imports Trac, before it has any handler.
+        worker.signal(signal.SIGHUP)
+        time.sleep(0.5)
+        worker.wait_for("re-exec", timeout=START_TIMEOUT)
+        worker.signal(signal.SIGHUP)
+        # Held, then acted on once the new image serves: a second reload.
+        worker.wait_for("re-exec", count=2, timeout=START_TIMEOUT)
+        worker.wait_for("warm", count=3, timeout=START_TIMEOUT)
+        served = len(answers)
+        wait_until(lambda: len(answers) > served, START_TIMEOUT, "an answer after the second reload")
+        # SIGTERM while the image after a third SIGHUP starts: it serves, then stops.
+        worker.signal(signal.SIGHUP)
+        worker.wait_for("re-exec", count=3, timeout=START_TIMEOUT)
+        terminated = time.monotonic()
+        worker.signal(signal.SIGTERM)
+        status = worker.wait(START_TIMEOUT)
+    finally:
+        asking.set()
+        if client.is_alive():
+            client.join(START_TIMEOUT)
+        worker.stop()
+    log = worker.log()
+    assert status == 0, log
+    assert len(worker.events("held-signals", signals="SIGHUP")) >= 1, log
+    assert worker.events("held-signals", signals="SIGTERM"), log
+    assert len(worker.events("warm")) == 4, log
+    # Every request asked before the SIGTERM was answered whole.  One that
+    # waited for the last image is refused with it: nobody serves after SIGTERM.
+    before = [answer for started, _, answer in answers if started < terminated]
+    failed = [answer for answer in before if not (hasattr(answer, "status") and answer.status == 200)]
+    assert before and len(failed) <= 1, (failed, log)
+    assert all(hasattr(a, "status") and b"Welcome to Trac" in a.body for a in before[:-1]), (before, log)
