@@ -19,7 +19,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 venv: $(VENV)/.installed
 
 # Debian packages, installed only when a command is missing.  systemd brings
-# systemd-socket-activate and systemd-analyze, which the recipe tests run.
+# systemd-socket-activate and systemd-analyze, which the recipe tests run;
+# lighttpd, apache2 and mod_fcgid are the other fronts tests/test_fronts.py runs.
 debs:
 	@missing=""; \
 	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$$missing nginx-light"; \
@@ -27,6 +28,10 @@ debs:
 	command -v cgi-fcgi >/dev/null || missing="$$missing libfcgi-bin"; \
 	command -v wrk >/dev/null || missing="$$missing wrk"; \
 	command -v systemd-socket-activate >/dev/null || missing="$$missing systemd"; \
+	command -v lighttpd >/dev/null || [ -x /usr/sbin/lighttpd ] || missing="$$missing lighttpd"; \
+	command -v apache2 >/dev/null || [ -x /usr/sbin/apache2 ] || missing="$$missing apache2"; \
+	[ -e /usr/lib/apache2/modules/mod_fcgid.so ] || missing="$$missing libapache2-mod-fcgid"; \
+	command -v htpasswd >/dev/null || missing="$$missing apache2-utils"; \
 	if [ -n "$$missing" ]; then \
 	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	    $$SUDO apt-get update -qq && \

@@ -44,8 +44,13 @@ def started():
     """Everything a test starts, stopped at teardown newest first (the front before Trac)."""
     things = []
     yield things
+    problems = []
     for thing in reversed(things):
-        thing.stop()
+        try:
+            thing.stop()
+        except Exception as problem:  # noqa: BLE001 - stop the rest, then say so
+            problems.append(problem)
+    assert not problems, problems
 
 
 @pytest.fixture(scope="module")
