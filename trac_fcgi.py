@@ -7,7 +7,9 @@ run it as the launcher's WORKER_PATH.  It serves Trac (or any WSGI app) with
 flup's threaded FastCGI server, measures its resident memory, request count
 and age, and when one crosses its limit it asks its launcher for a
 replacement (SIGUSR1), keeps serving until the launcher says go (SIGHUP), then
-stops accepting and finishes every request it has accepted.
+stops accepting and finishes every request it has accepted.  Without a
+launcher (spawn-fcgi, mod_fcgid), it re-executes itself in place instead,
+while a forked copy of it serves.
 
 The settings are environment variables, listed below with their defaults;
 `trac_fcgi.py --help` prints the same table.  Edit DEFAULT_TRAC_ENV as you
@@ -181,7 +183,10 @@ also read:
 
 signals:
   SIGHUP   stop accepting, finish every accepted request, exit 0 (under a
-           launcher), or re-execute in place (under plain spawn-fcgi)
+           launcher), or re-execute in place (without one: spawn-fcgi,
+           mod_fcgid), one process of a pool at a time, while a forked
+           stand-in serves; a signal that arrives while the new image starts
+           is acted on once it serves
   SIGTERM  stop accepting, finish every accepted request, exit 0
   SIGINT   same as SIGTERM
 """
