@@ -874,7 +874,7 @@ class RecyclingWSGIServer(WSGIServer):
         self.reload_turn = ReloadTurn(os.environ)
         self.waiting_for_turn = False
         # A stand-in is a fork of a worker about to re-exec, which serves
-        # while the new image starts, then drains and exits (see stand_in()).
+        # while the new image starts, then drains and exits (see fork_stand_in()).
         self.parent_serving = None   # in a stand-in: the pid it serves for
         self.stand_ins = [int(pid) for pid in os.environ.pop(STAND_IN_VARIABLE, "").split(",") if pid.isdigit()]
         self.accept_paused_until = 0.0
@@ -1139,8 +1139,8 @@ class RecyclingWSGIServer(WSGIServer):
                                               maxThreads=self.limits.max_threads)
         self.lock = threading.Lock()
         self.rss = ResidentMemory()
-        self.connections, self.idle, self.backlog_waiting, self.releasing = 0, {}, False, None
-        self.draining, self.stop_reason, self.reexec = False, None, False
+        self.open, self.idle, self.backlog_waiting, self.releasing = set(), {}, False, None
+        self.draining, self.stop_reason, self.reexec, self.stopped_because = False, None, False, None
         self.parent_serving, self.stand_ins = parent, []
         log("stand-in", serves_for=parent, requests=self.requests, rss=self.rss())
         self.run(socket.socket(fileno=os.dup(0)))

@@ -373,10 +373,14 @@ def test_crossing_the_soft_memory_mark_asks_the_launcher_and_the_hard_limit_stop
 
 def test_without_a_launcher_it_drains_and_reexecs_in_place_keeping_the_socket(spawn):
     worker = spawn(HELLO, env={"TRAC_FCGI_MAX_REQUESTS": "5", "TRAC_FCGI_JITTER": "0"})
-    statuses = [fcgi_get(worker.socket).status for _ in range(25)]
-    assert statuses == [200] * 25
+    # While each new image starts, a forked stand-in serves: asked faster
+    # than an exec takes, most requests go to it.  So ask until 3 re-execs.
+    statuses = []
+    while len(worker.events("re-exec")) < 3 and len(statuses) < 2000:
+        statuses.append(fcgi_get(worker.socket).status)
+    assert statuses == [200] * len(statuses)
     assert len(worker.events("re-exec")) >= 3
-    assert len(worker.events("warm")) >= 4
+    worker.wait_for("warm", count=4, timeout=60)
     assert alive(worker.pid), "the same process, re-executed, still holds fd 0"
 
 
