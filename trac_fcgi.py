@@ -383,10 +383,7 @@ class ReloadTurn:
     """
 
     def __init__(self, environ):
-        # The same script, user and Trac environment: the processes of one pool.
-        site = "\0".join([os.path.realpath(sys.argv[0]), environ.get("TRAC_ENV", ""),
-                          environ.get("TRAC_ENV_PARENT_DIR", "")])
-        self.name = "\0trac-fcgi-reload-%d-%s" % (os.getuid(), hashlib.sha256(site.encode()).hexdigest()[:24])
+        self.name = self.name_for(sys.argv[0], environ)
         self.sock = None
         fd = environ.pop(TURN_FD_VARIABLE, "")
         if fd.isdigit():
@@ -395,6 +392,13 @@ class ReloadTurn:
                 self.sock.set_inheritable(False)
             except OSError:
                 self.sock = None
+
+    @staticmethod
+    def name_for(script, environ):
+        """The same script, user and Trac environment: the processes of one pool."""
+        site = "\0".join([os.path.realpath(script), environ.get("TRAC_ENV", ""),
+                          environ.get("TRAC_ENV_PARENT_DIR", "")])
+        return "\0trac-fcgi-reload-%d-%s" % (os.getuid(), hashlib.sha256(site.encode()).hexdigest()[:24])
 
     def take(self):
         """True if we hold the turn (now or already)."""
@@ -1115,6 +1119,8 @@ class RecyclingWSGIServer(WSGIServer):
         """In the parent: the stand-in's pid.  In the stand-in: serve, then exit; never returns."""
         if self.connections:
             return None  # requests abandoned at the drain timeout: their threads are no state to fork
+        if self.stopped_because == "max_rss":
+            return None  # a copy would be as big, and serve past the promise
         close_trac_databases()
         pid = os.fork()
         if pid:

@@ -13,6 +13,7 @@ import collections
 import http.client
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -23,7 +24,8 @@ import pytest
 
 from stack import (EXAMPLES, SPAWN_FCGI, START_TIMEOUT, TRAC_FCGI, Apache, Lighttpd, Load, exchange,
                    is_trac_page, recycles)
-from support import PYTHON, Process, fcgi_get, make_trac_env, start_launcher, wait_until
+import trac_fcgi
+from support import PYTHON, WORKERS, Process, fcgi_get, make_trac_env, start_launcher, wait_until
 
 VENV = Path(PYTHON).parent.parent
 PREFIX = "/trac"
@@ -397,3 +399,33 @@ def test_sighups_and_a_sigterm_that_land_during_a_re_exec_are_acted_on_once_the_
     failed = [answer for answer in before if not (hasattr(answer, "status") and answer.status == 200)]
     assert before and len(failed) <= 1, (failed, log)
     assert all(hasattr(a, "status") and b"Welcome to Trac" in a.body for a in before[:-1]), (before, log)
+
+
+def test_a_process_whose_pool_mate_is_reloading_keeps_serving_past_its_limit_and_stops_at_max_rss_all_the_same(
+        tmp_path):
+    # The test holds the pool's reload turn, as another process reloading
+    # would: the worker, past its request limit, must wait its turn serving,
+    # until its memory reaches TRAC_FCGI_MAX_RSS, which is a promise.
+    hello = WORKERS / "hello.py"
+    environ = {"PYTHONPATH": str(WORKERS), "TRAC_FCGI_MAX_REQUESTS": "3", "TRAC_FCGI_JITTER": "0",
+               "HELLO_LEAK": str(1 << 20), "TRAC_FCGI_SOFT_RSS": "60M", "TRAC_FCGI_MAX_RSS": "60M"}
+    turn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    turn.bind(trac_fcgi.ReloadTurn.name_for(str(hello), environ))
+    sock = str(tmp_path / "worker.sock")
+    worker = Process([SPAWN_FCGI, "-n", "-s", sock, "--", PYTHON, str(hello)], tmp_path / "worker.log", env=environ)
+    try:
+        worker.wait_for("warm", timeout=START_TIMEOUT)
+        statuses = []
+        while not worker.events("drain") and len(statuses) < 200:
+            statuses.append(fcgi_get(sock, timeout=START_TIMEOUT).status)
+        assert worker.events("recycle", reason="requests", next="'wait for turn'"), worker.log()
+        assert len(statuses) > 10 and set(statuses) == {200}, (statuses, worker.log())
+        drain = worker.wait_for("drain", reason="max_rss")[0]
+        assert 60 << 20 <= int(drain["rss"]) <= (60 << 20) + (1 << 20) + (512 << 10), drain
+        # Turn or no turn, it reloads and serves again, small.
+        worker.wait_for("re-exec", timeout=START_TIMEOUT)
+        worker.wait_for("warm", count=2, timeout=START_TIMEOUT)
+        assert fcgi_get(sock, timeout=START_TIMEOUT).status == 200
+    finally:
+        turn.close()
+        worker.stop()
