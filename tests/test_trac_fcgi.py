@@ -59,10 +59,13 @@ def test_trac_env_parent_dir_serves_the_project_index(spawn, trac_env):
     assert response.status == 200 and b"Available Projects" in response.body
 
 
-def test_a_quoted_path_info_is_unquoted_for_trac(spawn, trac_env):
+def test_path_info_is_taken_as_the_web_server_decoded_it_never_decoded_again(spawn, trac_env):
+    # Web servers decode PATH_INFO; stock trac.fcgi takes it as it comes.  A
+    # "%53" that arrives in it is part of a page name, not an escaped "S".
     worker = spawn([PYTHON, TRAC_FCGI], env={"TRAC_ENV": trac_env})
     response = fcgi_get(worker.socket, "/wiki/Wiki%53tart")
-    assert response.status == 200 and b"Welcome to Trac" in response.body
+    assert b"Welcome to Trac" not in response.body and b"Wiki%53tart" in response.body, response
+    assert b"Welcome to Trac" in fcgi_get(worker.socket, "/wiki/WikiStart").body
 
 
 def test_in_a_terminal_it_serves_one_cgi_request_as_flup_does(trac_env):
@@ -372,10 +375,14 @@ def test_crossing_the_soft_memory_mark_asks_the_launcher_and_the_hard_limit_stop
 
 def test_without_a_launcher_it_drains_and_reexecs_in_place_keeping_the_socket(spawn):
     worker = spawn(HELLO, env={"TRAC_FCGI_MAX_REQUESTS": "5", "TRAC_FCGI_JITTER": "0"})
-    statuses = [fcgi_get(worker.socket).status for _ in range(25)]
-    assert statuses == [200] * 25
+    # While each new image starts, a forked stand-in serves: asked faster
+    # than an exec takes, most requests go to it.  So ask until 3 re-execs.
+    statuses = []
+    while len(worker.events("re-exec")) < 3 and len(statuses) < 2000:
+        statuses.append(fcgi_get(worker.socket).status)
+    assert statuses == [200] * len(statuses)
     assert len(worker.events("re-exec")) >= 3
-    assert len(worker.events("warm")) >= 4
+    worker.wait_for("warm", count=4, timeout=60)
     assert alive(worker.pid), "the same process, re-executed, still holds fd 0"
 
 
