@@ -41,8 +41,6 @@ import sys
 import textwrap
 import threading
 import time
-
-
 import traceback
 import warnings
 
@@ -1448,7 +1446,7 @@ class RecyclingWSGIServer(WSGIServer):
         self.log_abandoned()
         log("drained", drain_s=time.monotonic() - started, abandoned=self.connections,
             requests=self.requests, rss=self.rss())
-        if self.launcher is None:
+        if self.launcher is None and self.parent_serving is None:  # a stand-in's going is no news
             sd_notify("STOPPING=1")
         elif os.getppid() == self.launcher:  # a launcher that is gone has nobody listening
             # The final count and what was abandoned, for the launcher's metrics;
