@@ -121,7 +121,7 @@ def test_the_rendered_text_parses_with_prometheus_client_with_cumulative_buckets
     assert one(found, "trac_fcgi_recycles_total", reason="requests") == 1
     assert one(found, "trac_fcgi_recycles_total", reason="asked") == 1
     assert one(found, "trac_fcgi_recycles_total", reason="crash") == 0
-    buckets = [one(found, "trac_fcgi_handoff_seconds_bucket", le=le) for le in ("0.25", "0.5", "1", "30", "60", "+Inf")]
+    buckets = [one(found, "trac_fcgi_handoff_seconds_bucket", le=le) for le in ("0.25", "0.5", "1.0", "30.0", "60.0", "+Inf")]
     assert buckets == [0, 1, 3, 3, 4, 4]
     assert one(found, "trac_fcgi_handoff_seconds_count") == 4
     assert one(found, "trac_fcgi_handoff_seconds_sum") == pytest.approx(46.7)
