@@ -561,8 +561,7 @@ def render_metrics(values):
             cumulative = 0
             for bound, count in zip(figure.bounds, figure.counts):
                 cumulative += count
-                # "1.0", not "1": as Prometheus' own clients write le, so queries match.
-                out.append('%s_bucket{le="%r"} %d\n' % (name, float(bound), cumulative))
+                out.append('%s_bucket{le="%s"} %d\n' % (name, bound, cumulative))
             out.append('%s_bucket{le="+Inf"} %d\n' % (name, figure.count))
             out.append("%s_sum %s\n%s_count %d\n" % (name, number(figure.sum), name, figure.count))
         elif labels:
