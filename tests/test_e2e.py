@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from stack import (EXAMPLES, KEEPALIVE_FRONT, START_TIMEOUT, TRAC_FCGI, Load, Nginx, drains, form_post, http_get, is_trac_page,
-                   recycles, terminate, trac_behind_nginx, upstream_block)
+from stack import (EXAMPLES, KEEPALIVE_FRONT, START_TIMEOUT, TRAC_FCGI, Load, Nginx, drains, form_post, http_get,
+                   is_trac_page, recycles, terminate, trac_behind_nginx, upstream_block)
 from support import LAUNCHER, PYTHON, ROOT, Process, alive, free_port, wait_until
 
 VENV = Path(PYTHON).parent.parent
