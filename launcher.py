@@ -21,6 +21,7 @@ Standard library only.  See README.md for deployment recipes.
 """
 
 import argparse
+import ctypes
 import errno
 import fcntl
 import os
@@ -346,6 +347,84 @@ class Systemd:
                 self.sock.sendto("\n".join(lines).encode(), self.address)
             except OSError as error:
                 log("systemd-notify-failed", level=0, error=error.strerror)
+
+
+# --------------------------------------------------------------------------
+# The mold: one warm worker process that every other worker is forked from.
+#
+# Started like a worker but with /dev/null on fd 0 and TRAC_FCGI_MOLD_FD
+# naming its end of a socket pair, it warms up, says MOLD=1 on the notify
+# socket, and then forks a worker each time it is asked.  It never holds the
+# listening socket: that travels with each request, so a worker command that
+# ignores TRAC_FCGI_MOLD_FD (a stock trac.fcgi) has nothing to serve on, and
+# the launcher goes on exec'ing it for each worker.
+
+PR_SET_CHILD_SUBREAPER = 36
+MOLD_FD = 3  # where the mold finds its end of the socket pair
+# A fork takes milliseconds; a mold that has not answered in this long is
+# treated as dead, and the worker is exec'd instead.
+MOLD_REPLY_TIMEOUT_S = 2.0
+
+
+def become_subreaper():
+    """Adopt orphaned descendants, as init would: the mold double-forks each
+    worker so that it ends up our child, reaped and signalled like any other."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+
+class Mold:
+    """One mold process, from its start to its retirement.
+
+    Until it says MOLD=1 it is `ready` False and nothing is asked of it.
+    """
+
+    def __init__(self, path, argv, environ):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            # Inheritable, in case it is fd 3 already (a dup2 onto itself keeps close-on-exec).
+            os.set_inheritable(theirs.fileno(), True)
+            self.pid = os.posix_spawn(
+                path, argv, dict(environ, TRAC_FCGI_MOLD_FD=str(MOLD_FD)),
+                file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                              (os.POSIX_SPAWN_DUP2, theirs.fileno(), MOLD_FD)],
+                setsigmask=(), setsigdef=signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP})
+        except OSError:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.channel = ours
+        self.channel.settimeout(MOLD_REPLY_TIMEOUT_S)
+        self.started = time.monotonic()
+        self.ready = False
+
+    def fork(self, listener):
+        """A new worker's pid, already our child; None if the mold did not answer.
+
+        A mold that missed one answer could send it late, as if it answered
+        the next request: the caller must kill it.
+        """
+        try:
+            socket.send_fds(self.channel, [b"fork"], [listener.fileno()])
+            reply = self.channel.recv(64)
+        except OSError:  # socket.timeout included
+            return None
+        if reply.startswith(b"pid ") and reply[4:].isdigit():
+            return int(reply[4:])
+        return None
+
+    def retire(self):
+        """The mold exits when its end of the pair closes."""
+        self.channel.close()
+
+    def kill(self):
+        self.channel.close()
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 # --------------------------------------------------------------------------

@@ -22,6 +22,7 @@ DEFAULT_TRAC_ENV = "/var/lib/trac/project"
 
 import ctypes
 import errno
+import gc
 import importlib
 import io
 import random
@@ -160,6 +161,7 @@ PASSED_THROUGH = [
     ("FCGI_WEB_SERVER_ADDRS", "comma-separated web server addresses allowed on a TCP socket"),
     ("FCGI_FORCE_CGI", "Y serves one CGI request, as flup does"),
     ("LAUNCHER_PID, NOTIFY_SOCKET", "set by trac-fcgi-launcher; see its --help"),
+    ("TRAC_FCGI_MOLD_FD", "set by trac-fcgi-launcher when it starts this process as the mold its workers are forked from"),
 ]
 
 HELP = """\
@@ -270,6 +272,13 @@ class ResidentMemory:
     def __call__(self):
         return int(os.pread(self.fd, 128, 0).split()[1]) * PAGE_SIZE
 
+    @classmethod
+    def once(cls):
+        """One reading, with no descriptor left open: /proc/self opened before a
+        fork would go on naming the process that opened it."""
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * PAGE_SIZE
+
 
 def sd_notify(message):
     """Send one sd_notify datagram, if someone gave us a NOTIFY_SOCKET."""
@@ -294,16 +303,38 @@ def launcher_pid():
 PR_SET_PDEATHSIG = 1
 
 
-def hup_when_parent_dies():
+def hup_when_parent_dies(signum=signal.SIGHUP):
     """Have the kernel send SIGHUP the moment our launcher dies, even by SIGKILL.
 
     The getppid() check in the main loop covers systems where prctl is not
     to be had, and the race in which the launcher died before this call.
     """
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGHUP, 0, 0, 0)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+def smaps_rollup(pid="self"):
+    """(PSS, private) bytes of a process, or (None, None) where the kernel has no smaps_rollup.
+
+    RSS counts every page a process maps; a worker forked from the mold
+    shares most of its pages with the mold and its siblings, so its RSS
+    says little of what it costs.  PSS divides each shared page among its
+    sharers; private memory is what its exit gives back.
+    """
+    fields = {}
+    try:
+        with open("/proc/%s/smaps_rollup" % pid) as rollup:
+            for line in rollup:
+                key, _, rest = line.partition(":")
+                if key in ("Pss", "Private_Clean", "Private_Dirty"):
+                    fields[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None, None
+    if "Pss" not in fields:
+        return None, None
+    return fields["Pss"], fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
 
 
 # --------------------------------------------------------------------------
@@ -699,11 +730,15 @@ class RecyclingWSGIServer(WSGIServer):
         if self.launcher is None:
             # Plain spawn-fcgi: nobody to ask.  Drain, then exec in place;
             # fd 0 survives exec, so new connections wait in the backlog.
-            log("recycle", reason=reason, rss=rss, requests=self.requests, age_s=age, next="re-exec")
+            pss, private = smaps_rollup()
+            log("recycle", reason=reason, rss=rss, pss=pss, private=private, requests=self.requests,
+                age_s=age, next="re-exec")
             self.reexec = True
             return self.stop_accepting(reason)
         if first:
-            log("recycle", reason=reason, rss=rss, requests=self.requests, age_s=age, next="ask launcher")
+            pss, private = smaps_rollup()
+            log("recycle", reason=reason, rss=rss, pss=pss, private=private, requests=self.requests,
+                age_s=age, next="ask launcher")
         # Only our own launcher, never init or spawn-fcgi (the pid check above
         # already stopped us if it is gone).
         if os.getppid() == self.launcher:
@@ -860,6 +895,164 @@ def warm_up(application, path):
     return int(status[0].split()[0]) if status else 500
 
 
+# --------------------------------------------------------------------------
+# The mold: a warm, frozen process that the launcher's workers are forked from.
+#
+# A cold worker imports Trac, opens the environment and serves a warm-up
+# request: about a second of CPU.  The mold does that once; each worker
+# forked from it starts warm within milliseconds, and shares with the mold
+# and its siblings every page that neither writes.  The mold never serves:
+# the launcher starts it with /dev/null on fd 0 and hands it the listening
+# socket only along with each fork request, for the worker to take.
+#
+# Forking a process that has run code is safe only for what that code left
+# in a state a child can inherit.  Each hazard is named where it is avoided.
+
+MOLD_FD = "TRAC_FCGI_MOLD_FD"
+# A forked worker waits at most this long for its middle parent to exit, so
+# that it has been reparented to the launcher (a child subreaper).
+REPARENT_TIMEOUT_S = 5.0
+
+
+class Mold:
+    """The launcher's end is a SOCK_SEQPACKET pair: one message per request and reply.
+
+    request: b"fork", with the listening socket attached (SCM_RIGHTS)
+    reply:   b"pid N", N being the new worker, already the launcher's child
+    The launcher closing its end (or dying) ends the mold.
+    """
+
+    def __init__(self, fd):
+        self.channel = socket.socket(fileno=fd)
+        self.launcher = launcher_pid()
+
+    @classmethod
+    def from_environment(cls):
+        """The mold, if the launcher started us as one; else None."""
+        fd = os.environ.get(MOLD_FD, "")
+        if not fd.isdigit():
+            return None
+        try:
+            return cls(int(fd))
+        except OSError:
+            return None  # no such fd: we are no mold after all
+
+    def serve_forks(self):
+        """Wait for fork requests: None in a forked worker, or the mold's exit status."""
+        # The mold dies with its launcher; a worker forked from it sets its own
+        # parent-death signal once it is the launcher's child.
+        hup_when_parent_dies(signal.SIGTERM)
+        # Ctrl-C in a terminal reaches the whole process group: the mold just goes.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        self.make_pristine()
+        # Hazard, threads at fork: only the forking thread survives in the
+        # child, and a lock another thread held stays held for good.  The mold
+        # starts none (the worker's thread pool is made after the fork); an
+        # application that started one is not safe to fork from.
+        if threading.active_count() > 1:
+            log("mold-refused", threads=threading.active_count(),
+                hint="the application started threads while warming up; the launcher execs workers instead")
+            return 1
+        pss, private = smaps_rollup()
+        log("mold", rss=ResidentMemory.once(), pss=pss, private=private)
+        sd_notify("MOLD=1")
+        while True:
+            try:
+                message, fds, _, _ = socket.recv_fds(self.channel, 64, 1)
+            except InterruptedError:
+                continue
+            if not message:
+                log("mold-retired")
+                return 0
+            if message != b"fork" or len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                self.channel.send(b"error bad request")
+                continue
+            if self.fork(fds[0]):
+                return None
+
+    def make_pristine(self):
+        """What the warm-up left that no two processes may share, closed before any fork."""
+        # Hazard, shared database handles: a connection forked into two
+        # processes is one server session spoken to by both, and the replies
+        # interleave ("lost synchronization with server"); SQLite's locks are
+        # per process.  Every pooled connection is closed here, and each
+        # worker opens its own on its first request.
+        trac_env = sys.modules.get("trac.env")
+        if trac_env is not None:
+            from trac.db.api import DatabaseManager
+            for env in list(trac_env.env_cache.values()):
+                DatabaseManager(env).shutdown()
+        # What warm-up garbage there is goes now, and whatever lives is moved
+        # where the collector never writes: pages it would otherwise touch on
+        # each collection stay shared with the workers.
+        gc.collect()
+        gc.freeze()
+
+    def fork(self, listener):
+        """Double-fork a worker.  True in the worker; in the mold, reply with its pid and return False."""
+        pid_r, pid_w = os.pipe()
+        middle = os.fork()
+        if middle == 0:
+            # The middle child forks the worker and exits at once, so the
+            # worker is orphaned and the launcher (a child subreaper) adopts
+            # it: reaped, signalled and counted by the launcher, as any worker.
+            os.close(pid_r)
+            worker = os.fork()
+            if worker == 0:
+                os.close(pid_w)
+                self.become_worker(listener)
+                return True
+            os.write(pid_w, b"%d" % worker)
+            # os._exit: no atexit handler, no flush of buffers the mold wrote.
+            os._exit(0)
+        os.close(pid_w)
+        os.close(listener)
+        worker = os.read(pid_r, 32)
+        os.close(pid_r)
+        os.waitpid(middle, 0)
+        # Replied once the middle child is reaped: the worker is the launcher's already.
+        self.channel.send(b"pid " + worker if worker else b"error fork failed")
+        return False
+
+    def become_worker(self, listener):
+        """In the forked worker: take the socket, wait to be the launcher's child, then start."""
+        # Hazard, inherited descriptors: the mold's end of the request channel
+        # would let a worker read fork requests meant for the mold.
+        self.channel.close()
+        os.dup2(listener, 0)
+        os.close(listener)
+        del os.environ[MOLD_FD]
+        # Hazard, the parent-death signal: set before the middle child exits,
+        # it would fire when the middle child does.  It is set once the
+        # launcher is our parent, and getppid() is checked after, in case the
+        # launcher died in between.
+        deadline = time.monotonic() + REPARENT_TIMEOUT_S
+        while os.getppid() != self.launcher:
+            if time.monotonic() > deadline:
+                log("orphaned", launcher=self.launcher, parent=os.getppid())
+                os._exit(1)
+            time.sleep(0.001)
+        hup_when_parent_dies()
+        if os.getppid() != self.launcher:
+            os._exit(1)
+        # Hazard, random state: every worker would draw the mold's numbers
+        # (its jittered limits, anything the application draws).  Python
+        # reseeds `random` at fork already; reseeding here says so.  Trac's
+        # session ids and form tokens come from os.urandom, which forks safely.
+        random.seed()
+        # Hazard, inherited locks: a lock held at fork stays held in the child.
+        # The mold has one thread, which holds no lock while it forks; logging's
+        # handler locks (Trac's log file and stderr handlers among them) are
+        # re-made at fork by the logging module itself.
+        # Hazard, log files: Trac's log file, opened by the mold, is one open
+        # file description shared by every worker.  Trac opens it for appending
+        # (O_APPEND), so each write lands whole at the end, as it does for
+        # cold workers that each opened the file themselves.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def parse_bind(address):
     """--bind: unix:/path, HOST:PORT or [v6]:PORT, as flup's bindAddress wants it."""
     if address.startswith("unix:") and address[len("unix:"):].startswith("/"):
@@ -870,6 +1063,12 @@ def parse_bind(address):
     if host.startswith("[") and host.endswith("]"):
         return (host[1:-1], int(port), 0, 0)  # flup binds IPv6 for a 4-tuple
     return (host, int(port))
+
+
+def open_server(application, limits, bind):
+    """The server and its listening socket: fd 0, or a new one for --bind."""
+    server = RecyclingWSGIServer(application, limits, bindAddress=bind)
+    return server, server._setupSocket()
 
 
 def main(argv=None):
@@ -885,17 +1084,18 @@ def main(argv=None):
             raise BadSetting("unknown arguments %s: the only option is --bind ADDR (see --help)" % " ".join(argv))
         limits = Limits(os.environ)
         application = load_application(limits.app)
-        server = RecyclingWSGIServer(application, limits, bindAddress=bind)
-        try:
-            sock = server._setupSocket()
-        except (OSError, OverflowError) as error:
-            raise BadSetting("--bind %s: %s; pick a free address in a directory that exists"
-                             % (argv[1], getattr(error, "strerror", None) or error))
-        if launcher_pid() is not None:
-            hup_when_parent_dies()
+        mold = Mold.from_environment()
+        if mold is None:
+            try:
+                server, sock = open_server(application, limits, bind)
+            except (OSError, OverflowError) as error:
+                raise BadSetting("--bind %s: %s; pick a free address in a directory that exists"
+                                 % (argv[1], getattr(error, "strerror", None) or error))
+            if launcher_pid() is not None:
+                hup_when_parent_dies()
         started = time.monotonic()
         status = warm_up(application, limits.warmup) if limits.warmup else None
-        warm_s, warm_rss = time.monotonic() - started, server.rss()
+        warm_s, warm_rss = time.monotonic() - started, ResidentMemory.once()
         # Before the warm line: a refusal stays the one line on stderr.
         limits.check_headroom(warm_rss)
     except BadSetting as problem:
@@ -908,6 +1108,14 @@ def main(argv=None):
             log("warm-failed", path=limits.warmup, status=status,
                 hint="the worker that serves now keeps serving; fix the app or set TRAC_FCGI_WARMUP")
             return 1
+    if mold is not None:
+        exit_status = mold.serve_forks()
+        if exit_status is not None:
+            return exit_status
+        # A worker forked from the mold: its own draw of the jittered limits,
+        # its own server and threads.
+        limits = Limits(os.environ)
+        server, sock = open_server(application, limits, None)
     sd_notify("READY=1")
     # Re-exec only where fd 0 is the socket: it survives exec, a --bind one does not.
     if server.run(sock) and bind is None:
