@@ -19,7 +19,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 venv: $(VENV)/.installed
 
 # Debian packages, installed only when a command is missing.  systemd brings
-# systemd-socket-activate and systemd-analyze, which the recipe tests run.
+# systemd-socket-activate and systemd-analyze, which the recipe tests run;
+# postgresql, the server the fork-safety tests run Trac on.
 debs:
 	@missing=""; \
 	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$$missing nginx-light"; \
@@ -27,6 +28,7 @@ debs:
 	command -v cgi-fcgi >/dev/null || missing="$$missing libfcgi-bin"; \
 	command -v wrk >/dev/null || missing="$$missing wrk"; \
 	command -v systemd-socket-activate >/dev/null || missing="$$missing systemd"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	    $$SUDO apt-get update -qq && \

@@ -212,12 +212,14 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def make_trac_env(path):
-    """A real Trac environment on SQLite, made by trac-admin initenv."""
-    trac_admin = str(Path(PYTHON).parent / "trac-admin")
-    subprocess.run([trac_admin, str(path), "initenv", "Test Project", "sqlite:db/trac.db"],
-                   check=True, capture_output=True)
+def make_trac_env(path, database="sqlite:db/trac.db"):
+    """A real Trac environment made by trac-admin initenv, on SQLite unless DATABASE says otherwise."""
+    trac_admin(path, "initenv", "Test Project", database)
     return str(path)
+
+
+def trac_admin(path, *command):
+    subprocess.run([str(Path(PYTHON).parent / "trac-admin"), str(path), *command], check=True, capture_output=True)
 
 
 # --------------------------------------------------------------------------
