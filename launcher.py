@@ -92,6 +92,13 @@ def size_bytes(text):
     return value
 
 
+def on_off(text):
+    """on or off"""
+    if text not in ("on", "off"):
+        raise ValueError
+    return text == "on"
+
+
 def address(text):
     """an address: unix:/path[:mode], HOST:PORT or [v6]:PORT, e.g. unix:/run/trac/trac.sock"""
     if text.startswith("unix:"):
@@ -125,6 +132,10 @@ SETTINGS = [
      "memory (K, M, G) to keep available; when MemAvailable minus one worker's "
      "RSS would fall below it, a handoff stops the old worker before starting "
      "the new one"),
+    ("--mold", "LAUNCHER_MOLD", on_off, "on", "on|off",
+     "on: start WORKER_PATH once as a warm mold and fork every worker from it, "
+     "in milliseconds and sharing its memory; a worker command that does not "
+     "answer as a mold is exec'd for each worker, as with off"),
     ("--bind", "LAUNCHER_BIND", address, None, "ADDR",
      "create the socket: unix:/path[:mode] (mode 0660 by default), HOST:PORT or "
      "[v6]:PORT; without it the socket is fd 0 (spawn-fcgi) or systemd's fd 3"),
@@ -174,7 +185,8 @@ def parse_settings(argv):
             raw, source = os.environ[env], env
         args.source[attr] = source
         if raw is None:
-            setattr(args, attr, default)
+            # A default given as text is written as an operator would write it.
+            setattr(args, attr, parse(default) if isinstance(default, str) else default)
             continue
         try:
             setattr(args, attr, parse(raw))
@@ -438,6 +450,27 @@ def resident_bytes(pid):
         return 0
 
 
+def smaps_rollup(pid):
+    """(PSS, private) bytes of a live process, or (None, None).
+
+    A worker forked from the mold shares most of its pages, which its RSS
+    counts in full: PSS divides each shared page among its sharers, and
+    private memory is what its exit gives back.
+    """
+    fields = {}
+    try:
+        with open("/proc/%d/smaps_rollup" % pid) as rollup:
+            for line in rollup:
+                key, _, rest = line.partition(":")
+                if key in ("Pss", "Private_Clean", "Private_Dirty"):
+                    fields[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    if "Pss" not in fields:
+        return None, None
+    return fields["Pss"], fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
+
+
 def memory_available():
     with open("/proc/meminfo") as meminfo:
         for line in meminfo:
@@ -462,6 +495,7 @@ class Worker:
         self.ready = False
         self.told_to_go = None     # monotonic time of the SIGHUP
         self.said_stopping = False  # sent STOPPING=1: it exits of its own accord
+        self.memory = (None, None)  # (PSS, private) when told to go: a dead process has none
 
     def age(self):
         return time.monotonic() - self.started
@@ -493,6 +527,17 @@ class Launcher:
         self.all_ready_told = False
         self.status = None
         self.workers_speak_notify = False
+        # The mold: the one workers are forked from (starting until it says
+        # MOLD=1), the one a SIGHUP replaced (retired once the restart is
+        # done), every mold process not reaped yet, and why there is none.
+        self.mold = None
+        self.old_mold = None
+        self.mold_pids = set()
+        self.mold_unavailable = not settings.mold  # the worker command does not answer as a mold
+        self.mold_crashes = 0
+        self.mold_not_before = 0.0
+        self.slots_wait_for_mold = False  # at start, slots wait for the first mold's answer
+        self.restart_after_mold = None    # a SIGHUP's rolling restart, waiting for its new mold
         self.notify = open_notify_socket()
         self.systemd = Systemd(os.environ.get("NOTIFY_SOCKET"))
         self.environ = self.worker_environment()
@@ -511,12 +556,22 @@ class Launcher:
     def run(self):
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         close_inherited_fds(keep={self.listener.fileno(), self.notify.fileno()})
-        log("start", workers=len(self.slots), socket=describe(self.listener), worker=" ".join(self.argv))
-        for slot in self.slots:
-            self.spawn(slot, "serving")
+        log("start", workers=len(self.slots), socket=describe(self.listener), worker=" ".join(self.argv),
+            mold="on" if self.settings.mold else "off")
+        if not self.mold_unavailable:
+            try:
+                become_subreaper()
+            except OSError as error:
+                self.mold_unavailable = True
+                log("mold-unavailable", level=0, reason="cannot become a child subreaper: %s" % error.strerror)
+        if not self.mold_unavailable:
+            # A mold warms up as long as a worker would: the slots wait for
+            # its answer rather than warm up cold beside it.
+            self.slots_wait_for_mold = True
+            self.start_mold()
         while True:
             self.schedule()
-            if self.stopping_since is not None and not self.workers:
+            if self.stopping_since is not None and not self.workers and not self.mold_pids:
                 break
             info = signal.sigtimedwait(HANDLED, self.seconds_to_next_deadline())
             if info is not None:
@@ -553,7 +608,16 @@ class Launcher:
             self.request_handoff(worker.slot, "worker asked")
 
     def handle_hup(self, info):
-        self.rolling_restart("SIGHUP")
+        if self.settings.mold and self.stopping_since is None and not self.rolling and not self.restart_after_mold:
+            # New code or configuration: a new mold first, then every worker
+            # from it, make-before-break; the old mold goes last.
+            self.mold_unavailable = False
+            self.old_mold, self.mold = self.mold, None
+            self.restart_after_mold = "SIGHUP"
+            log("new-mold", reason="SIGHUP", old=self.old_mold and self.old_mold.pid)
+            self.start_mold()
+        else:
+            self.rolling_restart("SIGHUP")
 
     def handle_ttin(self, info):
         if self.stopping_since is None:
@@ -579,6 +643,7 @@ class Launcher:
             self.pending.clear()
             self.systemd.notify("STOPPING=1")
             log("stopping", workers=len(self.workers), timeout_s=self.settings.stop_timeout)
+            self.retire_molds()
             for worker in list(self.workers.values()):
                 self.tell_to_go(worker, "launcher stopping")
 
@@ -602,11 +667,16 @@ class Launcher:
             worker = self.workers.pop(pid, None)
             if worker is not None:
                 self.reaped(worker, status)
+            elif pid in self.mold_pids:
+                self.mold_exited(pid, status)
 
     def handle_io(self, info):
         for pid, fields in read_notifications(self.notify):
             worker = self.workers.get(pid)
             log("notify", level=2, pid=pid, fields=",".join(fields))
+            if self.mold is not None and pid == self.mold.pid:
+                self.mold_said(fields)
+                continue
             if worker is None:
                 continue  # not one of ours: credentials cannot be forged
             if fields.get("READY") == "1":
@@ -686,14 +756,29 @@ class Launcher:
                 worker.slot.worker = None
             if worker.slot.replacement is worker:
                 worker.slot.replacement = None
+            worker.memory = smaps_rollup(worker.pid)
             log("hup", slot=worker.slot.number, pid=worker.pid, reason=reason)
             os.kill(worker.pid, signal.SIGHUP)
 
     # -- births and deaths ------------------------------------------------
 
     def spawn(self, slot, role):
+        pid, how = self.fork_from_mold(slot), "fork"
+        if pid is None:
+            pid, how = self.exec_worker(slot), "exec"
+        if pid is None:
+            return
+        worker = Worker(pid, slot, role)
+        self.workers[pid] = worker
+        if role == "warming":
+            slot.replacement = worker
+        else:
+            slot.worker = worker
+        log("spawn", slot=slot.number, pid=pid, role=role, how=how)
+
+    def exec_worker(self, slot):
         try:
-            pid = os.posix_spawn(
+            return os.posix_spawn(
                 self.path, self.argv, self.environ,
                 file_actions=[(os.POSIX_SPAWN_DUP2, self.listener.fileno(), 0)],
                 # Signal masks and ignored dispositions cross exec: give the
@@ -703,14 +788,7 @@ class Launcher:
         except OSError as error:
             log("spawn-failed", level=0, slot=slot.number, error=error.strerror)
             self.back_off(slot)
-            return
-        worker = Worker(pid, slot, role)
-        self.workers[pid] = worker
-        if role == "warming":
-            slot.replacement = worker
-        else:
-            slot.worker = worker
-        log("spawn", slot=slot.number, pid=pid, role=role)
+            return None
 
     def reaped(self, worker, status):
         slot = worker.slot
@@ -718,8 +796,9 @@ class Launcher:
         how = {"status": code} if code >= 0 else {"signal": signal.Signals(-code).name}
         expected = worker.told_to_go is not None or (worker.said_stopping and code == 0)
         drain_s = time.monotonic() - worker.told_to_go if worker.told_to_go else None
+        pss, private = worker.memory
         log("exit", slot=slot.number, pid=worker.pid, role=worker.role,
-            age_s=worker.age(), drain_s=drain_s, **how)
+            age_s=worker.age(), drain_s=drain_s, pss=pss, private=private, **how)
         if worker.age() >= HEALTHY_S:
             slot.crashes = 0
         if slot.retired or self.stopping_since is not None:
@@ -757,8 +836,10 @@ class Launcher:
             if now - self.stopping_since >= self.settings.stop_timeout and self.workers:
                 self.kill_all("stop timeout")
             return
+        self.schedule_mold(now)
         for slot in self.slots:
-            if slot.worker is None and slot.replacement is None and slot.not_before <= now:
+            if (slot.worker is None and slot.replacement is None and slot.not_before <= now
+                    and not self.slots_wait_for_mold):
                 self.spawn(slot, "serving")
         for worker in list(self.workers.values()):
             if not worker.ready and worker.age() >= self.settings.ready_timeout:
@@ -768,6 +849,9 @@ class Launcher:
             self.rolling = False
             log("rolling-restart-done", workers=len(self.slots))
             self.all_ready_told = False
+            if self.old_mold is not None:
+                self.old_mold.retire()
+                self.old_mold = None
         self.report_status()
 
     def ready_timed_out(self, worker):
@@ -794,12 +878,19 @@ class Launcher:
             deadlines += [s.not_before for s in self.slots if s.worker is None or s in self.pending]
             deadlines += [w.started + self.settings.ready_timeout
                           for w in self.workers.values() if not w.ready]
+            if self.mold is not None and not self.mold.ready:
+                deadlines.append(self.mold.started + self.settings.ready_timeout)
+            elif self.mold is None and not self.mold_unavailable:
+                deadlines.append(self.mold_not_before)
         return max(0.0, min(deadlines) - now)
 
     def kill_all(self, reason):
         for worker in self.workers.values():
             log("kill", slot=worker.slot.number, pid=worker.pid, reason=reason)
             os.kill(worker.pid, signal.SIGKILL)
+        for pid in self.mold_pids:
+            log("kill", pid=pid, role="mold", reason=reason)
+            os.kill(pid, signal.SIGKILL)
 
     def report_status(self):
         ready = sum(1 for s in self.slots if s.worker is not None and s.worker.ready)
@@ -813,6 +904,88 @@ class Launcher:
             self.all_ready_told = True
             log("all-ready", workers=ready)
             self.systemd.notify("READY=1")
+
+
+    # -- the mold ---------------------------------------------------------
+    #
+    # Workers are forked from the mold when it is ready and exec'd otherwise,
+    # so no slot ever waits on a mold but at start.  A process started as the
+    # mold that exits, says READY=1 or stays silent past --ready-timeout
+    # without ever saying MOLD=1 does not speak the mold protocol (a stock
+    # trac.fcgi): it is killed, it never had the socket, and every worker is
+    # exec'd until a SIGHUP (new code) tries again.  A mold that did say
+    # MOLD=1 and then dies or fails to answer is restarted with backoff.
+
+    def start_mold(self):
+        try:
+            mold = Mold(self.path, self.argv, self.environ)
+        except OSError as error:
+            log("spawn-failed", level=0, role="mold", error=error.strerror)
+            return self.mold_failed(None, "spawn failed", unavailable=True)
+        self.mold = mold
+        self.mold_pids.add(mold.pid)
+        log("spawn", pid=mold.pid, role="mold")
+
+    def mold_said(self, fields):
+        if fields.get("MOLD") == "1" and not self.mold.ready:
+            self.mold.ready = True
+            log("mold-ready", pid=self.mold.pid, ready_s=time.monotonic() - self.mold.started)
+            self.mold_answered()
+        elif fields.get("READY") == "1":
+            self.mold_failed(self.mold, "said READY=1, not MOLD=1", unavailable=True)
+
+    def fork_from_mold(self, slot):
+        if self.mold is None or not self.mold.ready or self.stopping_since is not None:
+            return None
+        pid = self.mold.fork(self.listener)
+        if pid is None:
+            self.mold_failed(self.mold, "no answer to a fork request", unavailable=False)
+        return pid
+
+    def mold_exited(self, pid, status):
+        self.mold_pids.discard(pid)
+        code = os.waitstatus_to_exitcode(status)
+        how = {"status": code} if code >= 0 else {"signal": signal.Signals(-code).name}
+        log("exit", pid=pid, role="mold", **how)
+        if self.mold is not None and pid == self.mold.pid:
+            self.mold_failed(self.mold, "exited", unavailable=not self.mold.ready)
+
+    def mold_failed(self, mold, reason, unavailable):
+        if mold is not None:
+            if mold.ready and time.monotonic() - mold.started >= HEALTHY_S:
+                self.mold_crashes = 0
+            mold.kill()
+        self.mold = None
+        if unavailable:
+            self.mold_unavailable = True
+            log("mold-unavailable", level=0, pid=mold and mold.pid, reason=reason,
+                hint="workers are exec'd; WORKER_PATH must be trac-fcgi to fork them from a mold")
+        elif self.stopping_since is None:
+            delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** self.mold_crashes)
+            self.mold_crashes += 1
+            self.mold_not_before = time.monotonic() + delay
+            log("mold-failed", level=0, pid=mold and mold.pid, reason=reason, crashes=self.mold_crashes,
+                delay_s=delay)
+        self.mold_answered()
+
+    def mold_answered(self):
+        """The mold that slots or a SIGHUP waited for is ready, or there is none: go on."""
+        self.slots_wait_for_mold = False
+        if self.restart_after_mold:
+            reason, self.restart_after_mold = self.restart_after_mold, None
+            self.rolling_restart(reason)
+
+    def schedule_mold(self, now):
+        if self.mold is not None and not self.mold.ready and now - self.mold.started >= self.settings.ready_timeout:
+            self.mold_failed(self.mold, "silent past --ready-timeout", unavailable=True)
+        if self.mold is None and not self.mold_unavailable and now >= self.mold_not_before:
+            self.start_mold()
+
+    def retire_molds(self):
+        for mold in (self.mold, self.old_mold):
+            if mold is not None:
+                mold.retire()
+        self.mold = self.old_mold = None
 
 
 def close_inherited_fds(keep):

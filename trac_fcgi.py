@@ -925,6 +925,7 @@ class Mold:
     def __init__(self, fd):
         self.channel = socket.socket(fileno=fd)
         self.launcher = launcher_pid()
+        self.pid = os.getpid()
 
     @classmethod
     def from_environment(cls):
@@ -1042,6 +1043,7 @@ class Mold:
         # reseeds `random` at fork already; reseeding here says so.  Trac's
         # session ids and form tokens come from os.urandom, which forks safely.
         random.seed()
+        log("forked", mold=self.pid)
         # Hazard, inherited locks: a lock held at fork stays held in the child.
         # The mold has one thread, which holds no lock while it forks; logging's
         # handler locks (Trac's log file and stderr handlers among them) are

@@ -14,6 +14,7 @@ Environment knobs (all optional):
                           started" window so a test can hit it every time
 """
 import os
+import random
 import sys
 import time
 
@@ -21,7 +22,7 @@ _leak = []
 
 
 def app(environ, start_response):
-    """Says which process answered; /broken answers 500."""
+    """Says which process answered; /broken answers 500; /random, a number from `random`."""
     delay = float(os.environ.get("HELLO_DELAY", "0"))
     if environ.get("QUERY_STRING", "").startswith("delay="):
         delay = float(environ["QUERY_STRING"][len("delay="):])
@@ -31,6 +32,8 @@ def app(environ, start_response):
     if leak:
         _leak.append(bytearray(b"x") * leak)  # filled, so resident; no temporary copy
     body = ("hello from pid %d\n" % os.getpid()).encode()
+    if environ["PATH_INFO"] == "/random":
+        body = ("%r\n" % random.random()).encode()
     start_response("500 Broken" if environ["PATH_INFO"] == "/broken" else "200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
 
