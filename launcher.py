@@ -889,7 +889,7 @@ class Launcher:
             log("kill", slot=worker.slot.number, pid=worker.pid, reason=reason)
             os.kill(worker.pid, signal.SIGKILL)
         for pid in self.mold_pids:
-            log("kill", pid=pid, role="mold", reason=reason)
+            log("mold-kill", pid=pid, reason=reason)
             os.kill(pid, signal.SIGKILL)
 
     def report_status(self):
@@ -920,11 +920,11 @@ class Launcher:
         try:
             mold = Mold(self.path, self.argv, self.environ)
         except OSError as error:
-            log("spawn-failed", level=0, role="mold", error=error.strerror)
+            log("mold-spawn-failed", level=0, error=error.strerror)
             return self.mold_failed(None, "spawn failed", unavailable=True)
         self.mold = mold
         self.mold_pids.add(mold.pid)
-        log("spawn", pid=mold.pid, role="mold")
+        log("mold-start", pid=mold.pid)
 
     def mold_said(self, fields):
         if fields.get("MOLD") == "1" and not self.mold.ready:
@@ -946,7 +946,7 @@ class Launcher:
         self.mold_pids.discard(pid)
         code = os.waitstatus_to_exitcode(status)
         how = {"status": code} if code >= 0 else {"signal": signal.Signals(-code).name}
-        log("exit", pid=pid, role="mold", **how)
+        log("mold-exit", pid=pid, **how)
         if self.mold is not None and pid == self.mold.pid:
             self.mold_failed(self.mold, "exited", unavailable=not self.mold.ready)
 

@@ -281,7 +281,8 @@ def http_get(port, path, timeout=60):
 class Load:
     """CLIENTS threads, each on its own kept-alive connection, asking for PATHS in turn.
 
-    Each request is a GET, or a POST of BODY (a form) when one is given.
+    Each request is a GET, or a POST of BODY (a form) when one is given;
+    BODY may be a function of (client number, turn) that makes each form anew.
     run() returns when stop() says so (it is called about every 0.2 s with the
     seconds elapsed), or after max_seconds.  Every answer is kept.
     """
@@ -302,7 +303,9 @@ class Load:
         turn = number
         try:
             while not self.done.is_set():
-                answer = exchange(conn, self.paths[turn % len(self.paths)], self.method, self.body, self.headers)
+                body = self.body(number, turn) if callable(self.body) else self.body
+                answer = exchange(conn, self.paths[turn % len(self.paths)], self.method, body, self.headers)
+                answer.sent = body
                 turn += 1
                 with self.lock:
                     self.answers.append(answer)

@@ -32,7 +32,7 @@ def launch(tmp_path):
 
 
 def mold_pids(launcher):
-    return [int(e["pid"]) for e in launcher.events("spawn", role="mold")]
+    return [int(e["pid"]) for e in launcher.events("mold-start")]
 
 
 def workers(launcher):
@@ -143,14 +143,14 @@ def test_sighup_starts_a_new_mold_first_replaces_every_worker_from_it_then_retir
     [old_mold] = mold_pids(launcher)
     launcher.signal(signal.SIGHUP)
     launcher.wait_for("rolling-restart-done")
-    launcher.wait_for("exit", pid=old_mold, role="mold", status=0)
+    launcher.wait_for("mold-exit", pid=old_mold, status=0)
     new_mold = mold_pids(launcher)[1]
     lines = launcher.log().splitlines()
     at = lambda text: next(i for i, line in enumerate(lines) if text in line)
     # The new mold answered before any worker was replaced, and the old one
     # went only once every worker had been.
     assert at("event=mold-ready pid=%d" % new_mold) < at("event=rolling-restart ")
-    assert at("event=rolling-restart-done") < at("event=exit pid=%d role=mold" % old_mold)
+    assert at("event=rolling-restart-done") < at("event=mold-exit pid=%d " % old_mold)
     new_workers = set(workers(launcher))
     assert len(new_workers) == 2 and not new_workers & old_workers
     for pid in new_workers:
@@ -192,8 +192,7 @@ def test_a_worker_command_that_does_not_answer_as_a_mold_is_execd_for_each_worke
     assert len(children(launcher.pid)) == 2
     old = serving_pid(launcher)
     launcher.signal(signal.SIGUSR1)
-    launcher.wait_for("rolling-restart-done", timeout=30)
-    assert old not in workers(launcher)
+    launcher.wait_for("exit", pid=old, timeout=30)
     assert all(e["how"] == "exec" for e in launcher.events("spawn", role="warming"))
 
 
@@ -216,7 +215,7 @@ def test_sigterm_retires_the_mold_and_every_worker_and_exits_zero(launch):
     assert launcher.wait(20) == 0
     assert not any(alive(pid) for pid in family)
     [mold] = mold_pids(launcher)
-    assert launcher.events("exit", pid=mold, role="mold", status=0)
+    assert launcher.events("mold-exit", pid=mold, status=0)
 
 
 def test_the_mold_and_workers_leave_when_the_launcher_is_killed(launch):
