@@ -93,6 +93,7 @@ def database_files(pid, env_path):
 
 def test_forked_workers_create_tickets_at_once_through_recycles_and_each_lands_exactly_once(
         started, tmp_path, database):
+    (tmp_path / "site").mkdir()
     nginx, launcher = trac_behind_nginx(started, tmp_path / "site", database.path, "--workers", "3",
                                         env={"TRAC_FCGI_MAX_REQUESTS": "12"})
     [mold] = [int(e["pid"]) for e in launcher.events("mold-start")]
