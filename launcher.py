@@ -31,31 +31,60 @@ import socket
 import struct
 import sys
 import time
+import traceback
 
 __version__ = "0.1.0"
 
-# A worker that dies sooner than this after its start was a crash.
-CRASH_WINDOW_S = 10.0
-# Crash backoff doubles from the first to the last figure, and is forgotten
-# once a worker has stayed up for HEALTHY_S.
+# Backoff is for workers that cannot start: one that dies before READY=1 is
+# a crash, and its slot waits BACKOFF_FIRST_S, doubling up to BACKOFF_MAX_S,
+# until a worker of that slot says READY=1 again.
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 60.0
-HEALTHY_S = 60.0
+# A worker that was ready and then died unplanned (the OOM killer, a crashing
+# plugin, kill -9) is respawned at once: it can start, and its slot is empty.
+# Only a slot whose ready workers die more often than this is backed off, and
+# never while no other slot serves (an empty site is worse than a busy spawn).
+DEATHS_BEFORE_GUARD = 10
+DEATH_WINDOW_S = 60.0
 # Nothing scheduled: still wake now and then, so a lost signal costs at most this.
 IDLE_WAKE_S = 60.0
+# After an unexpected exception in the loop, wait at least this long for the
+# next event, so that a bug that recurs on every pass cannot become a spin.
+LOOP_ERROR_PAUSE_S = 1.0
 
 SIGNALS = {
     # signal: (effect, for --help and the README's signals table)
     signal.SIGUSR1: "from a worker: replace that worker; from anyone else: replace every worker, one at a time",
-    signal.SIGHUP: "replace every worker, one at a time, each make-before-break (a rolling restart)",
+    signal.SIGHUP: "new code or configuration: start a new mold first (--mold on), then replace every worker, "
+                   "one at a time, each make-before-break (a rolling restart), then retire the old mold",
     signal.SIGTTIN: "add a slot (one more worker)",
     signal.SIGTTOU: "remove the last slot (its worker drains and exits)",
     signal.SIGTERM: "graceful stop: SIGHUP every worker, wait --stop-timeout for them to drain, SIGKILL the rest, exit 0",
     signal.SIGINT: "same as SIGTERM",
     signal.SIGQUIT: "immediate stop: SIGKILL every worker, exit 0",
+    signal.SIGUSR2: "ignored and logged: unicorn and gunicorn upgrade on it; here SIGHUP already loads new code, "
+                    "make-before-break",
 }
-# SIGCHLD reaps workers and SIGIO says a notify datagram is waiting.
-HANDLED = set(SIGNALS) | {signal.SIGCHLD, signal.SIGIO}
+# Faults of the launcher's own code keep their default action: blocking them
+# would hide a crash, not prevent it.
+FAULTS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGTRAP, signal.SIGSYS,
+          signal.SIGABRT}
+# Every other signal that can be caught (SIGALRM, SIGPIPE, SIGWINCH, the
+# real-time ones ...) is waited for too, and ignored with a log line: by
+# default most of them end a process, and a supervisor that a stray kill ends
+# takes every worker with it.
+WAITED = signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP} - FAULTS
+IGNORED_EFFECT = "ignored and logged; only SIGKILL ends the launcher unplanned"
+
+
+def signal_name(number):
+    """SIGTERM, SIGRTMIN+6, or the bare number: a name is never required."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        if signal.SIGRTMIN < number <= signal.SIGRTMAX:
+            return "SIGRTMIN+%d" % (number - signal.SIGRTMIN)
+        return str(number)
 
 
 # --------------------------------------------------------------------------
@@ -155,7 +184,8 @@ examples:
   spawn-fcgi -n -s /run/trac/trac.sock -M 0660 -u www-data -- \\
       /usr/bin/env WORKER_PATH=/srv/trac/venv/bin/trac-fcgi trac-fcgi-launcher --workers 2
   trac-fcgi-launcher --bind unix:/run/trac/trac.sock --workers 2 -- /srv/trac/venv/bin/trac-fcgi
-""" % "\n".join("  %-8s %s" % (signal.Signals(s).name, effect) for s, effect in SIGNALS.items())
+""" % "\n".join(["  %-8s %s" % (signal.Signals(s).name, effect) for s, effect in SIGNALS.items()]
+                + ["  %-8s %s" % ("others", IGNORED_EFFECT)])
 
 
 def parse_settings(argv):
@@ -214,8 +244,11 @@ def log(event, level=1, **facts):
             value = "%.3f" % value
         value = str(value)
         words.append("%s=%s" % (key, value if value and " " not in value else repr(value)))
-    sys.stderr.write(" ".join(words) + "\n")
-    sys.stderr.flush()
+    try:
+        sys.stderr.write(" ".join(words) + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass  # nobody reads our log any more (a closed pipe): no reason to die
 
 
 # --------------------------------------------------------------------------
@@ -378,18 +411,27 @@ MOLD_FD = 3  # where the mold finds its end of the socket pair
 MOLD_REPLY_TIMEOUT_S = 2.0
 
 
-def become_subreaper():
-    """Adopt orphaned descendants, as init would: the mold double-forks each
-    worker so that it ends up our child, reaped and signalled like any other."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+def can_adopt():
+    """Become a child subreaper: adopt orphaned descendants, as init would.
+
+    The mold double-forks each worker so that it ends up our child, reaped
+    and signalled like any other.  Without that (not Linux), no mold.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0:
+            return True
+        reason = os.strerror(ctypes.get_errno())
+    except (OSError, AttributeError) as error:
+        reason = str(error)
+    log("mold-unavailable", level=0, reason="cannot become a child subreaper: %s" % reason)
+    return False
 
 
 class Mold:
-    """One mold process, from its start to its retirement.
+    """The shell's end of one mold process: its pid and the socket pair to it.
 
-    Until it says MOLD=1 it is `ready` False and nothing is asked of it.
+    Whether it is ready, failed or retired is the core's to know (MoldProcess).
     """
 
     def __init__(self, path, argv, environ):
@@ -409,17 +451,17 @@ class Mold:
             theirs.close()
         self.channel = ours
         self.channel.settimeout(MOLD_REPLY_TIMEOUT_S)
-        self.started = time.monotonic()
-        self.ready = False
 
-    def fork(self, listener):
+    def fork(self, listener, environ):
         """A new worker's pid, already our child; None if the mold did not answer.
 
-        A mold that missed one answer could send it late, as if it answered
-        the next request: the caller must kill it.
+        ENVIRON is what the worker sets in its environment, as an exec'd
+        worker would have found it.  A mold that missed one answer could send
+        it late, as if it answered the next request: the caller must kill it.
         """
+        request = b"\n".join([b"fork"] + [("%s=%s" % item).encode() for item in environ.items()])
         try:
-            socket.send_fds(self.channel, [b"fork"], [listener.fileno()])
+            socket.send_fds(self.channel, [request], [listener.fileno()])
             reply = self.channel.recv(64)
         except OSError:  # socket.timeout included
             return None
@@ -431,16 +473,645 @@ class Mold:
         """The mold exits when its end of the pair closes."""
         self.channel.close()
 
-    def kill(self):
-        self.channel.close()
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+
+# --------------------------------------------------------------------------
+# The core: every decision, over plain data, with the time passed in.
+#
+# Events go in as method calls (spawned, notified, exited, signalled), each
+# with the time `now`.  Decisions come out as actions in `actions`, which the
+# shell below carries out.  tick() does whatever is due and returns when
+# something next will be: the code that decides what is due also decides when
+# to wake.  Nothing here reads a clock, a file or a socket, so
+# tests/test_core.py drives it through hours of signals in milliseconds.
+
+SPAWN, SIGNAL, SYSTEMD = "spawn", "signal", "systemd"
+START_MOLD, RETIRE_MOLD = "start-mold", "retire-mold"
+
+
+class Worker:
+    """One worker process.  Its role is the whole of its handoff state:
+
+    warming  started as a replacement for its slot's serving worker
+    serving  the slot's accepting worker (or about to be, before READY=1)
+    draining told to go (SIGHUP); its exit is expected, never a crash
+    """
+
+    def __init__(self, pid, slot, role, now):
+        self.pid, self.slot, self.role = pid, slot, role
+        self.started = now
+        self.ready = False
+        self.told_to_go = None      # when it was sent SIGHUP
+        self.killed = False         # sent SIGKILL, which is never sent twice
+        self.said_stopping = False  # sent STOPPING=1: it exits of its own accord
+        self.memory = (None, None)  # (PSS, private) when told to go: a dead process has none
+
+    def age(self, now):
+        return now - self.started
+
+
+class MoldProcess:
+    """One mold: started until it says MOLD=1, then ready to be asked for workers."""
+
+    def __init__(self, pid, now):
+        self.pid, self.started = pid, now
+        self.ready = False
+
+
+class Slot:
+    """A place for one serving worker.  Which workers fill it is read off the
+    workers themselves (Worker.slot and Worker.role), never stored here too."""
+
+    def __init__(self, number):
+        self.number = number
+        self.retired = False        # removed by SIGTTOU; gone once its workers are
+        self.handoff_asked = None   # when its replacement was asked for, until the old worker is told to go
+        self.crashes = 0            # workers in a row that died before READY=1
+        self.not_before = 0.0       # backoff: no spawn for this slot before then
+        self.deaths = []            # when its ready workers died unplanned, within DEATH_WINDOW_S
+
+
+class LauncherCore:
+    def __init__(self, slots, ready_timeout, stop_timeout, log=log, memory_shortage=lambda pid: None,
+                 mold=False, memory_of=lambda pid: (None, None)):
+        self.slots = [Slot(number) for number in range(slots)]
+        self.ready_timeout, self.stop_timeout = ready_timeout, stop_timeout
+        self.log = log
+        # None if a replacement fits in memory beside worker PID, else the facts of why not.
+        self.memory_shortage = memory_shortage
+        self.memory_of = memory_of   # (PSS, private) of a live process, for its exit line
+        self.workers = {}            # pid -> Worker, every child not yet reaped
+        self.actions = []            # (SPAWN, slot, role), (SIGNAL, pid, signum), (SYSTEMD, lines)
+        self.rolling = False         # a rolling restart is under way (systemd RELOADING=1)
+        self.stopping_since = None
+        self.workers_speak_notify = False
+        self.told_systemd_ready = False
+        self.status = None
+        # The mold (see "the mold" below): the one workers are forked from,
+        # the one a SIGHUP replaced, every mold process not reaped yet.
+        self.mold_on = mold               # --mold on
+        self.mold = None
+        self.old_mold = None
+        self.molds = set()
+        self.molds_killed = set()         # SIGKILL is sent once
+        self.mold_unavailable = not mold  # the worker command does not answer as a mold
+        self.mold_crashes = 0
+        self.mold_not_before = 0.0
+        self.slots_wait_for_mold = mold   # at start, slots wait for the first mold's answer
+        self.restart_after_mold = None    # a SIGHUP's rolling restart, waiting for its new mold
+
+    # -- what the state says, derived where it is needed --------------------
+
+    def worker_of(self, slot, role):
+        return next((w for w in self.workers.values() if w.slot is slot and w.role == role), None)
+
+    def serves(self, slot):
+        """Whether SLOT has a serving worker that has said READY=1."""
+        worker = self.worker_of(slot, "serving")
+        return worker is not None and worker.ready
+
+    def ready_workers(self):
+        return sum(1 for slot in self.slots if self.serves(slot))
+
+    @property
+    def finished(self):
+        return self.stopping_since is not None and not self.workers and not self.molds
+
+    # -- events ---------------------------------------------------------------
+
+    def signalled(self, signum, sender, now):
+        """The whole policy for each signal, one line each."""
+        policy = {
+            signal.SIGUSR1: self.on_usr1,
+            signal.SIGHUP: self.on_hup,
+            signal.SIGTTIN: self.on_ttin,
+            signal.SIGTTOU: self.on_ttou,
+            signal.SIGTERM: self.on_term,
+            signal.SIGINT: self.on_term,
+            signal.SIGQUIT: self.on_quit,
+        }.get(signum)
+        if policy is None:
+            return self.log("ignored", signal=signal_name(signum), sender=sender)
+        policy(sender, now)
+
+    def spawned(self, slot, pid, role, now, how=None):
+        """HOW: exec'd, or forked from the mold."""
+        self.workers[pid] = Worker(pid, slot, role, now)
+        self.log("spawn", slot=slot.number, pid=pid, role=role, how=how)
+
+    def spawn_failed(self, slot, error, now):
+        self.log("spawn-failed", level=0, slot=slot.number, error=error)
+        self.back_off(slot, now)
+
+    def notified(self, pid, fields, now):
+        if self.mold is not None and pid == self.mold.pid:
+            return self.mold_said(fields, now)
+        worker = self.workers.get(pid)
+        if worker is None:
+            return  # not one of ours: the kernel vouches for the pid
+        if fields.get("READY") == "1":
+            self.workers_speak_notify = True
+            self.became_ready(worker, "notify", now)
+        if fields.get("STOPPING") == "1":
+            worker.said_stopping = True
+
+    def exited(self, pid, code, now):
+        """CODE is the exit status, or minus the signal number (os.waitstatus_to_exitcode)."""
+        how = {"status": code} if code >= 0 else {"signal": signal_name(-code)}
+        if pid in self.molds:
+            return self.mold_exited(pid, how, now)
+        worker = self.workers.pop(pid, None)
+        if worker is None:
+            return
+        slot = worker.slot
+        pss, private = worker.memory
+        self.log("exit", slot=slot.number, pid=pid, role=worker.role, age_s=worker.age(now),
+                 drain_s=None if worker.told_to_go is None else now - worker.told_to_go,
+                 pss=pss, private=private, **how)
+        if worker.role == "serving":
+            # Nothing is left to hand off; a replacement already warming takes over the slot.
+            slot.handoff_asked = None
+            replacement = self.worker_of(slot, "warming")
+            if replacement is not None:
+                replacement.role = "serving"
+        planned = worker.told_to_go is not None or (worker.said_stopping and code == 0)
+        if planned or slot.retired or self.stopping_since is not None:
+            return
+        if not worker.ready:
+            self.back_off(slot, now)  # it cannot start: a crash, whatever its role
+        elif worker.role == "serving":
+            self.died_serving(slot, now)
+
+    # -- one method per signal ------------------------------------------------
+
+    def on_usr1(self, sender, now):
+        worker = self.workers.get(sender)
+        if worker is None:
+            self.rolling_restart("SIGUSR1 from pid %s" % sender, now)
+        elif worker.role == "serving":
+            # Standard signals coalesce, so two workers asking at once may
+            # reach us as one: workers repeat the request until answered.
+            self.ask_for_handoff(worker.slot, "worker asked", now)
+
+    def on_hup(self, sender, now):
+        if self.mold_on and self.stopping_since is None and not self.rolling and not self.restart_after_mold:
+            # New code or configuration: a new mold first (tick() starts it),
+            # then every worker from it, make-before-break; the old mold goes last.
+            self.log("new-mold", reason="SIGHUP", old=self.mold and self.mold.pid)
+            self.old_mold, self.mold = self.mold, None
+            self.mold_unavailable, self.mold_not_before = False, 0.0
+            self.restart_after_mold = "SIGHUP"
+        else:
+            self.rolling_restart("SIGHUP", now)
+
+    def on_ttin(self, sender, now):
+        if self.stopping_since is None:
+            slot = Slot(max([s.number for s in self.slots], default=-1) + 1)
+            self.slots.append(slot)
+            self.log("slot-added", slot=slot.number, workers=len(self.slots))
+
+    def on_ttou(self, sender, now):
+        if self.stopping_since is None and len(self.slots) > 1:
+            slot = self.slots.pop()
+            slot.retired = True
+            self.log("slot-removed", slot=slot.number, workers=len(self.slots))
+            for worker in [w for w in self.workers.values() if w.slot is slot]:
+                self.tell_to_go(worker, "slot removed", now)
+
+    def on_term(self, sender, now):
+        if self.stopping_since is None:
+            self.stopping_since = now
+            self.actions.append((SYSTEMD, ("STOPPING=1",)))
+            self.log("stopping", workers=len(self.workers), timeout_s=self.stop_timeout)
+            for worker in list(self.workers.values()):
+                self.tell_to_go(worker, "launcher stopping", now)
+            for mold in (self.mold, self.old_mold):
+                if mold is not None:
+                    self.actions.append((RETIRE_MOLD, mold.pid))
+            self.mold = self.old_mold = None
+
+    def on_quit(self, sender, now):
+        if self.stopping_since is None:
+            self.stopping_since = now
+            self.actions.append((SYSTEMD, ("STOPPING=1",)))
+        for worker in list(self.workers.values()):
+            self.kill(worker, "SIGQUIT")
+        self.kill_molds("SIGQUIT")
+
+    # -- the handoff ------------------------------------------------------------
+
+    def rolling_restart(self, reason, now):
+        if self.stopping_since is not None:
+            return
+        if self.rolling:
+            return self.log("coalesced", level=2, reason=reason)  # a burst costs nothing
+        self.log("rolling-restart", reason=reason, workers=len(self.slots))
+        self.rolling = True
+        self.actions.append((SYSTEMD, ("RELOADING=1", "STATUS=rolling restart")))
+        for slot in self.slots:
+            self.ask_for_handoff(slot, reason, now)
+
+    def ask_for_handoff(self, slot, reason, now):
+        # Coalesced: a slot already waiting or warming is not asked again.
+        serving = self.worker_of(slot, "serving")
+        if self.stopping_since is None and slot.handoff_asked is None and serving is not None:
+            self.log("replace", slot=slot.number, pid=serving.pid, reason=reason)
+            slot.handoff_asked = now
+
+    def start_next_handoff(self, now):
+        """Start at most one replacement at a time, across all slots; return the deadlines it waits on.
+
+        A slot whose previous worker still drains waits for its exit, so no
+        slot ever has more than two processes, whatever the signals.  Only a
+        wait on the clock (backoff) is a deadline: a wait on a warming or a
+        draining worker ends with an event (READY=1, an exit), and the loop
+        sleeps until then instead of spinning.
+        """
+        if any(w.role == "warming" for w in self.workers.values()):
+            return []
+        deadlines = []
+        for slot in sorted((s for s in self.slots if s.handoff_asked is not None), key=lambda s: s.handoff_asked):
+            if any(w.slot is slot and w.role == "draining" for w in self.workers.values()):
+                continue
+            if slot.not_before > now:
+                deadlines.append(slot.not_before)
+                continue
+            serving = self.worker_of(slot, "serving")
+            shortage = self.memory_shortage(serving.pid)
+            if shortage:
+                # Not enough memory for two workers side by side: break before make.
+                self.log("stop-then-start", slot=slot.number, pid=serving.pid, **shortage)
+                slot.handoff_asked = None
+                self.tell_to_go(serving, "memory headroom", now)
+                self.actions.append((SPAWN, slot, "serving"))
+            else:
+                self.actions.append((SPAWN, slot, "warming"))
+            return []
+        return deadlines
+
+    def became_ready(self, worker, how, now):
+        if worker.ready:
+            return
+        worker.ready = True
+        slot = worker.slot
+        slot.crashes = 0
+        self.log("ready", slot=slot.number, pid=worker.pid, ready_s=worker.age(now), by=how)
+        if worker.role == "warming":
+            old = self.worker_of(slot, "serving")
+            worker.role = "serving"
+            if old is not None:
+                asked, slot.handoff_asked = slot.handoff_asked, None
+                self.tell_to_go(old, "replaced by pid %d" % worker.pid, now,
+                                handoff_s=None if asked is None else now - asked)
+
+    def tell_to_go(self, worker, reason, now, **facts):
+        if worker.told_to_go is None:
+            worker.told_to_go = now
+            worker.role = "draining"
+            worker.memory = self.memory_of(worker.pid)
+            self.log("hup", slot=worker.slot.number, pid=worker.pid, reason=reason, **facts)
+            self.actions.append((SIGNAL, worker.pid, signal.SIGHUP))
+
+    def kill(self, worker, reason):
+        if not worker.killed:
+            worker.killed = True
+            self.log("kill", slot=worker.slot.number, pid=worker.pid, reason=reason)
+            self.actions.append((SIGNAL, worker.pid, signal.SIGKILL))
+
+    # -- births and deaths --------------------------------------------------------
+
+    def died_serving(self, slot, now):
+        """A ready worker died unplanned: respawn at once, unless its slot's workers keep dying."""
+        slot.deaths = [t for t in slot.deaths if now - t < DEATH_WINDOW_S] + [now]
+        others_serve = any(self.serves(other) for other in self.slots if other is not slot)
+        if len(slot.deaths) > DEATHS_BEFORE_GUARD and others_serve:
+            self.back_off(slot, now)
+
+    def back_off(self, slot, now):
+        delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** slot.crashes)
+        slot.crashes += 1
+        slot.not_before = now + delay
+        self.log("backoff", level=0, slot=slot.number, crashes=slot.crashes, delay_s=delay)
+
+    # -- the mold -------------------------------------------------------------------
+    #
+    # Workers are forked from the mold while it is ready and exec'd otherwise,
+    # so no slot waits on a mold, but at start for the first one's answer.
+    # A process started as the mold that exits, says READY=1 or stays silent
+    # past --ready-timeout without ever having said MOLD=1 does not speak the
+    # mold protocol (a stock trac.fcgi): it is killed (it never had the
+    # socket, so it served nobody) and every worker is exec'd until a SIGHUP,
+    # new code, tries again.  A mold that did say MOLD=1 and then dies or
+    # does not answer is restarted with a backoff.
+
+    def mold_started(self, pid, now):
+        self.mold = MoldProcess(pid, now)
+        self.molds.add(pid)
+        self.log("mold-start", pid=pid)
+
+    def mold_start_failed(self, error, now):
+        self.log("mold-spawn-failed", level=0, error=error)
+        self.mold_gone(None, "cannot start: %s" % error, True, now)
+
+    def mold_said(self, fields, now):
+        if fields.get("MOLD") == "1" and not self.mold.ready:
+            self.mold.ready = True
+            self.log("mold-ready", pid=self.mold.pid, ready_s=now - self.mold.started)
+            self.mold_answered(now)
+        elif fields.get("READY") == "1" and not self.mold.ready:
+            self.mold_gone(self.mold, "said READY=1, not MOLD=1", True, now)
+
+    def mold_to_fork_from(self):
+        """The pid of the mold to ask for a worker, or None: exec it."""
+        ready = self.mold is not None and self.mold.ready and self.stopping_since is None
+        return self.mold.pid if ready else None
+
+    def mold_did_not_answer(self, now):
+        self.mold_gone(self.mold, "no answer to a fork request", False, now)
+
+    def mold_exited(self, pid, how, now):
+        self.molds.discard(pid)
+        self.molds_killed.discard(pid)
+        self.log("mold-exit", pid=pid, **how)
+        if self.mold is not None and pid == self.mold.pid:
+            self.mold_gone(self.mold, "exited", not self.mold.ready, now)
+
+    def mold_gone(self, mold, reason, unavailable, now):
+        """MOLD is no more use (None: it never started); UNAVAILABLE: it never answered as a mold."""
+        if mold is not None:
+            if now - mold.started >= DEATH_WINDOW_S:
+                self.mold_crashes = 0
+            self.actions.append((RETIRE_MOLD, mold.pid))
+            if mold.pid in self.molds and mold.pid not in self.molds_killed:
+                self.molds_killed.add(mold.pid)
+                self.actions.append((SIGNAL, mold.pid, signal.SIGKILL))
+        self.mold = None
+        if unavailable:
+            self.mold_unavailable = True
+            self.log("mold-unavailable", level=0, pid=mold and mold.pid, reason=reason,
+                     hint="workers are exec'd; a worker command that is trac-fcgi answers as a mold")
+        elif self.stopping_since is None:
+            delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** self.mold_crashes)
+            self.mold_crashes += 1
+            self.mold_not_before = now + delay
+            self.log("mold-failed", level=0, pid=mold and mold.pid, reason=reason, crashes=self.mold_crashes,
+                     delay_s=delay)
+        self.mold_answered(now)
+
+    def mold_answered(self, now):
+        """The mold that slots or a SIGHUP waited for is ready, or there is none: go on."""
+        self.slots_wait_for_mold = False
+        if self.restart_after_mold:
+            reason, self.restart_after_mold = self.restart_after_mold, None
+            self.rolling_restart(reason, now)
+
+    def tend_mold(self, now):
+        """Start a mold when one is due, give up on a silent one; return the deadlines."""
+        if self.mold is not None and not self.mold.ready:
+            deadline = self.mold.started + self.ready_timeout
+            if now < deadline:
+                return [deadline]
+            self.mold_gone(self.mold, "silent past --ready-timeout", True, now)
+        if self.mold is None and not self.mold_unavailable:
+            if now < self.mold_not_before:
+                return [self.mold_not_before]
+            self.actions.append((START_MOLD,))
+        return []
+
+    def kill_molds(self, reason):
+        for pid in sorted(self.molds - self.molds_killed):
+            self.molds_killed.add(pid)
+            self.log("mold-kill", pid=pid, reason=reason)
+            self.actions.append((SIGNAL, pid, signal.SIGKILL))
+
+    # -- time ---------------------------------------------------------------------
+
+    def tick(self, now):
+        """Do whatever is due at NOW; return when something next will be.
+
+        The shell carries out `actions` before it calls tick() again.
+        """
+        wake = [now + IDLE_WAKE_S]
+        if self.stopping_since is not None:
+            deadline = self.stopping_since + self.stop_timeout
+            if now < deadline:
+                return min(deadline, now + IDLE_WAKE_S)
+            for worker in list(self.workers.values()):
+                self.kill(worker, "stop timeout")
+            self.kill_molds("stop timeout")
+            return min(wake)
+        wake += self.tend_mold(now)
+        for slot in self.slots:
+            if self.worker_of(slot, "serving") is None and self.worker_of(slot, "warming") is None:
+                if self.slots_wait_for_mold:
+                    pass  # tend_mold() wakes us when the mold is due to have answered
+                elif slot.not_before <= now:
+                    self.actions.append((SPAWN, slot, "serving"))
+                else:
+                    wake.append(slot.not_before)
+        for worker in list(self.workers.values()):
+            if not worker.ready and worker.role != "draining":
+                deadline = worker.started + self.ready_timeout
+                if now >= deadline:
+                    self.ready_timed_out(worker, now)
+                else:
+                    wake.append(deadline)
+        wake += self.start_next_handoff(now)
+        if self.rolling and all(slot.handoff_asked is None for slot in self.slots):
+            self.rolling = False
+            self.told_systemd_ready = False
+            self.log("rolling-restart-done", workers=len(self.slots))
+            if self.old_mold is not None:
+                self.actions.append((RETIRE_MOLD, self.old_mold.pid))
+                self.old_mold = None
+        self.report_status()
+        return min(wake)
+
+    def ready_timed_out(self, worker, now):
+        if self.workers_speak_notify and worker.role == "warming":
+            # Earlier workers said READY=1, so this one's silence means trouble;
+            # its slot stays asked for and is retried after the backoff.
+            self.log("ready-timeout", level=0, slot=worker.slot.number, pid=worker.pid)
+            self.tell_to_go(worker, "silent past --ready-timeout", now)
+            self.kill(worker, "silent past --ready-timeout")
+            self.back_off(worker.slot, now)
+        else:
+            # A stock trac.fcgi never speaks the notify protocol: alive is ready.
+            self.became_ready(worker, "timeout", now)
+
+    def report_status(self):
+        ready = self.ready_workers()
+        roles = [w.role for w in self.workers.values()]
+        status = "%d of %d workers ready, %d warming, %d draining" % (
+            ready, len(self.slots), roles.count("warming"), roles.count("draining"))
+        if status != self.status:
+            self.status = status
+            self.actions.append((SYSTEMD, ("STATUS=" + status,)))
+        if ready == len(self.slots) and not self.rolling and not self.told_systemd_ready:
+            self.told_systemd_ready = True
+            self.log("all-ready", workers=ready)
+            self.actions.append((SYSTEMD, ("READY=1",)))
 
 
 # --------------------------------------------------------------------------
-# Workers and slots.
+# The shell: signals and datagrams in, processes and signals out.
+
+class Launcher:
+    def __init__(self, settings, listener, path, argv):
+        self.settings = settings
+        self.listener = listener
+        self.path, self.argv = path, argv
+        self.core = LauncherCore(settings.workers, settings.ready_timeout, settings.stop_timeout,
+                                 memory_shortage=self.memory_shortage, mold=settings.mold and can_adopt(),
+                                 memory_of=smaps_rollup)
+        self.molds = {}              # pid -> Mold, each mold's socket pair until it is retired
+        self.notify = open_notify_socket()
+        self.systemd = Systemd(os.environ.get("NOTIFY_SOCKET"))
+        self.environ = self.worker_environment()
+        self.errors_seen = set()
+
+    def worker_environment(self):
+        environ = dict(os.environ)
+        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            environ.pop(name, None)
+        environ["LAUNCHER_PID"] = str(os.getpid())
+        # Ours, never systemd's: the workers report to us, and we to systemd.
+        environ["NOTIFY_SOCKET"] = "@" + NOTIFY_NAME % os.getpid()
+        return environ
+
+    def run(self):
+        signal.pthread_sigmask(signal.SIG_BLOCK, WAITED)
+        close_inherited_fds(keep={self.listener.fileno(), self.notify.fileno()})
+        log("start", workers=len(self.core.slots), socket=describe(self.listener), worker=" ".join(self.argv),
+            mold="on" if self.core.mold_on else "off")
+        pause = 0.0
+        while True:
+            try:
+                wake_at = self.settle(time.monotonic())
+                if self.core.finished:
+                    break
+                info = signal.sigtimedwait(WAITED, max(pause, wake_at - time.monotonic(), 0.0))
+                pause = 0.0
+                if info is not None:
+                    self.dispatch(info)
+            except Exception as error:  # noqa: BLE001 - the loop outlives its bugs
+                # As unicorn's "master loop error": one bug must not take the
+                # socket and every worker with it.  Log, pause, go on.
+                self.loop_error(error)
+                pause = LOOP_ERROR_PAUSE_S
+        self.systemd.notify("STATUS=stopped")
+        log("stop", status=0)
+        return 0
+
+    def settle(self, now):
+        """Let the core do what is due and carry out its actions, until it has no more for now."""
+        for _ in range(8):  # each pass only acts on what the one before changed
+            wake_at = self.core.tick(now)
+            actions, self.core.actions = self.core.actions, []
+            if not actions:
+                break
+            for action in actions:
+                self.perform(action, now)
+        return wake_at
+
+    def perform(self, action, now):
+        kind, *args = action
+        if kind == SPAWN:
+            self.spawn(*args, now)
+        elif kind == SIGNAL:
+            try:
+                os.kill(*args)
+            except ProcessLookupError:
+                pass  # it died meanwhile; its SIGCHLD is on its way
+        elif kind == SYSTEMD:
+            self.systemd.notify(*args[0])
+        elif kind == START_MOLD:
+            self.start_mold(now)
+        elif kind == RETIRE_MOLD:
+            mold = self.molds.pop(args[0], None)
+            if mold is not None:
+                mold.retire()
+
+    def dispatch(self, info):
+        now = time.monotonic()
+        if info.si_signo == signal.SIGCHLD:
+            self.reap(now)
+        elif info.si_signo == signal.SIGIO:
+            self.read_notifications(now)
+        else:
+            log("signal", level=2, signal=signal_name(info.si_signo), sender=info.si_pid)
+            self.core.signalled(info.si_signo, info.si_pid, now)
+
+    def reap(self, now):
+        # A worker says STOPPING=1 and then exits; SIGCHLD is the lower signal
+        # number and comes out of sigtimedwait first, so read what it said
+        # before judging its exit.
+        self.read_notifications(now)
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.core.exited(pid, os.waitstatus_to_exitcode(status), now)
+
+    def read_notifications(self, now):
+        for pid, fields in read_notifications(self.notify):
+            log("notify", level=2, pid=pid, fields=",".join(fields))
+            self.core.notified(pid, fields, now)
+
+    def spawn(self, slot, role, now):
+        told = {"LAUNCHER_READY_WORKERS": str(self.core.ready_workers())}
+        mold = self.core.mold_to_fork_from()
+        if mold is not None:
+            pid = self.molds[mold].fork(self.listener, told)
+            if pid is not None:
+                return self.core.spawned(slot, pid, role, now, how="fork")
+            self.core.mold_did_not_answer(now)
+        environ = dict(self.environ, **told)
+        try:
+            pid = os.posix_spawn(
+                self.path, self.argv, environ,
+                file_actions=[(os.POSIX_SPAWN_DUP2, self.listener.fileno(), 0)],
+                # Signal masks and ignored dispositions cross exec: give the
+                # worker a clean slate, or it could never see SIGHUP.
+                setsigmask=(),
+                setsigdef=signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP})
+        except OSError as error:
+            return self.core.spawn_failed(slot, error.strerror, now)
+        self.core.spawned(slot, pid, role, now, how="exec")
+
+    def start_mold(self, now):
+        try:
+            mold = Mold(self.path, self.argv, self.environ)
+        except OSError as error:
+            return self.core.mold_start_failed(error.strerror, now)
+        self.molds[mold.pid] = mold
+        self.core.mold_started(mold.pid, now)
+
+    def memory_shortage(self, pid):
+        reserve = self.settings.memory_reserve
+        if not reserve:
+            return None
+        rss, available = resident_bytes(pid), memory_available()
+        if available - rss >= reserve:
+            return None
+        return {"rss": rss, "mem_available": available, "reserve": reserve}
+
+    def loop_error(self, error):
+        # The traceback once per place it comes from; after that, one line.
+        frame = traceback.extract_tb(error.__traceback__)[-1:] or [None]
+        where = (type(error).__name__, frame[0] and (frame[0].filename, frame[0].lineno))
+        first = where not in self.errors_seen
+        self.errors_seen.add(where)
+        log("loop-error", level=0, error="%s: %s" % (type(error).__name__, error),
+            traceback="follows" if first else "logged before")
+        if first:
+            try:
+                traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+            except (OSError, ValueError):
+                pass
+
 
 def resident_bytes(pid):
     try:
@@ -477,515 +1148,6 @@ def memory_available():
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     return 0
-
-
-class Worker:
-    """One worker process.  Its role is the whole of its handoff state:
-
-    warming  started as a replacement, not accepting yet as far as we know
-    serving  the slot's accepting worker
-    draining told to go (SIGHUP); its exit is expected, never a crash
-    """
-
-    def __init__(self, pid, slot, role):
-        self.pid = pid
-        self.slot = slot
-        self.role = role
-        self.started = time.monotonic()
-        self.ready = False
-        self.told_to_go = None     # monotonic time of the SIGHUP
-        self.said_stopping = False  # sent STOPPING=1: it exits of its own accord
-        self.memory = (None, None)  # (PSS, private) when told to go: a dead process has none
-
-    def age(self):
-        return time.monotonic() - self.started
-
-
-class Slot:
-    def __init__(self, number):
-        self.number = number
-        self.worker = None           # the serving worker
-        self.replacement = None      # the warming worker, at most one
-        self.crashes = 0
-        self.not_before = 0.0        # backoff: no spawn for this slot before then
-        self.retired = False         # removed by SIGTTOU; gone once its workers are
-
-
-# --------------------------------------------------------------------------
-# The launcher.
-
-class Launcher:
-    def __init__(self, settings, listener, path, argv):
-        self.settings = settings
-        self.listener = listener
-        self.path, self.argv = path, argv
-        self.slots = [Slot(n) for n in range(settings.workers)]
-        self.workers = {}            # pid -> Worker, every child we have not reaped
-        self.pending = []            # slots waiting for a make-before-break handoff
-        self.rolling = False         # a rolling restart is under way (systemd RELOADING)
-        self.stopping_since = None
-        self.all_ready_told = False
-        self.status = None
-        self.workers_speak_notify = False
-        # The mold: the one workers are forked from (starting until it says
-        # MOLD=1), the one a SIGHUP replaced (retired once the restart is
-        # done), every mold process not reaped yet, and why there is none.
-        self.mold = None
-        self.old_mold = None
-        self.mold_pids = set()
-        self.mold_unavailable = not settings.mold  # the worker command does not answer as a mold
-        self.mold_crashes = 0
-        self.mold_not_before = 0.0
-        self.slots_wait_for_mold = False  # at start, slots wait for the first mold's answer
-        self.restart_after_mold = None    # a SIGHUP's rolling restart, waiting for its new mold
-        self.notify = open_notify_socket()
-        self.systemd = Systemd(os.environ.get("NOTIFY_SOCKET"))
-        self.environ = self.worker_environment()
-
-    def worker_environment(self):
-        environ = dict(os.environ)
-        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-            environ.pop(name, None)
-        environ["LAUNCHER_PID"] = str(os.getpid())
-        # Ours, never systemd's: the workers report to us, and we to systemd.
-        environ["NOTIFY_SOCKET"] = "@" + NOTIFY_NAME % os.getpid()
-        return environ
-
-    # -- the main loop ----------------------------------------------------
-
-    def run(self):
-        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
-        close_inherited_fds(keep={self.listener.fileno(), self.notify.fileno()})
-        log("start", workers=len(self.slots), socket=describe(self.listener), worker=" ".join(self.argv),
-            mold="on" if self.settings.mold else "off")
-        if not self.mold_unavailable:
-            try:
-                become_subreaper()
-            except OSError as error:
-                self.mold_unavailable = True
-                log("mold-unavailable", level=0, reason="cannot become a child subreaper: %s" % error.strerror)
-        if not self.mold_unavailable:
-            # A mold warms up as long as a worker would: the slots wait for
-            # its answer rather than warm up cold beside it.
-            self.slots_wait_for_mold = True
-            self.start_mold()
-        while True:
-            self.schedule()
-            if self.stopping_since is not None and not self.workers and not self.mold_pids:
-                break
-            info = signal.sigtimedwait(HANDLED, self.seconds_to_next_deadline())
-            if info is not None:
-                self.dispatch(info)
-        self.systemd.notify("STATUS=stopped")
-        log("stop", status=0)
-        return 0
-
-    def dispatch(self, info):
-        handler = {
-            signal.SIGCHLD: self.handle_chld,
-            signal.SIGIO: self.handle_io,
-            signal.SIGUSR1: self.handle_usr1,
-            signal.SIGHUP: self.handle_hup,
-            signal.SIGTTIN: self.handle_ttin,
-            signal.SIGTTOU: self.handle_ttou,
-            signal.SIGTERM: self.handle_term,
-            signal.SIGINT: self.handle_term,
-            signal.SIGQUIT: self.handle_quit,
-        }[info.si_signo]
-        if info.si_signo not in (signal.SIGCHLD, signal.SIGIO):
-            log("signal", level=2, signal=signal.Signals(info.si_signo).name, sender=info.si_pid)
-        handler(info)
-
-    # -- one method per signal: each is the whole policy for it -----------
-
-    def handle_usr1(self, info):
-        worker = self.workers.get(info.si_pid)
-        if worker is None:
-            self.rolling_restart("SIGUSR1 from pid %d" % info.si_pid)
-        elif worker.role == "serving":
-            # Standard signals coalesce, so two workers asking at once may
-            # reach us as one: workers repeat the request until answered.
-            self.request_handoff(worker.slot, "worker asked")
-
-    def handle_hup(self, info):
-        if self.settings.mold and self.stopping_since is None and not self.rolling and not self.restart_after_mold:
-            # New code or configuration: a new mold first, then every worker
-            # from it, make-before-break; the old mold goes last.
-            self.mold_unavailable = False
-            self.old_mold, self.mold = self.mold, None
-            self.restart_after_mold = "SIGHUP"
-            log("new-mold", reason="SIGHUP", old=self.old_mold and self.old_mold.pid)
-            self.start_mold()
-        else:
-            self.rolling_restart("SIGHUP")
-
-    def handle_ttin(self, info):
-        if self.stopping_since is None:
-            slot = Slot(max([s.number for s in self.slots], default=-1) + 1)
-            self.slots.append(slot)
-            log("slot-added", slot=slot.number, workers=len(self.slots))
-            self.spawn(slot, "serving")
-
-    def handle_ttou(self, info):
-        if self.stopping_since is None and len(self.slots) > 1:
-            slot = self.slots.pop()
-            slot.retired = True
-            if slot in self.pending:
-                self.pending.remove(slot)
-            log("slot-removed", slot=slot.number, workers=len(self.slots))
-            for worker in (slot.replacement, slot.worker):
-                if worker:
-                    self.tell_to_go(worker, "slot removed")
-
-    def handle_term(self, info):
-        if self.stopping_since is None:
-            self.stopping_since = time.monotonic()
-            self.pending.clear()
-            self.systemd.notify("STOPPING=1")
-            log("stopping", workers=len(self.workers), timeout_s=self.settings.stop_timeout)
-            self.retire_molds()
-            for worker in list(self.workers.values()):
-                self.tell_to_go(worker, "launcher stopping")
-
-    def handle_quit(self, info):
-        self.systemd.notify("STOPPING=1")
-        self.kill_all("SIGQUIT")
-        self.stopping_since = self.stopping_since or time.monotonic()
-
-    def handle_chld(self, info):
-        # A worker says STOPPING=1 and then exits; SIGCHLD is the lower signal
-        # number and comes out of sigtimedwait first, so read what it said
-        # before judging its exit.
-        self.handle_io(info)
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            worker = self.workers.pop(pid, None)
-            if worker is not None:
-                self.reaped(worker, status)
-            elif pid in self.mold_pids:
-                self.mold_exited(pid, status)
-
-    def handle_io(self, info):
-        for pid, fields in read_notifications(self.notify):
-            worker = self.workers.get(pid)
-            log("notify", level=2, pid=pid, fields=",".join(fields))
-            if self.mold is not None and pid == self.mold.pid:
-                self.mold_said(fields)
-                continue
-            if worker is None:
-                continue  # not one of ours: credentials cannot be forged
-            if fields.get("READY") == "1":
-                self.workers_speak_notify = True
-                self.became_ready(worker, "notify")
-            if fields.get("STOPPING") == "1":
-                worker.said_stopping = True
-
-    # -- the handoff --------------------------------------------------------
-
-    def rolling_restart(self, reason):
-        if self.stopping_since is not None:
-            return
-        if self.rolling:
-            # Coalesced into the restart under way: a burst costs nothing.
-            return log("coalesced", level=2, reason=reason)
-        log("rolling-restart", reason=reason, workers=len(self.slots))
-        self.rolling = True
-        self.systemd.notify("RELOADING=1", "STATUS=rolling restart")
-        for slot in self.slots:
-            self.request_handoff(slot, reason)
-
-    def request_handoff(self, slot, reason):
-        # Coalesced: a slot is in the queue at most once, and not at all while
-        # its replacement warms up, so bursts of signals cost nothing.
-        if self.stopping_since is None and slot.replacement is None and slot not in self.pending:
-            log("replace", slot=slot.number, pid=slot.worker and slot.worker.pid, reason=reason)
-            self.pending.append(slot)
-
-    def start_next_handoff(self):
-        """At most one replacement warms up at a time, across all slots.
-
-        A slot whose previous worker is still draining waits for it to exit,
-        so no slot ever has more than two processes, whatever the signals.
-        """
-        if self.stopping_since is not None or any(s.replacement for s in self.slots):
-            return
-        now = time.monotonic()
-        draining = {w.slot for w in self.workers.values() if w.role == "draining"}
-        for slot in self.pending:
-            if slot.not_before <= now and slot not in draining:
-                self.pending.remove(slot)
-                break
-        else:
-            return
-        if slot.worker is None:
-            return  # its worker died meanwhile; schedule() respawns it
-        rss = resident_bytes(slot.worker.pid)
-        if self.settings.memory_reserve and memory_available() - rss < self.settings.memory_reserve:
-            # Not enough memory for two workers side by side: break before make.
-            log("stop-then-start", slot=slot.number, pid=slot.worker.pid, rss=rss,
-                mem_available=memory_available(), reserve=self.settings.memory_reserve)
-            self.tell_to_go(slot.worker, "memory headroom")
-            slot.worker = None
-            self.spawn(slot, "serving")
-        else:
-            self.spawn(slot, "warming")
-
-    def became_ready(self, worker, how):
-        if worker.ready:
-            return
-        worker.ready = True
-        slot = worker.slot
-        log("ready", slot=slot.number, pid=worker.pid, ready_s=worker.age(), by=how)
-        if worker.role == "warming":
-            old, slot.worker, slot.replacement = slot.worker, worker, None
-            worker.role = "serving"
-            if old is not None:
-                self.tell_to_go(old, "replaced by pid %d" % worker.pid)
-        self.report_status()
-
-    def tell_to_go(self, worker, reason):
-        if worker.told_to_go is None:
-            worker.told_to_go = time.monotonic()
-            worker.role = "draining"
-            if worker.slot.worker is worker:
-                worker.slot.worker = None
-            if worker.slot.replacement is worker:
-                worker.slot.replacement = None
-            worker.memory = smaps_rollup(worker.pid)
-            log("hup", slot=worker.slot.number, pid=worker.pid, reason=reason)
-            os.kill(worker.pid, signal.SIGHUP)
-
-    # -- births and deaths ------------------------------------------------
-
-    def spawn(self, slot, role):
-        pid, how = self.fork_from_mold(slot), "fork"
-        if pid is None:
-            pid, how = self.exec_worker(slot), "exec"
-        if pid is None:
-            return
-        worker = Worker(pid, slot, role)
-        self.workers[pid] = worker
-        if role == "warming":
-            slot.replacement = worker
-        else:
-            slot.worker = worker
-        log("spawn", slot=slot.number, pid=pid, role=role, how=how)
-
-    def exec_worker(self, slot):
-        try:
-            return os.posix_spawn(
-                self.path, self.argv, self.environ,
-                file_actions=[(os.POSIX_SPAWN_DUP2, self.listener.fileno(), 0)],
-                # Signal masks and ignored dispositions cross exec: give the
-                # worker a clean slate, or it could never see SIGHUP.
-                setsigmask=(),
-                setsigdef=signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP})
-        except OSError as error:
-            log("spawn-failed", level=0, slot=slot.number, error=error.strerror)
-            self.back_off(slot)
-            return None
-
-    def reaped(self, worker, status):
-        slot = worker.slot
-        code = os.waitstatus_to_exitcode(status)
-        how = {"status": code} if code >= 0 else {"signal": signal.Signals(-code).name}
-        expected = worker.told_to_go is not None or (worker.said_stopping and code == 0)
-        drain_s = time.monotonic() - worker.told_to_go if worker.told_to_go else None
-        pss, private = worker.memory
-        log("exit", slot=slot.number, pid=worker.pid, role=worker.role,
-            age_s=worker.age(), drain_s=drain_s, pss=pss, private=private, **how)
-        if worker.age() >= HEALTHY_S:
-            slot.crashes = 0
-        if slot.retired or self.stopping_since is not None:
-            return
-        if worker is slot.replacement:
-            # The old worker keeps serving; try again later.
-            slot.replacement = None
-            self.back_off(slot)
-            self.pending.append(slot)
-        elif worker is slot.worker:
-            slot.worker = None
-            if slot.replacement is not None:
-                # Its replacement is already warming: it takes over the slot.
-                slot.worker, slot.replacement = slot.replacement, None
-                slot.worker.role = "serving"
-            elif not expected and worker.age() < CRASH_WINDOW_S:
-                self.back_off(slot)
-        # A worker that asked to be replaced and then exited on its own
-        # (runaway memory) leaves no handoff to do.
-        if slot in self.pending and slot.worker is None:
-            self.pending.remove(slot)
-
-    def back_off(self, slot):
-        delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** slot.crashes)
-        slot.crashes += 1
-        slot.not_before = time.monotonic() + delay
-        log("backoff", level=0, slot=slot.number, crashes=slot.crashes, delay_s=delay)
-
-    # -- time -----------------------------------------------------------
-
-    def schedule(self):
-        """Do whatever is due now.  Called after every event."""
-        now = time.monotonic()
-        if self.stopping_since is not None:
-            if now - self.stopping_since >= self.settings.stop_timeout and self.workers:
-                self.kill_all("stop timeout")
-            return
-        self.schedule_mold(now)
-        for slot in self.slots:
-            if (slot.worker is None and slot.replacement is None and slot.not_before <= now
-                    and not self.slots_wait_for_mold):
-                self.spawn(slot, "serving")
-        for worker in list(self.workers.values()):
-            if not worker.ready and worker.age() >= self.settings.ready_timeout:
-                self.ready_timed_out(worker)
-        self.start_next_handoff()
-        if self.rolling and not self.pending and not any(s.replacement for s in self.slots):
-            self.rolling = False
-            log("rolling-restart-done", workers=len(self.slots))
-            self.all_ready_told = False
-            if self.old_mold is not None:
-                self.old_mold.retire()
-                self.old_mold = None
-        self.report_status()
-
-    def ready_timed_out(self, worker):
-        if worker.role == "draining":
-            worker.ready = True  # nothing to promote
-        elif self.workers_speak_notify and worker.role == "warming":
-            # Earlier workers said READY=1, so this one's silence means trouble.
-            slot = worker.slot
-            log("ready-timeout", level=0, slot=slot.number, pid=worker.pid)
-            self.tell_to_go(worker, "silent past --ready-timeout")
-            os.kill(worker.pid, signal.SIGKILL)
-            self.back_off(slot)
-            self.pending.append(slot)
-        else:
-            # A stock trac.fcgi never speaks the notify protocol: alive is ready.
-            self.became_ready(worker, "timeout")
-
-    def seconds_to_next_deadline(self):
-        now = time.monotonic()
-        deadlines = [now + IDLE_WAKE_S]
-        if self.stopping_since is not None:
-            deadlines.append(self.stopping_since + self.settings.stop_timeout)
-        else:
-            deadlines += [s.not_before for s in self.slots if s.worker is None or s in self.pending]
-            deadlines += [w.started + self.settings.ready_timeout
-                          for w in self.workers.values() if not w.ready]
-            if self.mold is not None and not self.mold.ready:
-                deadlines.append(self.mold.started + self.settings.ready_timeout)
-            elif self.mold is None and not self.mold_unavailable:
-                deadlines.append(self.mold_not_before)
-        return max(0.0, min(deadlines) - now)
-
-    def kill_all(self, reason):
-        for worker in self.workers.values():
-            log("kill", slot=worker.slot.number, pid=worker.pid, reason=reason)
-            os.kill(worker.pid, signal.SIGKILL)
-        for pid in self.mold_pids:
-            log("mold-kill", pid=pid, reason=reason)
-            os.kill(pid, signal.SIGKILL)
-
-    def report_status(self):
-        ready = sum(1 for s in self.slots if s.worker is not None and s.worker.ready)
-        status = "%d of %d workers ready, %d warming, %d draining" % (
-            ready, len(self.slots), sum(1 for s in self.slots if s.replacement),
-            sum(1 for w in self.workers.values() if w.role == "draining"))
-        if status != self.status:
-            self.status = status
-            self.systemd.notify("STATUS=" + status)
-        if ready == len(self.slots) and not self.rolling and not self.all_ready_told:
-            self.all_ready_told = True
-            log("all-ready", workers=ready)
-            self.systemd.notify("READY=1")
-
-
-    # -- the mold ---------------------------------------------------------
-    #
-    # Workers are forked from the mold when it is ready and exec'd otherwise,
-    # so no slot ever waits on a mold but at start.  A process started as the
-    # mold that exits, says READY=1 or stays silent past --ready-timeout
-    # without ever saying MOLD=1 does not speak the mold protocol (a stock
-    # trac.fcgi): it is killed, it never had the socket, and every worker is
-    # exec'd until a SIGHUP (new code) tries again.  A mold that did say
-    # MOLD=1 and then dies or fails to answer is restarted with backoff.
-
-    def start_mold(self):
-        try:
-            mold = Mold(self.path, self.argv, self.environ)
-        except OSError as error:
-            log("mold-spawn-failed", level=0, error=error.strerror)
-            return self.mold_failed(None, "spawn failed", unavailable=True)
-        self.mold = mold
-        self.mold_pids.add(mold.pid)
-        log("mold-start", pid=mold.pid)
-
-    def mold_said(self, fields):
-        if fields.get("MOLD") == "1" and not self.mold.ready:
-            self.mold.ready = True
-            log("mold-ready", pid=self.mold.pid, ready_s=time.monotonic() - self.mold.started)
-            self.mold_answered()
-        elif fields.get("READY") == "1":
-            self.mold_failed(self.mold, "said READY=1, not MOLD=1", unavailable=True)
-
-    def fork_from_mold(self, slot):
-        if self.mold is None or not self.mold.ready or self.stopping_since is not None:
-            return None
-        pid = self.mold.fork(self.listener)
-        if pid is None:
-            self.mold_failed(self.mold, "no answer to a fork request", unavailable=False)
-        return pid
-
-    def mold_exited(self, pid, status):
-        self.mold_pids.discard(pid)
-        code = os.waitstatus_to_exitcode(status)
-        how = {"status": code} if code >= 0 else {"signal": signal.Signals(-code).name}
-        log("mold-exit", pid=pid, **how)
-        if self.mold is not None and pid == self.mold.pid:
-            self.mold_failed(self.mold, "exited", unavailable=not self.mold.ready)
-
-    def mold_failed(self, mold, reason, unavailable):
-        if mold is not None:
-            if mold.ready and time.monotonic() - mold.started >= HEALTHY_S:
-                self.mold_crashes = 0
-            mold.kill()
-        self.mold = None
-        if unavailable:
-            self.mold_unavailable = True
-            log("mold-unavailable", level=0, pid=mold and mold.pid, reason=reason,
-                hint="workers are exec'd; WORKER_PATH must be trac-fcgi to fork them from a mold")
-        elif self.stopping_since is None:
-            delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** self.mold_crashes)
-            self.mold_crashes += 1
-            self.mold_not_before = time.monotonic() + delay
-            log("mold-failed", level=0, pid=mold and mold.pid, reason=reason, crashes=self.mold_crashes,
-                delay_s=delay)
-        self.mold_answered()
-
-    def mold_answered(self):
-        """The mold that slots or a SIGHUP waited for is ready, or there is none: go on."""
-        self.slots_wait_for_mold = False
-        if self.restart_after_mold:
-            reason, self.restart_after_mold = self.restart_after_mold, None
-            self.rolling_restart(reason)
-
-    def schedule_mold(self, now):
-        if self.mold is not None and not self.mold.ready and now - self.mold.started >= self.settings.ready_timeout:
-            self.mold_failed(self.mold, "silent past --ready-timeout", unavailable=True)
-        if self.mold is None and not self.mold_unavailable and now >= self.mold_not_before:
-            self.start_mold()
-
-    def retire_molds(self):
-        for mold in (self.mold, self.old_mold):
-            if mold is not None:
-                mold.retire()
-        self.mold = self.old_mold = None
 
 
 def close_inherited_fds(keep):

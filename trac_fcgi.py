@@ -917,7 +917,8 @@ REPARENT_TIMEOUT_S = 5.0
 class Mold:
     """The launcher's end is a SOCK_SEQPACKET pair: one message per request and reply.
 
-    request: b"fork", with the listening socket attached (SCM_RIGHTS)
+    request: b"fork", then a line KEY=value for each variable the worker
+             sets in its environment, with the listening socket attached (SCM_RIGHTS)
     reply:   b"pid N", N being the new worker, already the launcher's child
     The launcher closing its end (or dying) ends the mold.
     """
@@ -959,18 +960,19 @@ class Mold:
         sd_notify("MOLD=1")
         while True:
             try:
-                message, fds, _, _ = socket.recv_fds(self.channel, 64, 1)
+                message, fds, _, _ = socket.recv_fds(self.channel, 4096, 1)
             except InterruptedError:
                 continue
             if not message:
                 log("mold-retired")
                 return 0
-            if message != b"fork" or len(fds) != 1:
+            command, *variables = message.decode("utf-8", "replace").split("\n")
+            if command != "fork" or len(fds) != 1:
                 for fd in fds:
                     os.close(fd)
                 self.channel.send(b"error bad request")
                 continue
-            if self.fork(fds[0]):
+            if self.fork(fds[0], dict(line.partition("=")[::2] for line in variables)):
                 return None
 
     def make_pristine(self):
@@ -991,7 +993,7 @@ class Mold:
         gc.collect()
         gc.freeze()
 
-    def fork(self, listener):
+    def fork(self, listener, environ):
         """Double-fork a worker.  True in the worker; in the mold, reply with its pid and return False."""
         pid_r, pid_w = os.pipe()
         middle = os.fork()
@@ -1003,7 +1005,7 @@ class Mold:
             worker = os.fork()
             if worker == 0:
                 os.close(pid_w)
-                self.become_worker(listener)
+                self.become_worker(listener, environ)
                 return True
             os.write(pid_w, b"%d" % worker)
             # os._exit: no atexit handler, no flush of buffers the mold wrote.
@@ -1017,7 +1019,7 @@ class Mold:
         self.channel.send(b"pid " + worker if worker else b"error fork failed")
         return False
 
-    def become_worker(self, listener):
+    def become_worker(self, listener, environ):
         """In the forked worker: take the socket, wait to be the launcher's child, then start."""
         # Hazard, inherited descriptors: the mold's end of the request channel
         # would let a worker read fork requests meant for the mold.
@@ -1025,6 +1027,7 @@ class Mold:
         os.dup2(listener, 0)
         os.close(listener)
         del os.environ[MOLD_FD]
+        os.environ.update(environ)
         # Hazard, the parent-death signal: set before the middle child exits,
         # it would fire when the middle child does.  It is set once the
         # launcher is our parent, and getppid() is checked after, in case the

@@ -31,9 +31,10 @@ def plain(text):
 
 def test_the_readme_signals_table_matches_the_launcher():
     rows = table_rows("To the launcher:")
-    assert {plain(name) for name in rows} - {"signal"} == {signal.Signals(s).name for s in launcher.SIGNALS}
+    assert {plain(name) for name in rows} - {"signal"} == {signal.Signals(s).name for s in launcher.SIGNALS} | {"others"}
     for signum, effect in launcher.SIGNALS.items():
         assert plain(rows["`%s`" % signal.Signals(signum).name][0]) == effect
+    assert plain(rows["others"][0]) == launcher.IGNORED_EFFECT
 
 
 def test_the_readme_lists_every_worker_setting_with_its_default():

@@ -110,15 +110,15 @@ def assert_every_drain_finished(launcher, report):
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_sixteen_clients_for_twenty_seconds_get_only_whole_200s_while_workers_recycle(
-        started, tmp_path, trac_env, workers):
-    # A worker asks for its replacement after ~20 requests (+-10% jitter):
-    # at Trac's 40-90 pages a second on two cores, a recycle every second or so.
+def test_sixteen_clients_get_only_whole_200s_through_twenty_recycles(started, tmp_path, trac_env, workers):
+    # A worker asks for its replacement after ~20 requests (+-10% jitter): a
+    # recycle every second or so at Trac's 40-90 pages a second on two cores,
+    # every few seconds on a machine four times slower.  The test waits for
+    # the recycles, not for a time in which some machine would fit them.
     nginx, launcher = trac_behind_nginx(started, tmp_path, trac_env, "--workers", str(workers),
                                         env={"TRAC_FCGI_MAX_REQUESTS": "20"})
     load, report = run_clients_through_recycles(nginx, launcher, clients=16, want_recycles=20,
-                                                least_seconds=20, most_seconds=60)
-    assert load.seconds >= 20, report
+                                                least_seconds=10, most_seconds=300)
     assert len(recycles(launcher)) >= 20, "too few recycles: " + report
     assert_every_answer_whole(load, nginx, report)
     assert_every_drain_finished(launcher, report)
@@ -133,7 +133,7 @@ def test_a_single_client_keeps_getting_answers_while_its_worker_is_replaced(star
     nginx, launcher = trac_behind_nginx(started, tmp_path, trac_env, env={
         "TRAC_FCGI_MAX_REQUESTS": "10", "TRAC_FCGI_DRAIN_TIMEOUT": str(drain_timeout)})
     load, report = run_clients_through_recycles(nginx, launcher, clients=1, want_recycles=4,
-                                                least_seconds=5, most_seconds=45)
+                                                least_seconds=5, most_seconds=180)
     replaced = [int(hup["pid"]) for hup in recycles(launcher)]
     wait_until(lambda: all(launcher.events("exit", pid=pid) for pid in replaced), drain_timeout + 30,
                "every replaced worker to exit:\n" + log_tail(launcher))
@@ -153,7 +153,7 @@ def test_posts_sent_while_workers_recycle_are_all_answered_by_trac(started, tmp_
     nginx, launcher = trac_behind_nginx(started, tmp_path, trac_env, env={"TRAC_FCGI_MAX_REQUESTS": "20"})
     load = Load(nginx.port, ["/search"], clients=16, body="__FORM_TOKEN=e2e0token&q=trac&wiki=on",
                 headers={"Cookie": "trac_form_token=e2e0token"})
-    load.run(stop=lambda seconds: seconds >= 10 and len(recycles(launcher)) >= 8, max_seconds=45)
+    load.run(stop=lambda seconds: seconds >= 10 and len(recycles(launcher)) >= 8, max_seconds=180)
     report = "%s\n%d recycles\nnginx errors:\n%s" % (load.summary(), len(recycles(launcher)), nginx.errors()[-3000:])
     assert len(recycles(launcher)) >= 8, "too few recycles: " + report
     assert_every_answer_whole(load, nginx, report)

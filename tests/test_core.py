@@ -1,0 +1,358 @@
+"""The launcher's decisions, driven without a process: events in, actions out, a clock we turn by hand.
+
+`Site` plays the shell's part as launcher.Launcher does (tick, carry out the
+actions, sleep until the deadline the core returned) and the workers' part
+as simple scripts: warm up for WARM_S then say READY=1, drain for DRAIN_S on
+SIGHUP, die at once on SIGKILL.  Every test counts how often the loop woke,
+because a launcher that gets the outcome right by waking a thousand times a
+second has still failed.  The real processes obeying these decisions are
+tests/test_launcher.py's business.
+"""
+import heapq
+import itertools
+import signal
+
+import launcher
+from launcher import SIGNAL, SPAWN, SYSTEMD, LauncherCore
+
+WARM_S = 1.5
+DRAIN_S = 0.2
+
+
+class Site:
+    def __init__(self, slots=1, ready_timeout=30.0, stop_timeout=30.0, warm_s=WARM_S, drain_s=DRAIN_S,
+                 speaks_notify=True, shortage=None, behaviour=None):
+        self.now = 0.0
+        self.log = []
+        self.core = LauncherCore(slots, ready_timeout, stop_timeout, log=self.record,
+                                 memory_shortage=lambda pid: shortage)
+        self.warm_s, self.drain_s, self.speaks_notify = warm_s, drain_s, speaks_notify
+        self.behaviour = behaviour or {}  # slot number -> "ok" | "crash" | "hang" (ignores SIGHUP)
+        self.events = []             # heap of (time, seq, callable): what the workers will do
+        self.seq = itertools.count()
+        self.pids = itertools.count(100)
+        self.alive = set()
+        self.sent = []               # (pid, signum) as the shell would send them
+        self.wakes = self.idle_wakes = 0
+        self.most_per_slot = 0
+        self.told_systemd = []
+        self.wake_at = self.settle()
+
+    # -- the shell's part ------------------------------------------------------
+
+    def record(self, event, level=1, **facts):
+        self.log.append((event, facts))
+
+    def settle(self):
+        for _ in range(8):
+            wake_at = self.core.tick(self.now)
+            actions, self.core.actions = self.core.actions, []
+            if not actions:
+                break
+            for kind, *args in actions:
+                if kind == SPAWN:
+                    self.spawn(*args)
+                elif kind == SIGNAL:
+                    self.signal(*args)
+                elif kind == SYSTEMD:
+                    self.told_systemd.extend(args[0])
+        per_slot = {}
+        for worker in self.core.workers.values():
+            per_slot[worker.slot.number] = per_slot.get(worker.slot.number, 0) + 1
+        self.most_per_slot = max([self.most_per_slot] + list(per_slot.values()))
+        return wake_at
+
+    def run_until(self, end):
+        """Sleep until the core's deadline or the next worker event, whichever comes first, up to END."""
+        while True:
+            next_event = self.events[0][0] if self.events else float("inf")
+            when = min(self.wake_at, next_event)
+            if when > end:
+                self.now = end
+                return
+            self.now = max(self.now, when)
+            self.wakes += 1
+            fired = False
+            while self.events and self.events[0][0] <= self.now:
+                _, _, happen = heapq.heappop(self.events)
+                happen()
+                fired = True
+            self.idle_wakes += not fired
+            self.wake_at = self.settle()
+
+    def at(self, delay, happen):
+        heapq.heappush(self.events, (self.now + delay, next(self.seq), happen))
+
+    def signal_launcher(self, signum, sender=1):
+        self.core.signalled(signum, sender, self.now)
+        self.wake_at = self.settle()
+
+    # -- the workers' part -------------------------------------------------------
+
+    def spawn(self, slot, role):
+        pid = next(self.pids)
+        self.alive.add(pid)
+        self.core.spawned(slot, pid, role, self.now)
+        behaviour = self.behaviour.get(slot.number, "ok")
+        if behaviour == "crash":
+            self.at(0.1, lambda: self.exit(pid, 1))
+        elif self.speaks_notify:
+            self.at(self.warm_s, lambda: pid in self.alive and self.core.notified(pid, {"READY": "1"}, self.now))
+
+    def signal(self, pid, signum):
+        self.sent.append((pid, signum))
+        if signum == signal.SIGKILL:
+            self.at(0, lambda: self.exit(pid, -signal.SIGKILL))
+        elif signum == signal.SIGHUP and self.behaviour.get(self.slot_of(pid)) != "hang":
+            self.at(self.drain_s, lambda: self.exit(pid, 0, stopping=True))
+
+    def exit(self, pid, code, stopping=False):
+        if pid in self.alive:
+            self.alive.discard(pid)
+            if stopping:
+                self.core.notified(pid, {"STOPPING": "1"}, self.now)
+            self.core.exited(pid, code, self.now)
+
+    def kill(self, pid):
+        """A SIGKILL from outside the launcher: the OOM killer, an admin."""
+        self.at(0, lambda: self.exit(pid, -signal.SIGKILL))
+
+    # -- reading what happened -------------------------------------------------------
+
+    def slot_of(self, pid):
+        worker = self.core.workers.get(pid)
+        return worker.slot.number if worker else None
+
+    def serving(self, slot=0):
+        worker = self.core.worker_of(self.core.slots[slot], "serving")
+        return worker.pid if worker and worker.ready else None
+
+    def logged(self, event, **facts):
+        return [f for e, f in self.log if e == event and all(f.get(k) == v for k, v in facts.items())]
+
+
+def started(**options):
+    site = Site(**options)
+    site.run_until(WARM_S + 0.01)
+    assert site.core.ready_workers() == len(site.core.slots)
+    site.wakes = site.idle_wakes = 0
+    return site
+
+
+# --------------------------------------------------------------------------
+# Handoffs
+
+def test_a_rolling_restart_of_three_slow_workers_replaces_them_one_at_a_time_waking_only_for_events():
+    site = started(slots=3)
+    before = {site.serving(n) for n in range(3)}
+    site.signal_launcher(signal.SIGHUP)
+    site.run_until(60)
+    after = {site.serving(n) for n in range(3)}
+    assert not after & before and None not in after
+    spawns = [f["role"] for e, f in site.log if e == "spawn"][3:]
+    assert spawns == ["warming"] * 3
+    assert [e for e, _ in site.log if e in ("spawn", "ready")][6:] == ["spawn", "ready"] * 3
+    assert site.logged("rolling-restart-done")
+    # Three warm-ups and three drains: six events; the loop may not wake between them.
+    assert site.idle_wakes == 0
+    assert site.wakes <= 6
+    assert site.most_per_slot <= 2
+
+
+def test_two_workers_asking_at_once_are_replaced_in_turn_without_a_spin():
+    site = started(slots=2)
+    first, second = site.serving(0), site.serving(1)
+    site.signal_launcher(signal.SIGUSR1, sender=first)
+    site.signal_launcher(signal.SIGUSR1, sender=second)
+    site.run_until(30)
+    assert site.serving(0) not in (None, first) and site.serving(1) not in (None, second)
+    assert site.idle_wakes == 0 and site.wakes <= 4
+
+
+def test_a_burst_of_signals_is_one_rolling_restart_and_never_more_than_two_processes_a_slot():
+    site = started(slots=2)
+    for i in range(200):
+        site.run_until(site.now + 0.005)
+        site.signal_launcher(signal.SIGUSR1 if i % 2 else signal.SIGHUP, sender=1)
+    site.run_until(60)
+    assert len(site.logged("rolling-restart")) == 1
+    assert len(site.logged("coalesced")) == 199
+    assert site.most_per_slot <= 2
+    assert site.core.ready_workers() == 2 and len(site.core.workers) == 2
+    assert site.idle_wakes == 0
+
+
+def test_a_signal_from_its_own_worker_replaces_only_that_slot():
+    site = started(slots=2)
+    untouched = site.serving(1)
+    site.signal_launcher(signal.SIGUSR1, sender=site.serving(0))
+    site.signal_launcher(signal.SIGUSR1, sender=site.serving(0))  # asking again is coalesced
+    site.run_until(30)
+    assert site.serving(1) == untouched
+    assert len(site.logged("spawn", role="warming")) == 1
+    assert not site.logged("rolling-restart")
+
+
+def test_a_replacement_that_crashes_leaves_the_old_worker_serving_and_is_retried_after_the_backoff():
+    site = started()
+    old = site.serving()
+    site.behaviour[0] = "crash"
+    site.signal_launcher(signal.SIGHUP)
+    site.run_until(site.now + 3.15)  # crashes at +0.1, retried at +1.1, crashes at +1.2, retried at +3.2
+    assert site.serving() == old
+    assert [f["delay_s"] for f in site.logged("backoff")] == [1.0, 2.0]
+    site.behaviour[0] = "ok"
+    site.run_until(site.now + 10)
+    assert site.serving() not in (None, old)
+    # Woken by the crashes and by each backoff's end, never in between.
+    assert site.idle_wakes == 2
+
+
+def test_a_silent_replacement_is_killed_at_the_ready_timeout_and_the_old_worker_keeps_serving():
+    site = started(ready_timeout=5.0)
+    old = site.serving()
+    site.speaks_notify = False
+    site.signal_launcher(signal.SIGHUP)
+    site.run_until(site.now + 5.5)
+    assert site.logged("ready-timeout")
+    assert site.serving() == old
+    silent = [pid for pid, signum in site.sent if signum == signal.SIGKILL]
+    assert len(silent) == 1 and silent[0] != old
+
+
+def test_a_worker_that_never_speaks_notify_is_ready_once_the_timeout_passes_alive():
+    site = Site(speaks_notify=False, ready_timeout=2.0)
+    site.run_until(1.9)
+    assert site.serving() is None
+    site.run_until(2.1)
+    assert site.logged("ready", by="timeout") and site.serving() is not None
+    assert site.wakes == 1
+
+
+def test_without_memory_headroom_the_old_worker_is_stopped_before_its_replacement_starts():
+    site = started(shortage={"rss": 1, "mem_available": 0, "reserve": 1})
+    old = site.serving()
+    site.signal_launcher(signal.SIGHUP)
+    assert site.logged("stop-then-start", pid=old)
+    assert (old, signal.SIGHUP) in site.sent
+    assert site.logged("spawn", role="serving")[-1:] and not site.logged("spawn", role="warming")
+
+
+# --------------------------------------------------------------------------
+# Deaths and backoff
+
+def test_a_worker_that_cannot_start_backs_off_doubling_to_a_minute_waking_once_per_try():
+    site = Site(behaviour={0: "crash"})
+    site.run_until(400)
+    delays = [f["delay_s"] for f in site.logged("backoff")]
+    assert delays[:7] == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0] and set(delays[7:]) == {60.0}
+    spawns = len(site.logged("spawn"))
+    # Each try is one wake for its crash and one for its backoff's end.
+    assert site.wakes <= 2 * spawns + 1
+
+
+def test_a_ready_worker_killed_six_times_three_seconds_apart_is_respawned_at_once_each_time():
+    site = started()
+    for _ in range(6):
+        victim = site.serving()
+        site.kill(victim)
+        site.run_until(site.now + 0.001)
+        respawn = site.logged("spawn")[-1]
+        assert respawn["pid"] != victim and site.core.workers[respawn["pid"]].started == site.now - 0.001
+        site.run_until(site.now + 3)
+    assert not site.logged("backoff")
+
+
+def test_a_slot_whose_ready_workers_die_over_ten_times_a_minute_backs_off_while_another_serves():
+    site = started(slots=2, warm_s=0.5)
+    for _ in range(12):
+        site.kill(site.serving(0))
+        site.run_until(site.now + 2)
+    assert site.logged("backoff", slot=0)
+    assert site.serving(1) is not None
+
+
+def test_the_guard_never_empties_the_site_a_lone_slot_is_always_respawned_at_once():
+    site = started(warm_s=0.5)
+    for _ in range(15):
+        site.kill(site.serving())
+        site.run_until(site.now + 1)
+    assert not site.logged("backoff")
+
+
+def test_planned_exits_never_count_as_crashes():
+    site = started()
+    for _ in range(15):
+        site.signal_launcher(signal.SIGHUP)
+        site.run_until(site.now + 5)
+    assert not site.logged("backoff")
+    assert len(site.logged("exit", status=0)) == 15
+
+
+def test_a_worker_killed_by_a_real_time_signal_is_reported_by_number_and_replaced():
+    site = started()
+    victim = site.serving()
+    site.core.exited(victim, -(signal.SIGRTMIN + 6), site.now)
+    assert site.logged("exit", pid=victim, signal="SIGRTMIN+6")
+    site.wake_at = site.settle()
+    assert site.logged("spawn")[-1]["pid"] != victim
+
+
+# --------------------------------------------------------------------------
+# Stop, slots, and signals with no meaning
+
+def test_a_stop_past_its_timeout_kills_each_worker_once_and_wakes_once_for_it():
+    site = started(slots=2, stop_timeout=10.0)
+    site.behaviour = {0: "hang", 1: "hang"}
+    site.signal_launcher(signal.SIGTERM)
+    site.run_until(site.now + 60)
+    assert len(site.logged("kill")) == 2
+    assert sorted(signum for _, signum in site.sent if signum == signal.SIGKILL) == [signal.SIGKILL] * 2
+    assert site.core.finished
+    assert site.idle_wakes == 1  # the stop timeout itself
+
+
+def test_sigttou_during_a_handoff_retires_the_slot_and_both_its_workers():
+    site = started(slots=2)
+    site.signal_launcher(signal.SIGUSR1, sender=site.serving(1))
+    site.run_until(site.now + 0.5)  # slot 1's replacement warms
+    warming = site.logged("spawn", role="warming")[-1]["pid"]
+    site.signal_launcher(signal.SIGTTOU)
+    site.run_until(site.now + 30)
+    assert len(site.core.slots) == 1
+    assert (warming, signal.SIGHUP) in site.sent
+    assert [w.slot.number for w in site.core.workers.values()] == [0]
+    assert site.idle_wakes == 0
+
+
+def test_sigttin_adds_a_slot_that_is_filled_at_once():
+    site = started()
+    site.signal_launcher(signal.SIGTTIN)
+    assert site.logged("slot-added", slot=1)
+    site.run_until(site.now + WARM_S + 0.1)
+    assert site.core.ready_workers() == 2
+
+
+def test_signals_without_a_meaning_are_ignored_and_logged():
+    site = started()
+    before = dict(site.core.workers)
+    for signum in (signal.SIGUSR2, signal.SIGALRM, signal.SIGWINCH, signal.SIGRTMIN + 3):
+        site.signal_launcher(signum, sender=42)
+    assert [f["signal"] for f in site.logged("ignored")] == ["SIGUSR2", "SIGALRM", "SIGWINCH", "SIGRTMIN+3"]
+    assert site.core.workers == before and not site.sent
+
+
+def test_systemd_hears_ready_once_every_slot_serves_and_again_after_a_rolling_restart():
+    site = Site(slots=2)
+    site.run_until(WARM_S + 0.1)
+    site.signal_launcher(signal.SIGHUP)
+    site.run_until(30)
+    states = [line for line in site.told_systemd if not line.startswith("STATUS=")]
+    assert states == ["READY=1", "RELOADING=1", "READY=1"]
+
+
+def test_every_signal_the_launcher_can_catch_is_waited_for_and_only_faults_keep_their_default():
+    uncatchable = {signal.SIGKILL, signal.SIGSTOP}
+    assert launcher.WAITED | launcher.FAULTS | uncatchable == signal.valid_signals()
+    assert {signal.SIGUSR2, signal.SIGALRM, signal.SIGVTALRM, signal.SIGPROF, signal.SIGPIPE,
+            signal.SIGURG, signal.SIGWINCH, signal.SIGRTMIN + 6} <= launcher.WAITED
