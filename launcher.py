@@ -406,9 +406,10 @@ class Systemd:
 
 PR_SET_CHILD_SUBREAPER = 36
 MOLD_FD = 3  # where the mold finds its end of the socket pair
-# A fork takes milliseconds; a mold that has not answered in this long is
-# treated as dead, and the worker is exec'd instead.
-MOLD_REPLY_TIMEOUT_S = 2.0
+# A fork takes milliseconds, but seconds on a machine starved of CPU; a mold
+# that has not answered in this long is treated as dead, and the worker is
+# exec'd instead (a worker it forks after all is told to go when it says READY=1).
+MOLD_REPLY_TIMEOUT_S = 5.0
 
 
 def can_adopt():
@@ -485,7 +486,7 @@ class Mold:
 # tests/test_core.py drives it through hours of signals in milliseconds.
 
 SPAWN, SIGNAL, SYSTEMD = "spawn", "signal", "systemd"
-START_MOLD, RETIRE_MOLD = "start-mold", "retire-mold"
+START_MOLD, RETIRE_MOLD, STRAY = "start-mold", "retire-mold", "stray"
 
 
 class Worker:
@@ -607,7 +608,11 @@ class LauncherCore:
             return self.mold_said(fields, now)
         worker = self.workers.get(pid)
         if worker is None:
-            return  # not one of ours: the kernel vouches for the pid
+            if fields.get("READY") == "1" and self.mold_on:
+                # A worker forked by a mold we gave up on while it forked: it
+                # is our child, and would serve outside any slot.
+                self.actions.append((STRAY, pid))
+            return  # else not one of ours: the kernel vouches for the pid
         if fields.get("READY") == "1":
             self.workers_speak_notify = True
             self.became_ready(worker, "notify", now)
@@ -1030,6 +1035,10 @@ class Launcher:
             mold = self.molds.pop(args[0], None)
             if mold is not None:
                 mold.retire()
+        elif kind == STRAY and parent_of(args[0]) == os.getpid():
+            # Told to go like any worker: it drains what it may have accepted.
+            log("stray", level=0, pid=args[0], reason="forked after its mold was given up on")
+            os.kill(args[0], signal.SIGHUP)
 
     def dispatch(self, info):
         now = time.monotonic()
@@ -1111,6 +1120,14 @@ class Launcher:
                 traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
             except (OSError, ValueError):
                 pass
+
+
+def parent_of(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def resident_bytes(pid):

@@ -1001,15 +1001,21 @@ class Mold:
             # The middle child forks the worker and exits at once, so the
             # worker is orphaned and the launcher (a child subreaper) adopts
             # it: reaped, signalled and counted by the launcher, as any worker.
-            os.close(pid_r)
-            worker = os.fork()
+            # It leaves by os._exit whatever happens: no atexit handler, no
+            # flush of buffers the mold wrote, no unwinding into the mold's loop.
+            try:
+                os.close(pid_r)
+                worker = os.fork()
+            except OSError:
+                os._exit(1)
             if worker == 0:
                 os.close(pid_w)
                 self.become_worker(listener, environ)
                 return True
-            os.write(pid_w, b"%d" % worker)
-            # os._exit: no atexit handler, no flush of buffers the mold wrote.
-            os._exit(0)
+            try:
+                os.write(pid_w, b"%d" % worker)
+            finally:
+                os._exit(0)
         os.close(pid_w)
         os.close(listener)
         worker = os.read(pid_r, 32)

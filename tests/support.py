@@ -179,11 +179,24 @@ def alive(pid):
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def family(pid):
-    """PID and all its live descendants, parents before their children."""
+def family(pid, without=()):
+    """PID and all its live descendants, parents before their children, less the subtrees rooted at WITHOUT."""
     found = [pid]
     for child in children(pid):
-        found += family(child)
+        if child not in without:
+            found += family(child, without)
+    return found
+
+
+def molds_of(pid):
+    """PID's children that are molds: a worker has the listening socket on fd 0, a mold /dev/null."""
+    found = set()
+    for child in children(pid):
+        try:
+            if os.readlink("/proc/%d/fd/0" % child) == os.devnull:
+                found.add(child)
+        except OSError:
+            pass
     return found
 
 

@@ -13,7 +13,7 @@ import itertools
 import signal
 
 import launcher
-from launcher import RETIRE_MOLD, SIGNAL, SPAWN, START_MOLD, SYSTEMD, LauncherCore
+from launcher import RETIRE_MOLD, SIGNAL, SPAWN, START_MOLD, STRAY, SYSTEMD, LauncherCore
 
 WARM_S = 1.5
 DRAIN_S = 0.2
@@ -457,3 +457,12 @@ def test_a_stop_waits_for_a_mold_that_hangs_until_the_stop_timeout_then_kills_it
     site.run_until(60)
     assert site.core.finished
     assert site.sent.count((site.mold_pid, signal.SIGKILL)) == 1
+
+
+def test_a_worker_a_given_up_mold_forked_after_all_is_told_to_go_when_it_says_ready():
+    site = started(mold="mold")
+    site.core.notified(999, {"READY": "1"}, site.now)
+    assert site.core.actions == [(STRAY, 999)]
+    site.core.actions = []
+    site.core.notified(998, {"STOPPING": "1"}, site.now)
+    assert site.core.actions == []
