@@ -20,6 +20,7 @@ venv: $(VENV)/.installed
 
 # Debian packages, installed only when a command is missing.  systemd brings
 # systemd-socket-activate and systemd-analyze, which the recipe tests run;
+# prometheus-node-exporter reads the launcher's metrics file in its tests;
 # postgresql, the server the fork-safety tests run Trac on.
 debs:
 	@missing=""; \
@@ -28,6 +29,7 @@ debs:
 	command -v cgi-fcgi >/dev/null || missing="$$missing libfcgi-bin"; \
 	command -v wrk >/dev/null || missing="$$missing wrk"; \
 	command -v systemd-socket-activate >/dev/null || missing="$$missing systemd"; \
+	command -v prometheus-node-exporter >/dev/null || missing="$$missing prometheus-node-exporter"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

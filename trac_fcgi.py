@@ -26,13 +26,17 @@ import gc
 import importlib
 import io
 import random
+import re
 import select
 import signal
 import socket
 import stat
+import struct
 import sys
+import textwrap
 import threading
 import time
+import traceback
 import urllib.parse
 import warnings
 
@@ -48,6 +52,9 @@ PERIOD_S = 0.5
 # A worker whose SIGUSR1 went unanswered asks again this often: standard
 # signals coalesce, so two workers asking at once can reach the launcher as one.
 REASK_S = 5.0
+# Under a launcher, the request count is reported on the notify socket when
+# it changes, but no more often than this: the launcher's metrics need no more.
+REPORT_EVERY_S = 1.0
 # After EMFILE, leave the backlog alone this long instead of spinning on it.
 ACCEPT_PAUSE_S = 0.1
 # Closing a connection, read what the client still sends for at most this
@@ -67,14 +74,12 @@ class BadSetting(Exception):
 
 
 def size(text):
-    """a size in bytes with an optional K, M or G suffix, e.g. 128M"""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper()
-    factor = units.get(text[-1:], 1)
-    number = text[:-1] if text[-1:] in units else text
-    if not number.isdigit():
+    """a size in bytes: digits with an optional K, M or G suffix, e.g. 128M"""
+    # Written the same in launcher.py; tests/test_settings.py feeds both one table.
+    match = re.fullmatch(r"([0-9]+)([KMG]?)", text.strip().upper())
+    if not match:
         raise ValueError
-    return int(number) * factor
+    return int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2)]
 
 
 def count(text):
@@ -131,6 +136,25 @@ def app_spec(text):
     return text
 
 
+def address(text):
+    """an address: unix:/path[:mode], HOST:PORT or [v6]:PORT, e.g. unix:/run/trac/trac.sock"""
+    # Written the same in launcher.py; tests/test_settings.py feeds both one table.
+    if text.startswith("unix:"):
+        path, mode = text[len("unix:"):], "660"
+        match = re.fullmatch(r"(.*):([0-9]+)", path)
+        if match:  # a trailing :digits is always the mode, so a bad mode is refused, not taken as a file name
+            path, mode = match.groups()
+        if not path.startswith("/") or "\0" in path or not re.fullmatch(r"0?[0-7]{3}", mode):
+            raise ValueError
+        return socket.AF_UNIX, path, int(mode, 8)
+    match = (re.fullmatch(r"\[([^\[\]\s]+)\]:([0-9]{1,5})", text)
+             or re.fullmatch(r"([^\[\]\s:]+):([0-9]{1,5})", text))
+    if not match or not 0 < int(match.group(2)) < 65536:
+        raise ValueError
+    family = socket.AF_INET6 if text.startswith("[") else socket.AF_INET
+    return family, match.group(1), int(match.group(2))
+
+
 # (environment variable, parser, default, meaning)
 SETTINGS = [
     ("TRAC_FCGI_MAX_RSS", size, "128M",
@@ -161,18 +185,20 @@ PASSED_THROUGH = [
     ("FCGI_WEB_SERVER_ADDRS", "comma-separated web server addresses allowed on a TCP socket"),
     ("FCGI_FORCE_CGI", "Y serves one CGI request, as flup does"),
     ("LAUNCHER_PID, NOTIFY_SOCKET", "set by trac-fcgi-launcher; see its --help"),
+    ("LAUNCHER_READY_WORKERS", "set by trac-fcgi-launcher: how many other workers served when this one "
+                               "started, which a failed warm-up reports"),
     ("TRAC_FCGI_MOLD_FD", "set by trac-fcgi-launcher when it starts this process as the mold its workers are forked from"),
 ]
 
 HELP = """\
-usage: trac_fcgi.py [--bind ADDR] [--help]
+usage: trac_fcgi.py [--bind ADDR] [--help] [--version]
 
 A drop-in trac.fcgi: serves Trac over FastCGI on fd 0 and replaces itself
 before its memory, request count or age pass their limits.
 
   with spawn-fcgi:  spawn-fcgi -n -s /run/trac/trac.sock -- /srv/trac/cgi-bin/trac.fcgi
   with a launcher:  WORKER_PATH=/srv/trac/cgi-bin/trac.fcgi trac-fcgi-launcher --bind unix:/run/trac/trac.sock
-  by hand:          trac_fcgi.py --bind 127.0.0.1:9000   (or unix:/path)
+  by hand:          trac_fcgi.py --bind 127.0.0.1:9000   (or unix:/path[:mode], mode 0660 by default)
   in a terminal:    runs one CGI request, as flup does (REQUEST_METHOD etc. from the environment)
 
 settings (environment variables):
@@ -190,10 +216,24 @@ signals:
 
 
 def help_text():
-    rows = ["  %-24s %s (default %s)" % (name, meaning, default if default is not None else "see meaning")
+    def row(name, meaning):
+        return textwrap.fill(meaning, 79, initial_indent="  %-24s " % name, subsequent_indent=" " * 27,
+                             break_on_hyphens=False)
+    rows = [row(name, meaning if default is None else "%s (default %s)" % (meaning, default))
             for name, _, default, meaning in SETTINGS]
-    passed = ["  %-24s %s" % row for row in PASSED_THROUGH]
+    passed = [row(name, meaning) for name, meaning in PASSED_THROUGH]
     return HELP % ("\n".join(rows), "\n".join(passed))
+
+
+def answered_without_serving(argv):
+    """--help and --version: answered before anything is imported, so that they work without flup."""
+    if "--help" in argv or "-h" in argv:
+        sys.stdout.write(help_text())
+    elif argv == ["--version"]:
+        sys.stdout.write("%s\n" % __version__)
+    else:
+        return False
+    return True
 
 
 class Limits:
@@ -252,7 +292,10 @@ def log(event, **facts):
     for key, value in facts.items():
         if value is not None:
             value = "%.3f" % value if isinstance(value, float) else str(value)
-            words.append("%s=%s" % (key, value if value and " " not in value else repr(value)))
+            # Quoted when it could be misread: a request's path is the client's
+            # to choose, and a newline in it must not start a line of its own.
+            words.append("%s=%s" % (key, value if value and value.isprintable() and " " not in value
+                                    else repr(value)))
     sys.stderr.write(" ".join(words) + "\n")
     sys.stderr.flush()
 
@@ -338,11 +381,100 @@ def smaps_rollup(pid="self"):
 
 
 # --------------------------------------------------------------------------
+# --bind: the listening socket, made without destroying anything.
+# Written the same in launcher.py, whose --bind reads the same addresses.
+
+def bind_socket(family, host, port):
+    if family == socket.AF_UNIX:
+        return bind_unix(host, port)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise BadSetting("cannot bind %s port %d: %s; pick a free address"
+                         % (host, port, error.strerror or error))
+    sock.listen(socket.SOMAXCONN)
+    return sock
+
+
+def bind_unix(path, mode):
+    if len(os.fsencode(path)) > 107:  # sun_path holds 108 bytes, and Python keeps one for a NUL
+        raise BadSetting("unix:%s is %d bytes long, more than the 107 a unix socket's path may have; "
+                         "use a shorter path" % (path, len(os.fsencode(path))))
+    remove_stale_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Bind under a umask that leaves no window in which the file is world-writable.
+    old_umask = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(path)
+    except OSError as error:
+        sock.close()
+        raise BadSetting("cannot bind unix:%s: %s; check the directory exists and is writable"
+                         % (path, error.strerror or error))
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, mode)
+    sock.listen(socket.SOMAXCONN)
+    return sock
+
+
+def remove_stale_socket(path):
+    """Make room for our socket at PATH: only a socket that nobody listens on is removed.
+
+    Anything else there is refused and left as it was: a typo such as
+    unix:/srv/trac/trac.ini must not cost that file, and a live socket
+    belongs to a server that still answers on it.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return  # nothing there, or nothing we may look at: bind() says which
+    if not stat.S_ISSOCK(mode):
+        raise BadSetting("unix:%s exists and is not a socket, so it was left as it is; "
+                         "give the path where the socket should be, e.g. unix:/run/trac/trac.sock" % path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)  # a listener with a full backlog must not hold us up
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        # Left by a server that is gone.  A server that binds the same path
+        # between this probe and the unlink loses its file: a window of
+        # microseconds, against one that lasts until an admin cleans up.
+        os.unlink(path)
+        return
+    except FileNotFoundError:
+        return
+    except BlockingIOError:
+        pass  # listening, with a full backlog
+    except OSError as error:
+        raise BadSetting("unix:%s is a socket, and whether anything listens on it cannot be told (%s); "
+                         "remove it if it is stale, or pick another path" % (path, error.strerror))
+    finally:
+        probe.close()
+    raise BadSetting("unix:%s: something is listening there already; stop it or pick another path" % path)
+
+
+# --------------------------------------------------------------------------
 # The server.
 
-from flup.server import fcgi_base  # noqa: E402  (after the settings an admin edits)
-from flup.server.fcgi import WSGIServer  # noqa: E402
-from flup.server.threadpool import ThreadPool  # noqa: E402
+try:
+    from flup.server import fcgi_base  # noqa: E402  (after the settings an admin edits)
+    from flup.server.fcgi import WSGIServer  # noqa: E402
+    from flup.server.threadpool import ThreadPool  # noqa: E402
+except ImportError as missing:
+    # Run as a script by a Python that lacks flup (`./trac_fcgi.py` finds the
+    # first python3 on PATH): say which Python, and how to give it flup.
+    flup_missing = ("%s cannot import flup (%s): install what this file needs with %s -m pip install "
+                    "flup==1.0.3 'Trac>=1.6,<1.7' 'setuptools<81', or run it with a Python that has them"
+                    % (sys.executable, missing, sys.executable))
+    if __name__ != "__main__":
+        raise ImportError(flup_missing) from missing  # imported: the importer decides what to say
+    if answered_without_serving(sys.argv[1:]):
+        sys.exit(0)
+    sys.stderr.write("trac-fcgi: %s\n" % flup_missing)
+    sys.exit(2)
 
 
 class QueueingThreadPool(ThreadPool):
@@ -357,6 +489,39 @@ class QueueingThreadPool(ThreadPool):
 
     def addJob(self, job, allowQueuing=True):
         return ThreadPool.addJob(self, job, allowQueuing=True)
+
+
+def web_server_gone(sock):
+    """Has the web server closed its end of this connection?  Unread data does not hide it.
+
+    On a unix socket the kernel reports a full close as POLLHUP and a mere
+    shutdown of the sending side as POLLRDHUP alone, so only a real close
+    counts.  TCP tells the two apart only once we write; a FastCGI web
+    server has no reason to half-close, so there POLLRDHUP counts.
+    """
+    poller = select.poll()
+    poller.register(sock, select.POLLRDHUP)
+    events = poller.poll(0)
+    if not events:
+        return False
+    gone = select.POLLHUP if sock.family == socket.AF_UNIX else select.POLLHUP | select.POLLRDHUP
+    return bool(events[0][1] & gone)
+
+
+def request_start(header):
+    """X-Request-Start, as nginx sends it (t=${msec}): when the web server began on the request.
+
+    Seconds since the epoch, or milli- or microseconds as some proxies write it; 0 if absent or unreadable.
+    """
+    try:
+        value = float(header.strip().removeprefix("t="))
+    except ValueError:
+        return 0.0
+    if not 0 < value < 1e17:  # nan, inf and nonsense say nothing
+        return 0.0
+    while value > 1e11:  # milli- or microseconds
+        value /= 1000
+    return value
 
 
 class DeadlineSocket:
@@ -393,6 +558,12 @@ class DeadlineSocket:
         return getattr(self._sock, name)
 
 
+# What flup's record decoding raises on bytes that are not FastCGI (a
+# name-value pair longer than its record, a BEGIN_REQUEST body of the wrong
+# size): the client's fault, not ours, when flup's own code raises it.
+MALFORMED_RECORD = (IndexError, struct.error)
+
+
 class CountedConnection(fcgi_base.Connection):
     """A FastCGI connection counted from the moment it is accepted until it is closed.
 
@@ -408,21 +579,40 @@ class CountedConnection(fcgi_base.Connection):
     def __init__(self, sock, addr, server, timeout):
         fcgi_base.Connection.__init__(self, DeadlineSocket(sock, server.limits.idle_timeout), addr,
                                       server, timeout)
-        server.connection_opened()
+        server.connection_opened(self)
         self.params_bytes = 0
         self.cut_off = False
         self.kept_alive = False  # has served a request and stays open for more
+        # Since when the next request has waited for us: from accept for the
+        # first, from its first record for a later one on a kept-alive
+        # connection (idle time between requests is nobody's wait).
+        self.waiting_since = time.monotonic()
+        self.request = None  # the request the application is running, for the drain's log
 
     def run(self):
         try:
             fcgi_base.Connection.run(self)
-        except Exception:
-            pass  # malformed input or a vanished client ends this connection only
+        except OSError:
+            pass  # the client went away, or took too long: the connection ends, nothing to fix here
+        except Exception as error:
+            self.report(error)  # ends this connection only, and is never swallowed
         finally:
             if self._sock.expired:
                 self.server.idle_connection_closed(self._addr)
             self._sock.close()  # again, for a connection that ended in an exception
             self.server.connection_closed(self)
+
+    def report(self, error):
+        """One line for a client's malformed records; for a bug of ours, the line and its traceback."""
+        peer = self._addr or "unix"
+        where = traceback.extract_tb(error.__traceback__)[-1:]
+        line = traceback.format_exception_only(type(error), error)[-1].strip()
+        if isinstance(error, MALFORMED_RECORD) and where and where[0].filename == fcgi_base.__file__:
+            log("bad-request", reason="malformed record (%s)" % line, peer=peer)
+            return
+        at = "%s:%d" % (os.path.basename(where[0].filename), where[0].lineno) if where else None
+        log("connection-error", error=line, at=at, peer=peer)
+        traceback.print_exception(type(error), error, error.__traceback__)  # 3 arguments, as Python 3.9 wants
 
     def process_input(self):
         # flup waits for the next record in 1 s selects for as long as the
@@ -452,6 +642,41 @@ class CountedConnection(fcgi_base.Connection):
                 raise EOFError
         return fcgi_base.Connection.process_input(self)
 
+    def _start_request(self, req):
+        # flup runs a request as soon as its parameters are in.  A web server
+        # that gave up on it meanwhile (its client left, or its read timeout
+        # passed while the request waited in the backlog) has closed the
+        # connection: running it now would change the site for nobody to
+        # see the answer, and nginx may even have said 504 already.
+        req.arrived(self.waiting_since)
+        if web_server_gone(self._sock):
+            log("dropped", reason="the web server closed the connection before the request ran",
+                **req.facts())
+            self.cut_off = True
+            raise EOFError
+        self.request = req
+        try:
+            req.run()
+        finally:
+            self.request = None
+
+    def writeRecord(self, rec):
+        req = self._requests.get(rec.requestId)
+        try:
+            fcgi_base.Connection.writeRecord(self, rec)
+        except OSError as error:
+            if req is not None and not req.undelivered:
+                req.undelivered = True
+                log("undelivered", error=errno.errorcode.get(error.errno, type(error).__name__),
+                    bytes_sent=req.bytes_sent, **req.facts())
+            raise
+        if req is not None and rec.type == fcgi_base.FCGI_STDOUT:
+            req.bytes_sent += rec.contentLength
+
+    def _do_begin_request(self, inrec):
+        self.waiting_since = self.waiting_since or time.monotonic()
+        fcgi_base.Connection._do_begin_request(self, inrec)
+
     def _do_params(self, inrec):
         self.params_bytes += inrec.contentLength
         if self.params_bytes > self.MAX_PARAMS_BYTES:
@@ -466,6 +691,7 @@ class CountedConnection(fcgi_base.Connection):
         self._sock.restart()
         self.kept_alive = True
         self.params_bytes = 0
+        self.waiting_since = None
         # On a draining worker a kept-alive connection ends with its current
         # request.  Under steady load nginx reuses it at once, so waiting for
         # it to fall idle would keep the drain going until its timeout, and
@@ -496,10 +722,29 @@ class CountedRequest(fcgi_base.Request):
     """Counts requests and measures memory after each one, before its client learns it is over.
 
     Measured before FCGI_END_REQUEST goes out, the client's next request can
-    only arrive once the main loop can know we are past the limit.
+    only arrive once the main loop can know we are past the limit.  It also
+    knows enough about itself to name itself in a log line.
     """
 
     counted = False
+    undelivered = False  # a write of its answer failed, and was logged
+    bytes_sent = 0       # of its answer (FCGI_STDOUT: headers and body)
+    started = None       # when its parameters were in, and it was due to run
+    waited_s = None
+
+    def arrived(self, waiting_since):
+        """Called once its parameters are in: how long it waited to get here."""
+        self.started = time.monotonic()
+        queued = request_start(self.params.get("HTTP_X_REQUEST_START", ""))
+        self.waited_s = max(0.0, time.time() - queued if queued else self.started - waiting_since)
+
+    def facts(self):
+        """What a log line says about this request."""
+        params = self.params
+        return {"method": params.get("REQUEST_METHOD"),
+                "path": params.get("SCRIPT_NAME", "") + params.get("PATH_INFO", ""),
+                "client": params.get("REMOTE_ADDR"),
+                "waited_s": self.waited_s}
 
     def _end(self, appStatus=0, protocolStatus=fcgi_base.FCGI_REQUEST_COMPLETE):
         self.count()
@@ -531,8 +776,7 @@ class RecyclingWSGIServer(WSGIServer):
         # ThreadedServer.__init__ would start a stock pool's threads only for
         # us to replace it, so only the FastCGI half is initialised here.
         fcgi_base.BaseFCGIServer.__init__(self, application, multithreaded=True, multiprocess=True,
-                                          bindAddress=bindAddress, multiplexed=False,
-                                          umask=0o117)  # a --bind unix socket is 0660, as the launcher's
+                                          bindAddress=bindAddress, multiplexed=False)
         # Every thread is started up front and none dies off, so "a thread is
         # free" is simply "fewer connections than threads".
         self._threadPool = QueueingThreadPool(minSpare=1, maxSpare=limits.max_threads,
@@ -542,7 +786,7 @@ class RecyclingWSGIServer(WSGIServer):
         self.started = time.monotonic()
         self.launcher = launcher_pid()
         self.lock = threading.Lock()
-        self.connections = 0
+        self.open = set()  # every accepted connection not yet closed
         # Kept-alive connections holding a thread while they wait for their
         # next request (oldest first, with when they began to wait); whether
         # a connection waits in the backlog for a thread; and the connection
@@ -554,20 +798,26 @@ class RecyclingWSGIServer(WSGIServer):
         self.draining = False
         self.stop_reason = None      # why we stopped accepting
         self.reexec = False          # after draining, exec ourselves in place
+        self.stopped_because = None  # what stop_accepting() was told
         self.replacement_asked = None
         self.accept_paused_until = 0.0
+        self.reported = (0, 0.0)     # the request count last told the launcher, and when
         # Threads and signal handlers wake the main loop through this pipe.
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # -- counting (called from connection threads) -------------------------
 
-    def connection_opened(self):
+    @property
+    def connections(self):
+        return len(self.open)
+
+    def connection_opened(self, connection):
         with self.lock:
-            self.connections += 1
+            self.open.add(connection)
 
     def connection_closed(self, connection):
         with self.lock:
-            self.connections -= 1
+            self.open.discard(connection)
             was_full = self.connections == self.limits.max_threads - 1
             if self.releasing is connection:
                 self.releasing = None
@@ -703,6 +953,7 @@ class RecyclingWSGIServer(WSGIServer):
         """Called on every pass of the main loop: the whole recycling policy."""
         if self.draining:
             return
+        self.report_requests()
         rss = self.rss()
         age = time.monotonic() - self.started
         limits = self.limits
@@ -739,6 +990,7 @@ class RecyclingWSGIServer(WSGIServer):
             pss, private = smaps_rollup()
             log("recycle", reason=reason, rss=rss, pss=pss, private=private, requests=self.requests,
                 age_s=age, next="ask launcher")
+            self.tell_launcher("RECYCLE=%s" % reason)
         # Only our own launcher, never init or spawn-fcgi (the pid check above
         # already stopped us if it is gone).
         if os.getppid() == self.launcher:
@@ -747,6 +999,7 @@ class RecyclingWSGIServer(WSGIServer):
     def stop_accepting(self, reason):
         if not self.draining:
             self.draining = True
+            self.stopped_because = reason
             log("drain", reason=reason, connections=self.connections, requests=self.requests, rss=self.rss())
 
     # -- signals -------------------------------------------------------------
@@ -769,20 +1022,30 @@ class RecyclingWSGIServer(WSGIServer):
     # -- start and finish ------------------------------------------------------
 
     def _setupSocket(self):
-        """flup's, which serves one CGI request and exits outside FastCGI.
+        """--bind's socket, or flup's: fd 0, or one CGI request and exit outside FastCGI.
 
         flup wraps fd 0 as AF_INET whatever it is; we rewrap it with its real
         family, so unix peers are told apart from TCP ones, and check that it
         listens: accept() on anything else would fail on every pass.
         """
-        if self._bindAddress is None and not stat.S_ISSOCK(fd0_mode()):
+        if self._bindAddress is not None:
+            # Ours, not flup's: flup unlinks whatever is at a unix path first.
+            try:
+                return bind_socket(*self._bindAddress)
+            except BadSetting as problem:
+                raise BadSetting("--bind: %s" % problem)
+        if not stat.S_ISSOCK(fd0_mode()):
             # flup tells CGI from FastCGI by wrapping fd 0 as a socket, which
             # Python 3 refuses for a non-socket before flup can look.
             self.forceCGI = True
-        sock = WSGIServer._setupSocket(self)
-        if self._bindAddress is not None:
-            return sock
-        real = socket.socket(fileno=os.dup(sock.fileno()))
+        try:
+            sock = WSGIServer._setupSocket(self)
+            real = socket.socket(fileno=os.dup(sock.fileno()))
+        except OSError as error:
+            hint = ("raise the open-files limit (ulimit -n)" if error.errno in (errno.EMFILE, errno.ENFILE)
+                    else "start me under spawn-fcgi or trac-fcgi-launcher, or use --bind ADDR")
+            raise BadSetting("fd 0 cannot be used as the listening socket: %s; %s"
+                             % (error.strerror or error, hint))
         sock.close()
         if not real.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             raise BadSetting("fd 0 is a socket but not a listening one: start me under spawn-fcgi "
@@ -809,10 +1072,43 @@ class RecyclingWSGIServer(WSGIServer):
         while self.connections and time.monotonic() < deadline:
             select.select([self.wake_r], [], [], min(PERIOD_S, max(0, deadline - time.monotonic())))
             self.drain_pipe()
+        self.log_abandoned()
         log("drained", drain_s=time.monotonic() - started, abandoned=self.connections,
             requests=self.requests, rss=self.rss())
-        if self.launcher is None or os.getppid() == self.launcher:
-            sd_notify("STOPPING=1")  # a launcher that is gone has nobody listening
+        if self.launcher is None:
+            sd_notify("STOPPING=1")
+        elif os.getppid() == self.launcher:  # a launcher that is gone has nobody listening
+            # The final count and what was abandoned, for the launcher's metrics;
+            # and why we stopped, if the launcher cannot know it (it did not tell us to go).
+            own = ("max_rss" if self.stopped_because == "max_rss"
+                   else "signal" if str(self.stopped_because).startswith("SIG") else None)
+            sd_notify("STOPPING=1\nREQUESTS=%d\nABANDONED=%d%s"
+                      % (self.requests, self.connections, "\nRECYCLE=%s" % own if own else ""))
+
+    # -- reporting to the launcher ---------------------------------------------
+
+    def tell_launcher(self, message):
+        """sd_notify lines for our launcher's metrics; nothing without a launcher."""
+        if self.launcher is not None:
+            sd_notify(message)
+
+    def report_requests(self):
+        """REQUESTS=n when the count changed, at most once every REPORT_EVERY_S."""
+        count, when = self.reported
+        now = time.monotonic()
+        if self.requests != count and now - when >= REPORT_EVERY_S:
+            self.reported = (self.requests, now)
+            self.tell_launcher("REQUESTS=%d" % self.requests)
+
+    def log_abandoned(self):
+        """One line for each request still running as the drain times out: what its client loses."""
+        now = time.monotonic()
+        with self.lock:
+            running = [connection.request for connection in self.open]
+        for request in running:
+            if request is not None:
+                log("abandoned", running_s=now - request.started, bytes_sent=request.bytes_sent,
+                    **request.facts())
 
 
 # --------------------------------------------------------------------------
@@ -873,8 +1169,10 @@ def load_application(spec):
 def warm_up(application, path):
     """Serve one request in-process, so the first real one finds templates compiled.
 
-    Returns the HTTP status.  A replacement whose warm-up fails with a server
-    error must not take over from a worker that serves.
+    Returns the HTTP status and the exception behind a failure, if the app
+    reported one (through start_response's exc_info, as Trac does) or raised
+    one.  A replacement whose warm-up fails with a server error must not take
+    over from a worker that serves.
     """
     environ = {
         "REQUEST_METHOD": "GET", "SCRIPT_NAME": "", "PATH_INFO": path, "QUERY_STRING": "",
@@ -884,15 +1182,61 @@ def warm_up(application, path):
         "wsgi.errors": sys.stderr, "wsgi.multithread": True, "wsgi.multiprocess": True,
         "wsgi.run_once": False,
     }
-    status = []
-    result = application(environ, lambda s, headers, exc_info=None: status.append(s) or (lambda data: None))
+    status, errors = [], []
+
+    def start_response(line, headers, exc_info=None):
+        status.append(line)
+        if exc_info:
+            errors.append(exc_info[1])
+        return lambda data: None
+
     try:
-        for _ in result:
-            pass
-    finally:
-        if hasattr(result, "close"):
-            result.close()
-    return int(status[0].split()[0]) if status else 500
+        result = application(environ, start_response)
+        try:
+            for _ in result:
+                pass
+        finally:
+            if hasattr(result, "close"):
+                result.close()
+    except Exception as error:  # the app's own bug: reported below, as flup reports one in a request
+        traceback.print_exc()
+        return 500, error
+    return (int(status[-1].split()[0]) if status else 500), (errors[-1] if errors else None)
+
+
+def others_serving():
+    """How many other workers serve while this one starts: 0 without a launcher, None if it did not say."""
+    if launcher_pid() is None:
+        return 0  # plain spawn-fcgi re-executes this very process: nobody else serves
+    count = os.environ.get("LAUNCHER_READY_WORKERS", "")
+    return int(count) if count.isdigit() else None
+
+
+def warm_failed(limits, status, error):
+    """Log why the warm-up failed, what fixes it, and whether the site is served meanwhile."""
+    reason = None if error is None else " ".join(("%s: %s" % (type(error).__name__, error)).split())
+    # Trac refuses to open an environment whose database is older than its
+    # code (after an install pulled in a newer Trac) and names the command.
+    upgrade = re.search(r'trac-admin\s+"([^"]+)"\s+upgrade', reason or "")
+    fix = ('run trac-admin "%s" upgrade' % upgrade.group(1) if upgrade
+           else "fix the app or set TRAC_FCGI_WARMUP")
+    others = others_serving()
+    meanwhile = ("nothing serves this site until then" if others == 0
+                 else "1 other worker serves meanwhile" if others == 1
+                 else "%d other workers serve meanwhile" % others if others
+                 else "the launcher retries with backoff")
+    rest = ("trac.log has the rest" if limits.app.startswith("trac.")
+            else "the traceback is above" if error is not None and error.__traceback__ is not None
+            else None)
+    log("warm-failed", path=limits.warmup, status=status, error=reason, serving=others,
+        hint="; ".join(part for part in (fix, meanwhile, rest) if part))
+
+
+def parse_bind(text):
+    try:
+        return address(text)
+    except ValueError:
+        raise BadSetting("--bind %r is not %s" % (text, address.__doc__))
 
 
 # --------------------------------------------------------------------------
@@ -1064,18 +1408,6 @@ class Mold:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def parse_bind(address):
-    """--bind: unix:/path, HOST:PORT or [v6]:PORT, as flup's bindAddress wants it."""
-    if address.startswith("unix:") and address[len("unix:"):].startswith("/"):
-        return address[len("unix:"):]
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise BadSetting("--bind %r is not an address: use unix:/path, HOST:PORT or [v6]:PORT" % address)
-    if host.startswith("[") and host.endswith("]"):
-        return (host[1:-1], int(port), 0, 0)  # flup binds IPv6 for a 4-tuple
-    return (host, int(port))
-
-
 def open_server(application, limits, bind):
     """The server and its listening socket: fd 0, or a new one for --bind."""
     server = RecyclingWSGIServer(application, limits, bindAddress=bind)
@@ -1084,40 +1416,41 @@ def open_server(application, limits, bind):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if "--help" in argv or "-h" in argv:
-        sys.stdout.write(help_text())
+    if answered_without_serving(argv):
         return 0
     try:
         bind = None
         if argv[:1] == ["--bind"] and len(argv) == 2:
             bind = parse_bind(argv[1])
         elif argv:
-            raise BadSetting("unknown arguments %s: the only option is --bind ADDR (see --help)" % " ".join(argv))
+            raise BadSetting("unknown arguments %s: the options are --bind ADDR, --help and --version"
+                             % " ".join(argv))
         limits = Limits(os.environ)
         application = load_application(limits.app)
         mold = Mold.from_environment()
         if mold is None:
-            try:
-                server, sock = open_server(application, limits, bind)
-            except (OSError, OverflowError) as error:
-                raise BadSetting("--bind %s: %s; pick a free address in a directory that exists"
-                                 % (argv[1], getattr(error, "strerror", None) or error))
+            server, sock = open_server(application, limits, bind)
             if launcher_pid() is not None:
                 hup_when_parent_dies()
         started = time.monotonic()
-        status = warm_up(application, limits.warmup) if limits.warmup else None
+        status, error = warm_up(application, limits.warmup) if limits.warmup else (None, None)
         warm_s, warm_rss = time.monotonic() - started, ResidentMemory.once()
         # Before the warm line: a refusal stays the one line on stderr.
         limits.check_headroom(warm_rss)
     except BadSetting as problem:
         sys.stderr.write("trac-fcgi: %s\n" % problem)
         return 2
+    except OSError as error:
+        if error.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        sys.stderr.write("trac-fcgi: out of file descriptors while starting (%s): raise the open-files "
+                         "limit (ulimit -n)\n" % error.strerror)
+        return 2
 
     if status is not None:
         log("warm", path=limits.warmup, status=status, warm_s=warm_s, rss=warm_rss)
         if status >= 500:
-            log("warm-failed", path=limits.warmup, status=status,
-                hint="the worker that serves now keeps serving; fix the app or set TRAC_FCGI_WARMUP")
+            warm_failed(limits, status, error)
             return 1
     if mold is not None:
         exit_status = mold.serve_forks()

@@ -96,14 +96,40 @@ class _Empty:
 class Process:
     """A real child process with its stderr in a log file that tests can wait on."""
 
-    def __init__(self, argv, log_path, env=None, stdin=None, **kw):
+    def __init__(self, argv, log_path, env=None, stdin=None, stamped=False, **kw):
         self.log_path = Path(log_path)
         self.log_file = open(self.log_path, "ab")
         environ = dict(os.environ)
         environ.update(env or {})
+        # stamped: output goes through a pipe that a thread reads, so each
+        # line also lands in self.lines with the time it arrived (the
+        # programs' own log lines carry no time; the benchmark needs one).
+        self.lines, self.reader = [], None
+        output = subprocess.PIPE if stamped else self.log_file
         self.popen = subprocess.Popen(argv, stdin=stdin if stdin is not None else subprocess.DEVNULL,
-                                      stdout=self.log_file, stderr=self.log_file, env=environ, **kw)
+                                      stdout=output, stderr=subprocess.STDOUT if stamped else self.log_file,
+                                      env=environ, **kw)
         self.pid = self.popen.pid
+        if stamped:
+            self.reader = threading.Thread(target=self._read, daemon=True)
+            self.reader.start()
+
+    def _read(self):
+        for line in self.popen.stdout:
+            self.lines.append((time.time(), line.decode(errors="replace").rstrip("\n")))
+            self.log_file.write(line)
+            self.log_file.flush()
+
+    def wait_for_line(self, pattern, since=0.0, timeout=60):
+        """The arrival time of the first line after SINCE matching PATTERN (stamped processes only)."""
+        checked = 0
+
+        def found():
+            nonlocal checked
+            lines, start = self.lines[:], checked
+            checked = len(lines)
+            return next((when for when, line in lines[start:] if when >= since and re.search(pattern, line)), None)
+        return wait_until(found, timeout, "a line matching %r in %s" % (pattern, self.log_path))
 
     def log(self):
         return self.log_path.read_text(errors="replace")
@@ -136,6 +162,8 @@ class Process:
             except subprocess.TimeoutExpired:
                 kill_tree(self.pid)
                 self.popen.wait(5)
+        if self.reader:
+            self.reader.join(10)
         self.log_file.close()
 
 
@@ -161,22 +189,15 @@ def children(pid):
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            try:
-                stat = Path("/proc/%s/stat" % entry).read_text()
-            except OSError:
-                continue
-            fields = stat.rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid and fields[0] != "Z":
+            fields = stat_fields(int(entry))
+            if fields and int(fields[1]) == pid and fields[0] != "Z":
                 found.append(int(entry))
     return found
 
 
 def alive(pid):
-    try:
-        stat = Path("/proc/%d/stat" % pid).read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    fields = stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 def family(pid, without=()):
@@ -208,6 +229,57 @@ def kill_tree(pid):
             pass
 
 
+def stat_fields(pid):
+    """/proc/PID/stat after the command name: state is [0], ppid [1], utime [11] ... cstime [14]."""
+    try:
+        return Path("/proc/%d/stat" % pid).read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def cpu_seconds(pid, children=False):
+    """utime + stime of PID; with CHILDREN, plus those of the children it has reaped."""
+    fields = stat_fields(pid)
+    if fields is None:
+        return 0.0
+    ticks = sum(int(fields[i]) for i in ((11, 12, 13, 14) if children else (11, 12)))
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def memory(pid):
+    """{rss, pss, private} of PID in bytes, from /proc/PID/smaps_rollup; {} once it is gone.
+
+    RSS counts pages shared with other processes in full, PSS divides each
+    shared page among its sharers, and private memory is what exiting frees.
+    """
+    try:
+        text = Path("/proc/%d/smaps_rollup" % pid).read_text()
+    except OSError:
+        return {}
+    kib = {key: int(rest.split()[0]) for key, _, rest in (line.partition(":") for line in text.splitlines()[1:])
+           if rest.strip().endswith("kB")}
+    return {"rss": kib.get("Rss", 0) * 1024, "pss": kib.get("Pss", 0) * 1024,
+            "private": (kib.get("Private_Clean", 0) + kib.get("Private_Dirty", 0)) * 1024}
+
+
+def resident(pid):
+    """RSS in bytes from /proc/PID/statm (cheaper than memory()); 0 once it is gone."""
+    try:
+        return int(Path("/proc/%d/statm" % pid).read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def open_connections(pid):
+    """Connected sockets PID holds: every socket but the listening one on its fd 0."""
+    try:
+        listener = os.readlink("/proc/%d/fd/0" % pid)
+        links = [os.readlink("/proc/%d/fd/%s" % (pid, fd)) for fd in os.listdir("/proc/%d/fd" % pid)]
+    except OSError:
+        return 0
+    return len({link for link in links if link.startswith("socket:") and link != listener})
+
+
 def wait_until(predicate, timeout=30, what="condition"):
     deadline = time.monotonic() + timeout
     while True:
@@ -219,14 +291,26 @@ def wait_until(predicate, timeout=30, what="condition"):
         time.sleep(0.05)
 
 
+def listening(path):
+    """Whether something listens on the unix socket at PATH (a file that exists may not listen yet)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+    return True
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def make_trac_env(path, database="sqlite:db/trac.db"):
-    """A real Trac environment made by trac-admin initenv, on SQLite unless DATABASE says otherwise."""
+def make_trac_env(path, database="sqlite:db/trac.db?journal_mode=WAL"):
+    """A real Trac environment made by trac-admin initenv, on SQLite with the WAL journal the
+    README advises (readers go on while another worker process writes) unless DATABASE says otherwise.
+    """
     trac_admin(path, "initenv", "Test Project", database)
     return str(path)
 
@@ -256,13 +340,15 @@ def fcgi_pairs(params):
     return out
 
 
-def fcgi_request_bytes(request_id=1, path="/", query="", keep_conn=False):
-    params = {"REQUEST_METHOD": "GET", "SCRIPT_NAME": "", "PATH_INFO": path, "QUERY_STRING": query,
-              "SERVER_NAME": "localhost", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1"}
+def fcgi_request_bytes(request_id=1, path="/", query="", keep_conn=False, method="GET", body=b"", params=None):
+    """One whole request as a web server writes it; BODY (under 64 KiB) goes in one FCGI_STDIN record."""
+    params = dict({"REQUEST_METHOD": method, "SCRIPT_NAME": "", "PATH_INFO": path, "QUERY_STRING": query,
+                   "SERVER_NAME": "localhost", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1",
+                   "CONTENT_LENGTH": str(len(body))}, **(params or {}))
     begin = struct.pack("!HB5x", FCGI_RESPONDER, FCGI_KEEP_CONN if keep_conn else 0)
     return (fcgi_record(FCGI_BEGIN_REQUEST, request_id, begin)
             + fcgi_record(FCGI_PARAMS, request_id, fcgi_pairs(params)) + fcgi_record(FCGI_PARAMS, request_id)
-            + fcgi_record(FCGI_STDIN, request_id))
+            + (fcgi_record(FCGI_STDIN, request_id, body) if body else b"") + fcgi_record(FCGI_STDIN, request_id))
 
 
 def fcgi_read_response(sock):

@@ -6,14 +6,15 @@ hello worker, where a fault needs an app that misbehaves on purpose.
 """
 import os
 import signal
+import socket
 import threading
 import time
 
 import pytest
 
-from stack import Load, drains, recycles, stop_all, trac_behind_nginx
-from support import (LAUNCHER, PYTHON, TRAC_FCGI, Process, ask_in_background, children, family, fcgi_get,
-                     molds_of, start_launcher, wait_until, worker_script)
+from stack import Load, drains, http_get, recycles, stop_all, trac_behind_nginx
+from support import (LAUNCHER, PYTHON, TRAC_FCGI, Process, ask_in_background, children, cpu_seconds, family,
+                     fcgi_get, molds_of, start_launcher, wait_until, worker_script)
 
 HELLO = worker_script("hello.py")
 PAGES = ["/wiki/WikiStart", "/timeline", "/wiki/TracGuide"]
@@ -25,11 +26,6 @@ def site(tmp_path, trac_env):
     started = []
     yield lambda *launcher_flags, env=None: trac_behind_nginx(started, tmp_path, trac_env, *launcher_flags, env=env)
     stop_all(*reversed(started))
-
-
-def cpu_seconds(pid):
-    fields = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def in_background(load, stop, max_seconds):
@@ -66,6 +62,26 @@ def test_killing_a_worker_mid_load_fails_only_its_requests_in_flight_and_its_slo
     # the shortest backoff (1 s), even on a slow, loaded machine.
     assert back_after - float(ready[0]["ready_s"]) < 1.0
     assert load.answers[-1].ok, load.summary()
+
+
+def test_the_only_worker_killed_six_times_three_seconds_apart_is_back_each_time_after_one_cold_start(site):
+    # Injects: SIGKILL to the only Trac worker, six times, 3 s apart (the OOM
+    # killer, a crashing plugin).  Holds: each time the slot is refilled at
+    # once, never after a crash backoff, and Trac answers again.
+    nginx, launcher = site()
+    launcher.wait_for("all-ready")
+    for kill in range(1, 7):
+        victim = int(launcher.events("ready", slot=0)[-1]["pid"])
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        launcher.wait_for("ready", count=kill + 1, timeout=60)
+        back_after = time.monotonic() - killed_at
+        ready_s = float(launcher.events("ready")[-1]["ready_s"])
+        # What the launcher adds to the new worker's own cold start.
+        assert back_after - ready_s < 1.0, (kill, back_after, ready_s)
+        assert http_get(nginx.port, "/wiki/WikiStart").status == 200
+        time.sleep(max(0.0, 3 - (time.monotonic() - killed_at)))
+    assert not launcher.events("backoff"), launcher.log()
 
 
 def test_a_crash_loop_backs_off_to_one_spawn_a_minute_costs_no_cpu_and_obeys_sigterm(tmp_path):
@@ -162,22 +178,76 @@ def test_killing_the_launcher_takes_every_worker_with_it_and_frees_the_socket(tm
         again.stop()
 
 
-def test_a_hung_request_is_abandoned_at_the_drain_timeout_and_counted(tmp_path):
+def test_a_hung_request_is_abandoned_at_the_drain_timeout_and_logged_by_name(tmp_path):
     # Injects: a request that never finishes, then a handoff.
-    # Holds: the old worker leaves after TRAC_FCGI_DRAIN_TIMEOUT and logs abandoned=1.
+    # Holds: the old worker leaves after TRAC_FCGI_DRAIN_TIMEOUT, logs the
+    # request it abandons by method and path, and abandoned=1.
     launcher = start_launcher(tmp_path, HELLO, env={"TRAC_FCGI_DRAIN_TIMEOUT": "2"})
     try:
         launcher.wait_for("all-ready")
         old = int(launcher.events("ready")[0]["pid"])
-        ask_in_background(launcher.socket, "delay=3600")
+        ask_in_background(launcher.socket, "delay=3600", path="/report/hung")
         time.sleep(0.3)
         launcher.signal(signal.SIGHUP)
         exit_line = launcher.wait_for("exit", pid=old, timeout=20)[0]
         assert 2 <= float(exit_line["drain_s"]) < 5
         assert launcher.wait_for("drained", abandoned=1)
+        abandoned = launcher.events("abandoned")
+        assert [(a["method"], a["path"], a["bytes_sent"]) for a in abandoned] == [("GET", "/report/hung", "0")]
+        assert float(abandoned[0]["running_s"]) >= 2
         assert fcgi_get(launcher.socket).status == 200
     finally:
         launcher.stop()
+
+
+def read_to_the_end(sock):
+    received = 0
+    while True:
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            return received
+        received += len(chunk)
+
+
+@pytest.mark.parametrize("buffering", ["on", "off"])
+def test_a_download_nobody_reads_holds_up_the_drain_only_when_nginx_does_not_buffer_it(tmp_path, buffering):
+    # Injects: a client that stops reading an 8 MiB download (more than the
+    # socket buffers between it and the worker hold), then a handoff.
+    # Holds: with fastcgi_buffering on (nginx's default), nginx takes the
+    # whole answer off the worker into a temporary file, so the drain ends
+    # without abandoning it, however long the drain timeout, and the client
+    # later gets every byte.  Off, the worker is still writing at the drain
+    # timeout: it logs the download as abandoned, by path and bytes sent, and
+    # the client's body stops short.
+    size = 8 << 20
+    drain_timeout = 120 if buffering == "on" else 3
+    started = []
+    try:
+        nginx, launcher = trac_behind_nginx(started, tmp_path, tmp_path, "--", *HELLO,
+                                            env={"TRAC_FCGI_DRAIN_TIMEOUT": str(drain_timeout)},
+                                            directives={"fastcgi_buffering": buffering})
+        old = int(launcher.events("ready")[0]["pid"])
+        with socket.socket() as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.settimeout(60)
+            client.connect(("127.0.0.1", nginx.port))
+            client.sendall(b"GET /download?bytes=%d HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n" % size)
+            first = client.recv(4096)
+            assert first.startswith(b"HTTP/1.1 200") and b"\r\n\r\n" in first, first
+            launcher.signal(signal.SIGHUP)
+            launcher.wait_for("exit", pid=old, timeout=drain_timeout + 60)
+            body = len(first) - first.index(b"\r\n\r\n") - 4 + read_to_the_end(client)
+    finally:
+        stop_all(*reversed(started))
+    abandoned = launcher.events("abandoned")
+    if buffering == "on":
+        assert body == size
+        assert launcher.events("drained", abandoned=0) and not abandoned
+    else:
+        assert body < size
+        assert launcher.events("drained", abandoned=1)
+        assert [(a["method"], a["path"]) for a in abandoned] == [("GET", "/download")], abandoned
+        assert body <= int(abandoned[0]["bytes_sent"]) < size, abandoned
 
 
 def test_without_memory_headroom_handoffs_stop_then_start_and_no_request_fails(site):

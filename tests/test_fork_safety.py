@@ -9,16 +9,14 @@ disk image is malformed".
 import collections
 import itertools
 import os
-import urllib.parse
 
 import pytest
 
-from stack import Load, recycles, trac_behind_nginx
+from stack import TicketLoad, recycles, trac_behind_nginx
 from support import children, make_trac_env, trac_admin
 
 DATABASE_ERRORS = ["server closed the connection unexpectedly", "lost synchronization with server",
                    "database disk image is malformed"]
-TOKEN = "forksafe0token"
 names = itertools.count()
 
 
@@ -39,12 +37,6 @@ def database(request, tmp_path):
     trac_admin(path, "permission", "add", "anonymous", "TICKET_CREATE")
     trac_admin(path, "config", "set", "logging", "log_type", "file")
     return collections.namedtuple("Database", "kind path postgres url")(request.param, path, postgres, url)
-
-
-def new_ticket(client, turn):
-    return urllib.parse.urlencode({
-        "__FORM_TOKEN": TOKEN, "field_summary": "forked %d-%d" % (client, turn),
-        "field_description": "made while workers recycle", "field_type": "defect", "submit": "Create ticket"})
 
 
 def summaries_in_database(path):
@@ -97,8 +89,7 @@ def test_forked_workers_create_tickets_at_once_through_recycles_and_each_lands_e
     nginx, launcher = trac_behind_nginx(started, tmp_path / "site", database.path, "--workers", "3",
                                         env={"TRAC_FCGI_MAX_REQUESTS": "12"})
     [mold] = [int(e["pid"]) for e in launcher.events("mold-start")]
-    load = Load(nginx.port, ["/newticket"], clients=6, body=new_ticket,
-                headers={"Cookie": "trac_form_token=" + TOKEN})
+    load = TicketLoad(nginx.port, clients=6, tag="forked")
     seen_by_postgres = []
 
     def enough(seconds):
@@ -127,10 +118,10 @@ def test_forked_workers_create_tickets_at_once_through_recycles_and_each_lands_e
     assert len(recycles(launcher)) >= 12, "too few recycles: " + report
     spawns = launcher.events("spawn", role="warming") + launcher.events("spawn", role="serving")
     assert spawns and all(e["how"] == "fork" for e in spawns), "every worker was forked: %s" % spawns
-    created = [a for a in load.answers if a.error is None and a.status == 303 and a.complete]
+    created = [summary for summary, answer in load.created() if answer.complete]
     assert len(created) == len(load.answers), "every POST made a ticket: " + report
     in_database = summaries_in_database(database.path)
-    sent = collections.Counter(urllib.parse.parse_qs(a.sent)["field_summary"][0] for a in created)
+    sent = collections.Counter(created)
     assert sent and max(sent.values()) == 1
     assert in_database == dict.fromkeys(sent, 1), "each ticket exactly once: %s" % (
         {s: n for s, n in in_database.items() if n != 1} or set(sent) ^ set(in_database))

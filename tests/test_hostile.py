@@ -160,7 +160,9 @@ def start_worker(tmp_path, name="worker", **env):
     worker = support.Process(["spawn-fcgi", "-n", "-s", sock, "--", *support.worker_script("hello.py")],
                              tmp_path / (name + ".log"), env=environ)
     worker.socket = sock
-    support.wait_until(lambda: Path(sock).exists(), 30, "spawn-fcgi to create " + sock)
+    # spawn-fcgi creates the file at bind() and listens only after: until then a
+    # connection is refused, a window that a loaded machine widens.
+    support.wait_until(lambda: support.listening(sock), 30, "spawn-fcgi to listen on " + sock)
     assert_served(sock)
     assert "hello.py" in Path("/proc/%d/cmdline" % worker.pid).read_text()
     return worker

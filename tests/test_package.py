@@ -1,4 +1,6 @@
 """The package installs with pip, and launcher.py needs nothing but the standard library."""
+import configparser
+import os
 import subprocess
 import sys
 import sysconfig
@@ -6,6 +8,26 @@ import venv
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def version():
+    """The version setup.cfg gives the package, which both programs' --version must print."""
+    config = configparser.ConfigParser(interpolation=None)
+    config.read(ROOT / "setup.cfg")
+    return config["metadata"]["version"]
+
+
+VERSION = version()
+
+
+def test_both_scripts_are_executable_in_git_and_on_disk():
+    # Both have a shebang: ./trac_fcgi.py and WORKER_PATH=<checkout>/trac_fcgi.py must run as checked out.
+    staged = subprocess.run(["git", "ls-files", "-s", "launcher.py", "trac_fcgi.py"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split("\n")
+    assert [line.split()[0] for line in staged if line] == ["100755", "100755"], staged
+    for name in ("launcher.py", "trac_fcgi.py"):
+        assert os.access(ROOT / name, os.X_OK)
+        assert (ROOT / name).read_text().startswith("#!/usr/bin/env python3\n")
 
 
 def test_launcher_imports_and_runs_with_the_standard_library_alone():
@@ -39,6 +61,9 @@ def test_pip_install_in_a_fresh_venv_gives_both_console_scripts(tmp_path):
     for script, says in (("trac-fcgi-launcher", "WORKER_PATH"), ("trac-fcgi", "TRAC_FCGI_MAX_RSS")):
         out = subprocess.run([str(target / "bin" / script), "--help"], cwd=tmp_path, capture_output=True, text=True)
         assert out.returncode == 0 and says in out.stdout, out.stderr
+        out = subprocess.run([str(target / "bin" / script), "--version"], cwd=tmp_path, capture_output=True,
+                             text=True)
+        assert out.returncode == 0 and out.stdout.strip() == VERSION, out
     show = "import launcher, trac_fcgi; print(launcher.__file__, trac_fcgi.__file__)"
     where = subprocess.run([str(python), "-c", show], cwd=tmp_path, capture_output=True, text=True,
                            check=True).stdout.split()

@@ -11,6 +11,7 @@ Security: socket modes, FCGI_WEB_SERVER_ADDRS on TCP, WORKER_PATH and shells,
 and whom a worker may signal.
 """
 import os
+import resource
 import socket
 import stat
 import subprocess
@@ -20,6 +21,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import support
 from test_hostile import exchange, get_request, status_of
@@ -206,7 +209,7 @@ def _port_in_use(keep):
 
 TRAC_FCGI_BAD_BINDS = [
     "abc", "", "127.0.0.1:notaport", ":9000", "127.0.0.1:99999", "unix:/nonexistent-dir/trac.sock", "unix:",
-    _port_in_use,
+    "unix:/tmp/%s.sock" % ("x" * 120), _port_in_use,
 ]
 
 
@@ -233,6 +236,31 @@ def test_trac_fcgi_binds_a_bracketed_ipv6_address_or_refuses_it_in_one_line(tmp_
             assert_refused_in_one_line(Outcome(status, worker.log()), "--bind")
     finally:
         worker.stop()
+
+
+def test_too_few_file_descriptors_at_start_is_one_line_naming_the_limit(listener):
+    """Injects: RLIMIT_NOFILE from the fewest descriptors with which Python can
+    import trac_fcgi and the app, one more at each run, until the worker serves.
+    Holds: every run that cannot start ends in one line naming ulimit -n, exit
+    status 2; one of them ran out taking fd 0 over as its socket."""
+    def limited(n):
+        return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+    environ = trac_fcgi_environment()
+    # Below this, Python itself fails before a line of ours runs.
+    first = next(n for n in range(3, 256)
+                 if subprocess.run([support.PYTHON, "-c", "import trac_fcgi, hello"], env=environ,
+                                   cwd=support.ROOT, capture_output=True, preexec_fn=limited(n)).returncode == 0)
+    refusals = []
+    for n in range(first, first + 64):
+        outcome = run([support.PYTHON, support.TRAC_FCGI], environ, stdin=listener, preexec_fn=limited(n))
+        if outcome.status is None:
+            break  # it started serving
+        assert_refused_in_one_line(outcome, "ulimit -n")
+        refusals.append(outcome.lines[0])
+    else:
+        raise AssertionError("still refusing to start with %d descriptors: %s" % (n, refusals[-1]))
+    assert any("fd 0" in line for line in refusals), refusals
 
 
 def test_a_fractional_max_lifetime_is_kept_not_silently_turned_off(tmp_path):
@@ -273,7 +301,8 @@ def _listening_path(keep):
 
 LAUNCHER_BAD_BINDS = [
     "abc", "unix:relative.sock", "unix:/nonexistent-dir/trac.sock", "127.0.0.1:0", "127.0.0.1:65536",
-    ":9000", "127.0.0.1:notaport", "[::1]", "999.1.1.1:9000", _port_in_use, _listening_path,
+    ":9000", "127.0.0.1:notaport", "[::1]", "999.1.1.1:9000", "unix:/tmp/%s.sock" % ("x" * 120), _port_in_use,
+    _listening_path,
 ]
 
 
@@ -342,6 +371,180 @@ def test_the_launcher_refuses_an_fd_0_that_is_not_a_listening_socket(keep, make_
 
 
 # --------------------------------------------------------------------------
+# --bind never destroys: what is at a unix path stays, unless it is a socket
+# that nobody listens on.
+
+def bind_with(program, address):
+    """Run PROGRAM with --bind ADDRESS until it exits or starts serving."""
+    if program == "trac_fcgi":
+        return run([support.PYTHON, support.TRAC_FCGI, "--bind", address], trac_fcgi_environment())
+    return run_launcher(subprocess.DEVNULL, "--bind", address)
+
+
+def _regular_file(path, keep):
+    path.write_text("[trac]\nbase_url = https://trac.example.org\n")
+    path.chmod(0o640)
+
+
+def _empty_file(path, keep):
+    path.touch(0o600)
+
+
+def _directory(path, keep):
+    path.mkdir()
+    (path / "inside").write_text("kept")
+
+
+def _symlink_to_a_file(path, keep):
+    target = path.with_name("target.ini")
+    _regular_file(target, keep)
+    path.symlink_to(target)
+
+
+def _live_socket(path, keep):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen(4)
+    keep.append(sock)
+
+
+def what_is_at(path):
+    """Everything about PATH that --bind could change: inode, type, mode, times, contents."""
+    info = os.lstat(path)
+    facts = (info.st_ino, info.st_mode, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    if stat.S_ISREG(info.st_mode):
+        return facts + (path.read_bytes(),)
+    if stat.S_ISLNK(info.st_mode):
+        return facts + (os.readlink(path), what_is_at(path.resolve()))
+    if stat.S_ISDIR(info.st_mode):
+        return facts + (sorted((p.name, what_is_at(p)) for p in path.iterdir()),)
+    return facts
+
+
+OBSTACLES = [_regular_file, _empty_file, _directory, _symlink_to_a_file, _live_socket]
+
+
+@pytest.mark.parametrize("obstacle", OBSTACLES, ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize("program", ["trac_fcgi", "launcher"])
+def test_bind_onto_anything_but_a_stale_socket_is_refused_in_one_line_and_left_untouched(tmp_path, keep, program,
+                                                                                         obstacle):
+    path = tmp_path / "trac.ini"
+    obstacle(path, keep)
+    before = what_is_at(path)
+    assert_refused_in_one_line(bind_with(program, "unix:%s" % path), "--bind", str(path))
+    assert what_is_at(path) == before
+    if obstacle is _live_socket:
+        # Still the listener's own socket: a client that connects is accepted by it.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(str(path))
+            keep[0].settimeout(10)
+            accepted, _ = keep[0].accept()
+            accepted.close()
+
+
+@pytest.mark.parametrize("program", ["trac_fcgi", "launcher"])
+def test_bind_replaces_a_stale_socket_that_nobody_listens_on(tmp_path, program):
+    path = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+        dead.bind(str(path))  # closed without unlinking, as by a server killed with SIGKILL
+    if program == "trac_fcgi":
+        argv = [support.PYTHON, support.TRAC_FCGI, "--bind", "unix:%s" % path]
+        environ = trac_fcgi_environment()
+    else:
+        argv = [support.PYTHON, support.LAUNCHER, "--bind", "unix:%s" % path, "--", *HELLO]
+        environ = clean_environment()
+    process = support.Process(argv, tmp_path / "bind.log", env=environ)
+    try:
+        support.wait_until(lambda: support.listening(path) or process.popen.poll() is not None, 60,
+                           "a listener at " + str(path))
+        assert support.fcgi_get(str(path), timeout=60).status == 200, process.log()
+    finally:
+        process.stop()
+
+
+# --------------------------------------------------------------------------
+# Both programs read the same addresses and sizes, and mean the same by them.
+
+def parsed(parse, text):
+    try:
+        return parse(text)
+    except ValueError:
+        return "refused"
+
+
+UNIX, INET, INET6 = socket.AF_UNIX, socket.AF_INET, socket.AF_INET6
+# (kind, text, what both programs must make of it)
+ONE_TABLE = [
+    ("size", "0", 0),
+    ("size", "4096", 4096),
+    ("size", "64K", 64 << 10),
+    ("size", "128M", 128 << 20),
+    ("size", "128m", 128 << 20),
+    ("size", " 2G ", 2 << 30),
+    ("size", "", "refused"),
+    ("size", "M", "refused"),
+    ("size", "-1", "refused"),
+    ("size", "+5", "refused"),
+    ("size", "1_000", "refused"),
+    ("size", "1.5G", "refused"),
+    ("size", "5 M", "refused"),
+    ("size", "90MB", "refused"),
+    ("size", "1T", "refused"),
+    ("size", "\u0663", "refused"),           # an Arabic-Indic three: int() would take it
+    ("address", "unix:/run/trac/trac.sock", (UNIX, "/run/trac/trac.sock", 0o660)),
+    ("address", "unix:/run/trac/trac.sock:0600", (UNIX, "/run/trac/trac.sock", 0o600)),
+    ("address", "unix:/run/trac/trac.sock:666", (UNIX, "/run/trac/trac.sock", 0o666)),
+    ("address", "unix:/run/a:b/trac.sock", (UNIX, "/run/a:b/trac.sock", 0o660)),
+    ("address", "unix:/run/trac/trac.sock:0999", "refused"),  # a trailing :digits is a mode, never a name
+    ("address", "unix:/run/trac/trac.sock:4777", "refused"),
+    ("address", "unix:/run/trac/trac.sock:60", "refused"),
+    ("address", "unix:/run/trac/trac.sock:", (UNIX, "/run/trac/trac.sock:", 0o660)),
+    ("address", "unix:relative.sock", "refused"),
+    ("address", "unix:", "refused"),
+    ("address", "unix:/run/nul\0.sock", "refused"),
+    ("address", "127.0.0.1:9000", (INET, "127.0.0.1", 9000)),
+    ("address", "localhost:9000", (INET, "localhost", 9000)),
+    ("address", "[::1]:9000", (INET6, "::1", 9000)),
+    ("address", "127.0.0.1:65535", (INET, "127.0.0.1", 65535)),
+    ("address", "127.0.0.1:0", "refused"),
+    ("address", "127.0.0.1:65536", "refused"),
+    ("address", "127.0.0.1:09000", (INET, "127.0.0.1", 9000)),
+    ("address", "127.0.0.1:+900", "refused"),
+    ("address", "127.0.0.1:\uff19\uff10", "refused"),  # full-width digits
+    ("address", "::1:9000", "refused"),          # IPv6 takes brackets
+    ("address", "[::1]", "refused"),
+    ("address", "[]:9000", "refused"),
+    ("address", ":9000", "refused"),
+    ("address", "127.0.0.1:", "refused"),
+    ("address", "127.0.0.1 :9000", "refused"),
+    ("address", "abc", "refused"),
+    ("address", "", "refused"),
+]
+PARSERS = {"size": (trac_fcgi.size, launcher.size_bytes), "address": (trac_fcgi.address, launcher.address)}
+
+
+@pytest.mark.parametrize("kind, text, meaning", ONE_TABLE, ids=lambda v: repr(v) if isinstance(v, str) else "")
+def test_both_programs_read_a_size_or_an_address_the_same_way(kind, text, meaning):
+    assert [parsed(parse, text) for parse in PARSERS[kind]] == [meaning, meaning]
+
+
+def test_the_tables_and_the_bind_option_use_the_parsers_checked_above():
+    assert dict((name, parse) for name, parse, *_ in trac_fcgi.SETTINGS)["TRAC_FCGI_MAX_RSS"] is trac_fcgi.size
+    flags = {flag: parse for flag, _, parse, *_ in launcher.SETTINGS}
+    assert flags["--memory-reserve"] is launcher.size_bytes and flags["--bind"] is launcher.address
+    assert trac_fcgi.parse_bind("unix:/a:0600") == trac_fcgi.address("unix:/a:0600")
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(st.one_of(st.text(), st.from_regex(r"unix:/[a-z/:]{0,12}(:[0-9]{0,5})?", fullmatch=True),
+                 st.from_regex(r"\[?[0-9a-z:.]{0,10}\]?:[0-9+]{0,6}", fullmatch=True),
+                 st.from_regex(r"\s?[0-9+_.-]{0,6}[KMGkmgT]?\s?", fullmatch=True)))
+def test_both_programs_agree_on_any_text_as_a_size_or_an_address(text):
+    for kind, (ours, the_launchers) in PARSERS.items():
+        assert parsed(ours, text) == parsed(the_launchers, text), (kind, text)
+
+
+# --------------------------------------------------------------------------
 # Security: socket modes.
 
 def socket_mode(path):
@@ -364,15 +567,17 @@ def test_a_unix_socket_bound_by_the_launcher_has_the_mode_asked_for_even_under_u
         process.stop()
 
 
-def test_a_unix_socket_bound_by_trac_fcgi_is_not_world_writable_even_under_umask_0(tmp_path):
+@pytest.mark.parametrize("suffix, mode", [("", 0o660), (":0666", 0o666), (":0600", 0o600)],
+                         ids=["default", "0666", "0600"])
+def test_a_unix_socket_bound_by_trac_fcgi_has_the_mode_asked_for_even_under_umask_0(tmp_path, suffix, mode):
     path = tmp_path / "trac_fcgi.sock"
-    worker = support.Process([support.PYTHON, support.TRAC_FCGI, "--bind", "unix:%s" % path],
+    worker = support.Process([support.PYTHON, support.TRAC_FCGI, "--bind", "unix:%s%s" % (path, suffix)],
                              tmp_path / "trac_fcgi.log", env=trac_fcgi_environment(),
                              preexec_fn=lambda: os.umask(0))
     try:
         support.wait_until(lambda: path.exists(), 30, "trac_fcgi to bind " + str(path))
         assert support.fcgi_get(str(path)).status == 200
-        assert not socket_mode(path) & stat.S_IWOTH, oct(socket_mode(path))
+        assert socket_mode(path) == mode
     finally:
         worker.stop()
 

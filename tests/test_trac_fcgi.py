@@ -6,14 +6,17 @@ spawn-fcgi, which hands it the listening socket on fd 0 and then steps aside.
 import os
 import signal
 import socket
+import sqlite3
+import struct
 import subprocess
 import sys
 import time
 
 import pytest
 
-from support import (PYTHON, TRAC_FCGI, Process, alive, ask_in_background, fcgi_get, fcgi_read_response,
-                     fcgi_request_bytes, wait_until, worker_script)
+from support import (FCGI_BEGIN_REQUEST, PYTHON, TRAC_FCGI, Process, alive, ask_in_background, fcgi_get,
+                     fcgi_read_response, fcgi_record, fcgi_request_bytes, make_trac_env, start_launcher, wait_until,
+                     worker_script)
 
 HELLO = worker_script("hello.py")
 
@@ -80,13 +83,65 @@ def test_bind_runs_a_standalone_fastcgi_server(tmp_path):
         worker.stop()
 
 
-def test_help_lists_every_setting():
+def test_help_lists_every_setting_once_with_its_default():
     import trac_fcgi
     text = subprocess.run([PYTHON, TRAC_FCGI, "--help"], capture_output=True, text=True, check=True).stdout
-    for name, *_ in trac_fcgi.SETTINGS:
-        assert name in text
+    for name, _, default, _ in trac_fcgi.SETTINGS:
+        row = text[text.index("  %s " % name):].split("\n  TRAC_")[0]
+        assert row.count("(default") == 1, row
+        assert default is None or "(default %s)" % default in " ".join(row.split()), row
+    assert "see meaning" not in text
     for name in ("TRAC_ENV", "FCGI_WEB_SERVER_ADDRS", "spawn-fcgi", "SIGHUP"):
         assert name in text
+
+
+# --------------------------------------------------------------------------
+# Running as checked out
+
+def test_the_checkout_runs_as_a_program_with_help_and_version():
+    """./trac_fcgi.py and ./launcher.py, through their shebangs: whichever
+    python3 is first on PATH, with flup or without, answers --help and --version."""
+    import trac_fcgi
+    for script, says in (("./trac_fcgi.py", "TRAC_FCGI_MAX_RSS"), ("./launcher.py", "WORKER_PATH")):
+        for flag, answer in (("--help", says), ("--version", trac_fcgi.__version__)):
+            result = subprocess.run([script, flag], cwd=os.path.dirname(TRAC_FCGI), capture_output=True,
+                                    text=True, timeout=60)
+            assert result.returncode == 0 and answer in result.stdout, (script, flag, result.stderr)
+            assert result.stderr == ""
+
+
+@pytest.fixture(scope="module")
+def python_without_flup(tmp_path_factory):
+    """A fresh venv's python: the standard library and nothing else."""
+    import venv
+    target = tmp_path_factory.mktemp("bare") / "venv"
+    venv.create(target, with_pip=False)
+    python = str(target / "bin" / "python")
+    assert subprocess.run([python, "-c", "import flup"], capture_output=True).returncode != 0
+    return python
+
+
+def test_a_python_without_flup_gets_one_line_naming_it_and_the_pip_command(python_without_flup, tmp_path):
+    with listening_socket(tmp_path) as sock:
+        result = subprocess.run([python_without_flup, TRAC_FCGI], stdin=sock, capture_output=True, text=True,
+                                timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "%s -m pip install flup" % python_without_flup in result.stderr
+
+
+def test_help_and_version_work_without_flup(python_without_flup):
+    import trac_fcgi
+    for flag, says in (("--help", "TRAC_FCGI_MAX_RSS"), ("--version", trac_fcgi.__version__)):
+        result = subprocess.run([python_without_flup, TRAC_FCGI, flag], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and says in result.stdout and result.stderr == "", result
+
+
+def listening_socket(tmp_path, name="fd0.sock"):
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / name))
+    sock.listen()
+    return sock
 
 
 # --------------------------------------------------------------------------
@@ -120,15 +175,59 @@ def test_a_request_accepted_but_not_yet_on_a_thread_is_answered(spawn):
     assert worker.events("drained", abandoned=0)
 
 
-def test_the_drain_is_bounded_and_abandoned_requests_are_counted(spawn):
+def test_the_drain_is_bounded_and_each_abandoned_request_is_logged_by_name(spawn):
     worker = spawn(HELLO, env={"TRAC_FCGI_DRAIN_TIMEOUT": "1"})
-    threads, results = ask_in_background(worker.socket, "delay=30", count=2)
+    threads, results = ask_in_background(worker.socket, "delay=30", count=2, path="/hung")
     time.sleep(0.4)
     started = time.monotonic()
     worker.signal(signal.SIGTERM)
     assert worker.wait(10) == 0
     assert time.monotonic() - started < 5
     assert worker.events("drained", abandoned=2)
+    abandoned = worker.events("abandoned")
+    assert [(a["method"], a["path"], a["client"], a["bytes_sent"]) for a in abandoned] == [
+        ("GET", "/hung", "127.0.0.1", "0")] * 2
+    assert all(float(a["running_s"]) >= 1 for a in abandoned), abandoned
+
+
+# --------------------------------------------------------------------------
+# A web server that has given up
+
+def test_a_request_whose_web_server_closed_the_connection_before_it_ran_is_dropped_and_logged(spawn):
+    # As nginx does at fastcgi_read_timeout: the request waited in the backlog
+    # (here behind a stopped worker) until the web server closed its end.
+    worker = spawn(HELLO)
+    worker.signal(signal.SIGSTOP)
+    try:
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.connect(worker.socket)
+            conn.sendall(fcgi_request_bytes(1, path="/newticket", method="POST", body=b"summary=x",
+                                            params={"HTTP_X_REQUEST_START": "t=%.3f" % time.time()}))
+            time.sleep(1)
+    finally:
+        worker.signal(signal.SIGCONT)
+    dropped = worker.wait_for("dropped")[0]
+    assert (dropped["method"], dropped["path"]) == ("POST", "/newticket")
+    assert float(dropped["waited_s"]) >= 1, "measured from when the web server began (X-Request-Start)"
+    assert fcgi_get(worker.socket).status == 200
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(10) == 0
+    assert worker.events("drained", requests=1), "the application ran only for the GET"
+
+
+def test_an_answer_that_cannot_be_delivered_is_logged_with_its_request(spawn):
+    worker = spawn(HELLO)
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.connect(worker.socket)
+        # A path is the client's to choose (nginx decodes %0A): it stays on its line.
+        conn.sendall(fcgi_request_bytes(1, path="/slow\nevent=forged", query="delay=0.5"))
+        time.sleep(0.2)  # the application is running: the web server was there when it began
+    undelivered = worker.wait_for("undelivered")[0]
+    assert (undelivered["method"], undelivered["path"]) == ("GET", repr("/slow\nevent=forged"))
+    assert not worker.events("forged")
+    assert undelivered["error"] in ("EPIPE", "ECONNRESET"), undelivered
+    assert not worker.events("dropped")
+    assert fcgi_get(worker.socket).status == 200
 
 
 def test_a_kept_alive_connection_is_closed_cleanly_after_its_current_request_on_drain(spawn):
@@ -294,14 +393,140 @@ def test_an_app_that_fails_to_import_is_one_line_and_exit_status_2():
     assert result.stderr.count("\n") == 1 and "TRAC_FCGI_APP" in result.stderr
 
 
-def test_a_replacement_whose_warm_up_fails_exits_without_saying_ready(tmp_path):
-    sock = socket.socket(socket.AF_UNIX)
-    sock.bind(str(tmp_path / "s.sock"))
-    sock.listen()
-    result = subprocess.run(HELLO, env=dict(os.environ, TRAC_FCGI_WARMUP="/broken"), stdin=sock.fileno(),
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 1
-    assert "event=warm-failed" in result.stderr
+# --------------------------------------------------------------------------
+# A failed warm-up says why
+
+def warm_up_failure(tmp_path, argv, **environ):
+    """Run a worker on a fresh listening socket; return its exit status, stderr and its one warm-failed line."""
+    with listening_socket(tmp_path, "warm.sock") as sock:
+        result = subprocess.run(argv, env=dict(os.environ, **environ), stdin=sock, capture_output=True,
+                                text=True, timeout=120)
+    failed = [line for line in result.stderr.splitlines() if " event=warm-failed " in line]
+    assert len(failed) == 1, result.stderr
+    return result.returncode, result.stderr, failed[0]
+
+
+def test_a_warm_up_answered_with_a_server_error_exits_1_without_saying_ready(tmp_path):
+    status, stderr, line = warm_up_failure(tmp_path, HELLO, TRAC_FCGI_WARMUP="/broken")
+    assert status == 1
+    assert "status=500" in line and "fix the app or set TRAC_FCGI_WARMUP" in line
+    assert "Traceback" not in stderr
+
+
+def test_a_warm_up_that_raises_logs_the_exceptions_last_line_and_its_traceback(tmp_path):
+    status, stderr, line = warm_up_failure(tmp_path, HELLO, TRAC_FCGI_WARMUP="/raise")
+    assert status == 1
+    assert "error='RuntimeError: hello was asked to fail'" in line
+    assert "the traceback is above" in line
+    assert stderr.index("Traceback (most recent call last)") < stderr.index(line)
+
+
+def lower_database_version(env_path):
+    with sqlite3.connect(os.path.join(env_path, "db", "trac.db")) as db:
+        db.execute("UPDATE system SET value = CAST(value AS INTEGER) - 1 WHERE name = 'database_version'")
+
+
+@pytest.fixture(scope="module")
+def env_needing_an_upgrade(tmp_path_factory):
+    """A real Trac environment whose database says it is one version older than this Trac.
+
+    Trac 1.6 compares the database_version row of the system table with the
+    version its code expects (DatabaseManager.needs_upgrade), and refuses to
+    open an environment whose database is older; as after an install that
+    pulled in a newer Trac.
+    """
+    path = make_trac_env(tmp_path_factory.mktemp("old") / "env")
+    lower_database_version(path)
+    return path
+
+
+@pytest.mark.parametrize("launcher_says, meanwhile", [
+    (None, "nothing serves this site until then"),
+    ("0", "nothing serves this site until then"),
+    ("1", "1 other worker serves meanwhile"),
+    ("3", "3 other workers serve meanwhile"),
+], ids=["no-launcher", "launcher-none-ready", "launcher-one-ready", "launcher-three-ready"])
+def test_a_warm_up_refused_for_an_environment_needing_an_upgrade_names_the_command_and_who_serves(
+        tmp_path, env_needing_an_upgrade, launcher_says, meanwhile):
+    environ = {"TRAC_ENV": env_needing_an_upgrade}
+    if launcher_says is not None:
+        # The test process is the worker's parent: it stands for the launcher.
+        environ.update(LAUNCHER_PID=str(os.getpid()), LAUNCHER_READY_WORKERS=launcher_says)
+    status, stderr, line = warm_up_failure(tmp_path, [PYTHON, TRAC_FCGI], **environ)
+    assert status == 1
+    assert "needs to be upgraded" in line, line
+    assert 'run trac-admin "%s" upgrade' % env_needing_an_upgrade in line
+    assert meanwhile in line and "serving=%s " % (launcher_says or 0) in line
+    assert "trac.log has the rest" in line
+    with open(os.path.join(env_needing_an_upgrade, "log", "trac.log")) as trac_log:
+        assert "requires an environment upgrade" in trac_log.read()
+    assert "Traceback" not in stderr
+
+
+def test_under_the_launcher_a_replacement_needing_an_upgrade_says_the_worker_it_replaces_still_serves(tmp_path):
+    """Injects: a launcher serving a real Trac environment; then the database
+    is made one version older (the running worker has it open already) and
+    the launcher gets SIGHUP, a rolling restart.
+    Holds: the replacement's warm-up fails and says so, counting the old
+    worker as serving (serving=1) and naming trac-admin upgrade; the old
+    worker goes on answering 200."""
+    env_path = make_trac_env(tmp_path / "env")
+    launcher = start_launcher(tmp_path, [PYTHON, TRAC_FCGI], env={"TRAC_ENV": env_path})
+    try:
+        launcher.wait_for("all-ready", timeout=120)
+        lower_database_version(env_path)
+        launcher.signal(signal.SIGHUP)
+        wait_until(lambda: " event=warm-failed " in launcher.log(), 120, "a replacement's warm-up to fail")
+        line = next(line for line in launcher.log().splitlines() if " event=warm-failed " in line)
+        assert "serving=1 " in line and "1 other worker serves meanwhile" in line, line
+        assert 'run trac-admin "%s" upgrade' % env_path in line
+        assert fcgi_get(launcher.socket, "/wiki/WikiStart", timeout=60).status == 200
+    finally:
+        launcher.stop(timeout=60)
+
+
+# --------------------------------------------------------------------------
+# Errors in connections: ours are logged with a traceback, a client's in one line
+
+def test_an_exception_in_our_connection_code_is_logged_with_its_traceback_and_the_worker_serves_on(spawn):
+    worker = spawn(HELLO, env={"HELLO_CONNECTION_BUG": "1"})
+    try:
+        fcgi_get(worker.socket, query="bug")
+    except (OSError, EOFError):
+        pass  # answered before the exception; whether the client saw the end is not the point
+    errors = worker.wait_for("connection-error")
+    assert "ZeroDivisionError: injected by HELLO_CONNECTION_BUG" in errors[0]["error"]
+    assert errors[0]["at"].startswith("hello.py:")
+    assert "Traceback (most recent call last)" in worker.log()
+    assert fcgi_get(worker.socket).status == 200
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+    assert len(worker.events("connection-error")) == 1
+    assert worker.events("drained", abandoned=0)
+
+
+def test_a_malformed_record_is_one_line_and_a_client_that_vanishes_is_none(spawn):
+    worker = spawn(HELLO)
+    # A client that resets its connection while its request runs.
+    with socket.socket(socket.AF_UNIX) as vanishing:
+        vanishing.connect(worker.socket)
+        vanishing.sendall(fcgi_request_bytes(1, query="delay=0.5"))
+        vanishing.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    # A BEGIN_REQUEST whose body is 4 bytes long instead of 8.
+    with socket.socket(socket.AF_UNIX) as malformed:
+        malformed.settimeout(30)
+        malformed.connect(worker.socket)
+        malformed.sendall(fcgi_record(FCGI_BEGIN_REQUEST, 1, b"\0\1\0\0"))
+        assert malformed.recv(100) == b"", "the worker closes the connection"
+    bad = worker.wait_for("bad-request")
+    assert "malformed record" in bad[0]["reason"] and "struct.error" in bad[0]["reason"]
+    time.sleep(1)  # the vanished client's request has ended by now
+    assert fcgi_get(worker.socket).status == 200
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+    log = worker.log()
+    assert len(worker.events("bad-request")) == 1 and not worker.events("connection-error"), log
+    assert "Traceback" not in log, log
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 Environment knobs (all optional):
   HELLO_DELAY             seconds each request sleeps (a slow app); ?delay=S per request
+  (no knob)               ?bytes=N answers N bytes of "x" instead of its greeting (a download)
   HELLO_LEAK              bytes each request leaks (a growing app)
   HELLO_START_DELAY       seconds to sleep before serving (a slow warm-up)
   HELLO_NOTIFY            0: never speak the notify protocol (like a stock trac.fcgi)
@@ -12,6 +13,9 @@ Environment knobs (all optional):
   HELLO_PICKUP_DELAY      seconds between a connection being accepted and its
                           thread starting on it: widens the "accepted but not
                           started" window so a test can hit it every time
+  HELLO_CONNECTION_BUG    1: a request for ?bug ends, once answered, in an
+                          exception raised inside the connection code, where a
+                          bug of trac_fcgi's own would raise one
 """
 import os
 import random
@@ -22,7 +26,9 @@ _leak = []
 
 
 def app(environ, start_response):
-    """Says which process answered; /broken answers 500; /random, a number from `random`."""
+    """Says which process answered; /broken answers 500; /raise raises; /random, a number from `random`."""
+    if environ["PATH_INFO"] == "/raise":
+        raise RuntimeError("hello was asked to fail")
     delay = float(os.environ.get("HELLO_DELAY", "0"))
     if environ.get("QUERY_STRING", "").startswith("delay="):
         delay = float(environ["QUERY_STRING"][len("delay="):])
@@ -34,6 +40,8 @@ def app(environ, start_response):
     body = ("hello from pid %d\n" % os.getpid()).encode()
     if environ["PATH_INFO"] == "/random":
         body = ("%r\n" % random.random()).encode()
+    if environ.get("QUERY_STRING", "").startswith("bytes="):
+        body = b"x" * int(environ["QUERY_STRING"][len("bytes="):])
     start_response("500 Broken" if environ["PATH_INFO"] == "/broken" else "200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
 
@@ -77,6 +85,15 @@ def main():
             run(connection)
 
         trac_fcgi.CountedConnection.run = late_run
+    if os.environ.get("HELLO_CONNECTION_BUG") == "1":
+        end_request = trac_fcgi.CountedConnection.end_request
+
+        def buggy_end_request(connection, req, *args, **kw):
+            end_request(connection, req, *args, **kw)
+            if req.params.get("QUERY_STRING") == "bug":
+                raise ZeroDivisionError("injected by HELLO_CONNECTION_BUG")
+
+        trac_fcgi.CountedConnection.end_request = buggy_end_request
     sys.exit(trac_fcgi.main([]))
 
 

@@ -1,0 +1,342 @@
+#!/usr/bin/env python3
+"""report.py: the report, from the raw records alone.
+
+    bench/report.py bench/results/latest.json
+
+writes latest.md and latest.png beside the JSON.  For the committed results
+(bench/results/latest.json) it also writes bench/README.md (the whole report)
+and the short summary between the benchmark marks of the top README.
+tests/test_bench.py checks that what it makes from the committed JSON is
+what is committed.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+import analysis  # noqa: E402
+import rows  # noqa: E402
+
+ROOT = BENCH.parent
+COMMITTED = BENCH / "results" / "latest.json"
+README_MARKS = ("<!-- benchmark: written by bench/report.py from bench/results/latest.json -->",
+                "<!-- end of benchmark -->")
+
+
+def fmt(value, digits=0):
+    """A spread as 'median [min–max]'; one value alone; '–' for nothing."""
+    if value is None:
+        return "–"
+    form = "%%.%df" % digits
+    if value["n"] == 1 or value["min"] == value["max"]:
+        return form % value["median"]
+    return (form + " [" + form + "–" + form + "]") % (value["median"], value["min"], value["max"])
+
+
+def table(head, body):
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return lines + ["| " + " | ".join(cells) + " |" for cells in body] + [""]
+
+
+def label(row):
+    return row["label"] + (" ¹" if row.get("note") else "")
+
+
+def ratio(c, base, key="rps"):
+    if not c or not base or not base[key]["median"]:
+        return "–"
+    return "%.2f" % (c[key]["median"] / base[key]["median"])
+
+
+# --------------------------------------------------------------------------
+
+def intro(record):
+    m, code, s = record["machine"], record["code"], record["settings"]
+    v = m["versions"]
+    out = ["Measured %s at commit %s%s in one run of `%s` (%.0f s including installs); %d cores (%s), %.0f GiB, "
+           "kernel %s, Python %s, nginx %s, wrk %s, uWSGI %s, Trac %s; load average at start %s.%s"
+           % (record["date"], code["commit"], " (launcher.py or trac_fcgi.py changed since)" if code["changed"] else "",
+              record["command"], record.get("total_s", 0), m["nproc"], m["cpu"], m["memory_gib"], m["kernel"],
+              m["python"], v["nginx"], v["wrk"], v["uwsgi"] or "–", v["trac"],
+              ", ".join("%.2f" % x for x in m["load_average_at_start"]),
+              " **Quick mode: one short round per cell; these figures test the pipeline, not the code.**"
+              if record["quick"] else ""), ""]
+    keepalive = s["shipped_keepalive"]
+    out += ["Setup: load → nginx → FastCGI unix socket → the row's server, one Trac 1.6 environment on SQLite "
+            "with %d tickets. nginx is `examples/nginx.conf` as shipped (%s)%s. Mix: a cycle of %s. "
+            "Each cell is %d round%s. A round starts the row's server afresh and runs its cells in turn "
+            "(/wiki/WikiStart, steady, open loop, overload, faults); the rows take turns, every other round in "
+            "reverse order. A figure is the median of the rounds, [min–max] across them; a target is met only "
+            "on the median. MB are MiB."
+            % (s["tickets"], "FastCGI keepalive %d" % keepalive if keepalive else "no FastCGI keepalive",
+               ", except the rows marked *nginx without keepalive*" if any(r["nginx"] != "shipped"
+                                                                            for r in record["rows"]) else "",
+               ", ".join("%d× %s" % (n, p.replace("{ticket}", "N")) for p, n in s["mix"].items()),
+               s["rounds"], "" if s["rounds"] == 1 else "s"), ""]
+    notes = [r for r in record["rows"] if r.get("note")]
+    if notes:
+        out += ["¹ " + "; ".join("%s: %s" % (r["name"], r["note"]) for r in notes) + ".", ""]
+    return out
+
+
+def capacity_section(record):
+    out = ["## Capacity (closed loop)", "",
+           "wrk, %d threads, N connections each sending its next request when the last is answered. *2xx/s*: "
+           "whole 2xx pages a second (a page without `</html>` is *cut off*); *failed*: non-2xx, cut off and "
+           "socket errors; *CPU/req*: CPU of every process of the server per request; *load*: the machine's "
+           "1-minute load average at the end of the rounds (others run tests on it too). wrk's latencies are "
+           "left out: a closed loop hides waiting (see open loop)." % record["settings"]["wrk_threads"], ""]
+    for scenario in ("wiki", "steady", "overload", "faults"):
+        cells = analysis.table(record, scenario)
+        if not cells:
+            continue
+        stock = dict((r["name"], c) for r, c in cells).get("stock")
+        faults = scenario == "faults"
+        heading = rows.SCENARIOS[scenario]["label"].format(**record["settings"])
+        out += ["### " + heading[0].upper() + heading[1:], ""]
+        head = ["setup", "2xx/s", "× stock", "failed", "recycles", "peak RSS MB", "CPU/req ms", "load"]
+        body = [[label(r), fmt(c["rps"], 1), ratio(c, stock), "%d" % c["total_failures"], "%d" % c["total_recycles"],
+                 fmt(c["peak_rss_mb"], 1), fmt(c["cpu_ms_per_request"]), fmt(c["load"], 1)]
+                + (["%d: %d" % (c["total_kills"], c["total_in_flight"])] if faults else []) for r, c in cells]
+        out += table(head + (["kills: in flight"] if faults else []), body)
+    return out
+
+
+def open_loop_section(record):
+    out = ["## Latency (open loop)", "",
+           "Requests on a fixed schedule at a fraction of the row's capacity (the median of its steady rounds "
+           "so far in this run; a recycling row takes its non-recycling row's, so both face the same offered "
+           "load), each on its own "
+           "connection; latency from each request's scheduled time, as wrk2 measures it, so a stall counts "
+           "for every request it delays. Per round p50, p99, p99.9 and max over every request (nearest rank: "
+           "with under 1,000 requests a round, p99.9 is the round's slowest); then the median of the rounds "
+           "[min–max]. *Failed* counts, over all rounds, answers that were not a whole 2xx page.", ""]
+    for fraction, seconds in record["settings"]["open_loop"]:
+        cells = analysis.table(record, "open", fraction)
+        if not cells:
+            continue
+        out += ["### %d%% of capacity (%g s a round)" % (round(fraction * 100), seconds), ""]
+        head = ["setup", "req/s offered", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "failed", "recycles"]
+        out += table(head, [[label(r), fmt(c["rate"], 1), fmt(c["p50_ms"]), fmt(c["p99_ms"]), fmt(c["p999_ms"]),
+                             fmt(c["max_ms"]), "%d of %d" % (c["total_failures"], c["total_sent"]),
+                             "%d" % c["total_recycles"]] for r, c in cells])
+    return out
+
+
+def experiments_section(record):
+    out = []
+    spec = record["settings"]["experiments"]
+    freeze = analysis.freeze_memory(record)
+    if freeze:
+        out += ["## Memory with gc.freeze on and off", "",
+                "%d requests over a wider mix (%s), %d connections, one worker with the default memory limits "
+                "(TRAC_FCGI_MAX_RSS 128M, soft mark at 90%%): the worker's RSS, and how often those limits "
+                "recycled it." % (spec["freeze_memory"]["requests"], ", ".join(
+                    p.split("?")[0].replace("{ticket}", "N") for p in spec["freeze_memory"]["mix"]),
+                    spec["freeze_memory"]["clients"]), ""]
+        body = []
+        for setting, f in freeze.items():
+            if "not_run" in f:
+                body.append(["TRAC_FCGI_GC_FREEZE=" + setting, f["not_run"], "", "", "", "", "", ""])
+                continue
+            body.append(["TRAC_FCGI_GC_FREEZE=%s%s" % (setting, " ¹" if f["note"] else ""), "%d" % f["requests"],
+                         "%.1f" % f["rps"], "%.1f" % f["rss_first_mb"], "%.1f" % f["rss_last_mb"],
+                         "%.1f" % f["rss_peak_mb"], "%d" % f["recycles"], "%d" % f["failed"]])
+        out += table(["setting", "requests", "req/s", "RSS first s MB", "RSS last MB", "peak MB", "recycles",
+                      "failed"], body)
+        out += ["¹ %s" % f["note"] for f in freeze.values() if f.get("note")] + [""] if any(
+            f.get("note") for f in freeze.values()) else []
+    memory = analysis.mold_memory(record)
+    if memory:
+        out += ["## Memory per worker: cold exec, mold, uWSGI preload", "",
+                "After load (closed loop, %d requests per worker): RSS counts shared pages in full, PSS divides "
+                "them among their sharers, private is what an exit frees. *Total* is every process under the "
+                "launcher (workers and the mold) or uWSGI's master and workers; *PSS ÷ N×RSS* is that total PSS "
+                "over N times one worker's RSS." % spec["mold_memory"]["requests_per_worker"], ""]
+        body = []
+        for (setup, n), f in sorted(memory.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            if "not_run" in f:
+                body.append([setup, "%d" % n, f["not_run"]] + [""] * 6)
+                continue
+            body.append([setup, "%d" % n, "%.1f" % f["worker_rss_mb"], "%.1f" % f["worker_pss_mb"],
+                         "%.1f" % f["worker_private_mb"], "%.1f" % f["total_rss_mb"], "%.1f" % f["total_pss_mb"],
+                         "%.1f" % f["total_private_mb"], "%.2f" % f["pss_share"]])
+        out += table(["setup", "N", "worker RSS", "worker PSS", "worker private", "total RSS", "total PSS",
+                      "total private", "PSS ÷ N×RSS"], body)
+    out += handoff_section(record)
+    return out
+
+
+def handoff_section(record):
+    out = []
+    handoff = record["experiments"].get("handoff", {})
+    killed = record["experiments"].get("only_worker_killed", {})
+    if handoff or killed:
+        out += ["## Handoff and recovery", ""]
+        for setup in [setup for setup in ("mold", "cold") if setup in handoff or setup in killed]:
+            h, k = handoff.get(setup, {}), killed.get(setup, {})
+            name = {"mold": "--mold on", "cold": "--mold off (cold exec)"}[setup]
+            if "not_run" in h:
+                out.append("- %s: %s." % (name, h["not_run"]))
+                continue
+            line = "- %s: SIGUSR1 to the replacement's READY=1, %s s (median [min–max] of %d)" % (
+                name, fmt(analysis.spread(h.get("ready_s", [])), 3), len(h.get("ready_s", [])))
+            if k.get("first_200_s"):
+                line += "; the only worker SIGKILLed: a 200 after %s s (of %d)" % (
+                    fmt(analysis.spread(k["first_200_s"]), 3), len(k["first_200_s"]))
+            out.append(line + ("; " + h["note"] if h.get("note") else "") + ".")
+        out.append("")
+    cpu = analysis.recycle_cpu(record)
+    if cpu:
+        every = record["settings"]["experiments"]["recycle_cpu"]["every"]
+        out += ["## CPU per request while recycling", "",
+                "%d requests through nginx (closed loop, 8 connections), recycling every %d requests or never; "
+                "the CPU of every process under the launcher, reaped ones included, per request."
+                % (record["settings"]["experiments"]["recycle_cpu"]["requests"], every), ""]
+        body = []
+        for (setup, name), f in sorted(cpu.items()):
+            if "not_run" in f:
+                body.append([setup, name, f["not_run"], "", ""])
+                continue
+            body.append([setup, "every %d" % every if name == "every" else "never", fmt(f["cpu_ms_per_request"], 1),
+                         "%d" % f["recycles"], "%d" % f["failed"]])
+        out += table(["setup", "recycling", "CPU ms/request", "recycles", "failed"], body)
+    launcher = analysis.launcher(record)
+    if launcher:
+        out += ["## The launcher alone", ""]
+        if "growth_kib" in launcher:
+            out.append("- Handoffs with a worker that asks to be replaced once ready (`bench/handoff_worker.c`): "
+                       "%.0f a second, %.2f ms of launcher CPU each; RSS %d KiB after %d, %d KiB after %d."
+                       % (launcher["handoffs_per_s"], launcher["cpu_ms_per_handoff"], launcher["rss_kib"][0],
+                          launcher["handoffs"][0], launcher["rss_kib"][1], launcher["handoffs"][1]))
+        elif "not_run" in launcher:
+            out.append("- Handoffs: not run, %s." % launcher["not_run"])
+        if "idle_cpu_s" in launcher:
+            out.append("- Idle with one idle worker, while the rest ran: %.2f s of CPU in %.0f s, %.3f%% "
+                       "(clock tick %.0f ms)." % (launcher["idle_cpu_s"], launcher["idle_wall_s"],
+                                                  launcher["idle_cpu_percent"], launcher["tick_ms"]))
+        out.append("")
+    return out
+
+
+def targets_section(found):
+    out = ["## Targets", ""]
+    for t in found:
+        mark = {True: "**met**", False: "**missed**", None: "not measured"}[t["met"]]
+        out.append("- %s — %s: %s%s" % (mark, t["text"], t["figure"],
+                                        " — the rounds' spread crosses the limit" if t.get("crosses") else ""))
+    return out + [""]
+
+
+def markdown(record):
+    out = ["# Benchmark: trac-fcgi-launcher against stock trac.fcgi and uWSGI", ""]
+    out += intro(record) + capacity_section(record) + open_loop_section(record) + experiments_section(record)
+    out += targets_section(analysis.targets(record))
+    out += ["![memory and open-loop latency over time while recycling](latest.png)", ""]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------
+# The READMEs.
+
+def headline(record):
+    """The few figures the top README gives, one line each."""
+    def c(row, scenario, fraction=None):
+        return analysis.cell(record, row, scenario, fraction)
+    found = []
+    for scenario, what in (("wiki", "/wiki/WikiStart"), ("steady", "the page mix")):
+        ours, stock = c("ours", scenario), c("stock", scenario)
+        if ours and stock:
+            others = [(name, c(name, scenario)) for name in ("flup", "uwsgi", "ours-nofreeze")]
+            found.append("%s, 8 connections: ours %.1f pages/s, %s× stock trac.fcgi%s." % (
+                what, ours["rps"]["median"], ratio(ours, stock), "".join(
+                    ", %s× %s" % (ratio(ours, other), {"flup": "stock flup", "uwsgi": "uWSGI",
+                                                       "ours-nofreeze": "ours without gc.freeze"}[name])
+                    for name, other in others if other)))
+    plain, recycling = c("ours", "open", 0.8), c("ours-requests", "open", 0.8)
+    if plain and recycling:
+        found.append("Open loop at 80%% of capacity: p99 %.0f ms recycling every %d requests, %.0f ms without." % (
+            recycling["p99_ms"]["median"], rows.RECYCLE_REQUESTS, plain["p99_ms"]["median"]))
+    freeze = {k: v for k, v in analysis.freeze_memory(record).items() if "requests" in v}
+    if freeze:
+        verdict = ""
+        if {"on", "off"} <= set(freeze):
+            verdict = ": gc.freeze %s" % ("made them recycle more often" if freeze["on"]["recycles"] >
+                                         freeze["off"]["recycles"] else "did not make them recycle more often")
+        found.append("Default memory limits over %s requests of a wide page mix: %s%s." % (
+            "/".join("%d" % f["requests"] for f in freeze.values()), ", ".join(
+                "%d recycles with gc.freeze %s (peak RSS %.0f MB)" % (f["recycles"], k, f["rss_peak_mb"])
+                for k, f in freeze.items()), verdict))
+    memory, handoff = analysis.mold_memory(record), record["experiments"].get("handoff", {})
+    shares = [(setup, memory[(setup, 4)]["pss_share"]) for setup in ("cold", "mold", "uwsgi")
+              if "pss_share" in memory.get((setup, 4), {})]
+    if shares:
+        found.append("4 workers: total PSS ÷ 4×RSS %s." % ", ".join("%.2f %s" % (v, k) for k, v in shares))
+    times = {k: analysis.spread(v.get("ready_s", [])) for k, v in handoff.items()}
+    if all(times.get(k) for k in ("mold", "cold")):
+        found.append("SIGUSR1 to READY=1: %.3f s with the mold, %.3f s cold." % (
+            times["mold"]["median"], times["cold"]["median"]))
+    results = analysis.targets(record)
+    found.append("Targets: %d met, %d missed, %d not measured." % tuple(
+        sum(1 for t in results if t["met"] is v) for v in (True, False, None)))
+    return found
+
+
+def readme_section(record):
+    return "\n".join([README_MARKS[0], "## Benchmark", "",
+                       "Measured %s at %s with `%s`%s; every table, the method and the targets are in "
+                       "[bench/README.md](bench/README.md)." % (
+                           record["date"], record["code"]["commit"], record["command"],
+                           " (quick mode: the figures test the pipeline, not the code)" if record["quick"] else ""),
+                       ""] + ["- " + line for line in headline(record)] + [
+                      "", "![memory and open-loop latency over time while recycling](bench/results/latest.png)", "",
+                      README_MARKS[1]])
+
+
+BENCH_README_HEAD = """\
+<!-- written by bench/report.py from bench/results/latest.json; edit report.py, not this file -->
+Run it with `make bench` (about 25 minutes on 2 cores); `BENCH_ROWS=no-keepalive make bench` runs the
+second row set, nginx without FastCGI keepalive. `BENCH_QUICK=1 bench/run` is a smoke test, and
+`make test` runs it. `bench/report.py bench/results/latest.json` rebuilds this page, `results/latest.md`,
+the plot and the top README's summary from the raw records alone.
+
+| file | what |
+| --- | --- |
+| `rows.py` | rows, scenarios, experiments, durations and targets, as data |
+| `servers.py` | the stage (Trac environment, nginx) and how each server starts |
+| `load.py`, `mix.lua` | closed-loop (wrk) and open-loop load |
+| `sampling.py` | memory, CPU and machine load while a cell runs; the fault injector |
+| `driver.py`, `experiments.py` | run everything, write `results/latest.json` |
+| `analysis.py`, `report.py`, `plot.py` | figures, this report and the plot, from the JSON |
+
+"""
+
+
+def publish(json_path):
+    record = json.loads(Path(json_path).read_text())
+    out = Path(json_path).parent
+    text = markdown(record)
+    (out / "latest.md").write_text(text)
+    try:
+        import plot
+        plot.draw(record, out / "latest.png")
+    except ImportError as error:
+        print("report: no plot (%s); bench/run installs matplotlib" % error, file=sys.stderr)
+    if Path(json_path).resolve() == COMMITTED:
+        (BENCH / "README.md").write_text(bench_readme(text))
+        readme = (ROOT / "README.md").read_text()
+        start, end = readme.index(README_MARKS[0]), readme.index(README_MARKS[1]) + len(README_MARKS[1])
+        (ROOT / "README.md").write_text(readme[:start] + readme_section(record) + readme[end:])
+
+
+def bench_readme(latest_md):
+    """The whole report, with how to run it under its title, and paths from bench/."""
+    title, rest = latest_md.split("\n", 1)
+    return title + "\n\n" + BENCH_README_HEAD + rest.lstrip("\n").replace("](latest.png)", "](results/latest.png)")
+
+
+if __name__ == "__main__":
+    publish(sys.argv[1] if len(sys.argv) > 1 else COMMITTED)
