@@ -1571,8 +1571,10 @@ class Launcher:
         self.core.spawned(slot, pid, role, now, how="exec")
 
     def start_mold(self, now):
+        # Read by a warm-up that fails, to say whether the site is served meanwhile.
+        told = {"LAUNCHER_READY_WORKERS": str(self.core.ready_workers())}
         try:
-            mold = Mold(self.path, self.argv, self.environ)
+            mold = Mold(self.path, self.argv, dict(self.environ, **told))
         except OSError as error:
             return self.core.mold_start_failed(error.strerror, now)
         self.molds[mold.pid] = mold
