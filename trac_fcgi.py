@@ -122,8 +122,8 @@ def fraction(text):
 
 
 def warmup_path(text):
-    """a URL path starting with / or the word off"""
-    if text != "off" and not text.startswith("/"):
+    """a URL path starting with /, several separated by commas, or the word off"""
+    if text != "off" and not all(path.startswith("/") for path in text.split(",")):
         raise ValueError
     return None if text == "off" else text
 
@@ -173,7 +173,8 @@ SETTINGS = [
     ("TRAC_FCGI_IDLE_TIMEOUT", positive_seconds, "60",
      "seconds within which each request must arrive whole; a client silent or trickling longer is closed"),
     ("TRAC_FCGI_WARMUP", warmup_path, "/",
-     "path requested in-process before READY=1, so the first real request finds the worker warm; off skips it"),
+     "path requested in-process before READY=1, so the first real request finds the worker warm; several, "
+     "comma-separated, warm more pages (in the mold, once for every worker); off skips it"),
     ("TRAC_FCGI_APP", app_spec, "trac.web.main:dispatch_request", "the WSGI application, as module:callable"),
 ]
 
@@ -1166,8 +1167,21 @@ def load_application(spec):
     return UnquotePathInfo(application)
 
 
-def warm_up(application, path):
-    """Serve one request in-process, so the first real one finds templates compiled.
+def warm_up(application, paths):
+    """Serve one request in-process for each of PATHS (comma-separated), so the first real ones find
+    templates compiled: in a mold, compiled once for every worker forked from it.
+
+    Returns the HTTP status of the first that failed, or of the last.
+    """
+    for path in paths.split(","):
+        status, error = serve_in_process(application, path)
+        if status >= 500:
+            break
+    return status, error
+
+
+def serve_in_process(application, path):
+    """Serve one request in-process.
 
     Returns the HTTP status and the exception behind a failure, if the app
     reported one (through start_response's exc_info, as Trac does) or raised
