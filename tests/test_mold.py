@@ -248,3 +248,10 @@ def test_recycle_and_exit_lines_report_pss_and_private_memory(launch):
         if "rss" in found:
             # Forked: much of what RSS counts is shared with the mold.
             assert pss < rss, found
+
+
+def test_the_mold_warms_every_path_given_and_one_that_fails_leaves_workers_to_be_execd(launch):
+    launcher = launch(env={"TRAC_FCGI_WARMUP": "/,/broken"})
+    [mold] = launcher.wait_for("mold-start")
+    launcher.wait_for("mold-unavailable", pid=mold["pid"])
+    assert "trac-fcgi[%s] event=warm path=/,/broken status=500" % mold["pid"] in launcher.log()
