@@ -221,6 +221,11 @@ def molds_of(pid):
     return found
 
 
+def workers_of(launcher_pid):
+    """The launcher's live children less its molds: its workers."""
+    return sorted(set(children(launcher_pid)) - molds_of(launcher_pid))
+
+
 def kill_tree(pid):
     for member in reversed(family(pid)):  # children first, so none is re-parented mid-way
         try:
