@@ -1844,7 +1844,7 @@ def main(argv=None):
         started = time.monotonic()
         status, error = warm_up(application, limits.warmup) if limits.warmup else (None, None)
         # The mold freezes once its database connections are closed (Mold.make_pristine).
-        frozen = freeze_warm_set() if limits.gc_freeze and mold is None else None
+        frozen = None if mold is not None else freeze_warm_set() if limits.gc_freeze else 0
         warm_s, warm_rss = time.monotonic() - started, ResidentMemory.once()
         # Before the warm line: a refusal stays the one line on stderr.
         limits.check_headroom(warm_rss)
