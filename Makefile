@@ -21,7 +21,8 @@ venv: $(VENV)/.installed
 # Debian packages, installed only when a command is missing.  systemd brings
 # systemd-socket-activate and systemd-analyze, which the recipe tests run;
 # lighttpd, apache2 and mod_fcgid are the other fronts tests/test_fronts.py runs.
-# prometheus-node-exporter reads the launcher's metrics file in its tests.
+# prometheus-node-exporter reads the launcher's metrics file in its tests;
+# postgresql, the server the fork-safety tests run Trac on.
 debs:
 	@missing=""; \
 	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$$missing nginx-light"; \
@@ -34,6 +35,7 @@ debs:
 	[ -e /usr/lib/apache2/modules/mod_fcgid.so ] || missing="$$missing libapache2-mod-fcgid"; \
 	command -v htpasswd >/dev/null || missing="$$missing apache2-utils"; \
 	command -v prometheus-node-exporter >/dev/null || missing="$$missing prometheus-node-exporter"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	    $$SUDO apt-get update -qq && \
