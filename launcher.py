@@ -49,6 +49,12 @@ DEATHS_BEFORE_GUARD = 10
 DEATH_WINDOW_S = 60.0
 # Nothing scheduled: still wake now and then, so a lost signal costs at most this.
 IDLE_WAKE_S = 60.0
+# --metrics-file is written at least this often, so that ages and memory stay
+# fresh while nothing happens; and after a change, at most this soon after
+# the last write, so that a busy site (each worker reports every second)
+# costs one write a second, not one per event.
+METRICS_EVERY_S = 10.0
+METRICS_COALESCE_S = 1.0
 # After an unexpected exception in the loop, wait at least this long for the
 # next event, so that a bug that recurs on every pass cannot become a spin.
 LOOP_ERROR_PAUSE_S = 1.0
@@ -138,6 +144,18 @@ def address(text):
     return family, match.group(1), int(match.group(2))
 
 
+def metrics_path(text):
+    """a file name ending in .prom, in a directory that exists and that we may write, e.g. /run/trac/trac.prom"""
+    # node_exporter reads only *.prom; the suffix also keeps a typo from
+    # replacing some other file by the rename.
+    path = os.path.abspath(text)
+    directory = os.path.dirname(path)
+    if (not text.endswith(".prom") or os.path.isdir(path) or not os.path.isdir(directory)
+            or not os.access(directory, os.W_OK | os.X_OK)):
+        raise ValueError
+    return path
+
+
 # (flag, environment variable, parser, default, metavar, help)
 SETTINGS = [
     ("--workers", "LAUNCHER_WORKERS", positive_int, 1, "N",
@@ -154,6 +172,9 @@ SETTINGS = [
     ("--bind", "LAUNCHER_BIND", address, None, "ADDR",
      "create the socket: unix:/path[:mode] (mode 0660 by default), HOST:PORT or "
      "[v6]:PORT; without it the socket is fd 0 (spawn-fcgi) or systemd's fd 3"),
+    ("--metrics-file", "LAUNCHER_METRICS_FILE", metrics_path, None, "PATH",
+     "write metrics here in Prometheus' text format (for node_exporter's textfile "
+     "collector and `trac-fcgi-launcher status`), on every change and every %d s" % METRICS_EVERY_S),
 ]
 
 EPILOG = """\
@@ -165,6 +186,10 @@ worker command:
 
 signals:
 %s
+
+status:
+  trac-fcgi-launcher status [PATH] prints the workers and recycles that the
+  --metrics-file PATH (default $LAUNCHER_METRICS_FILE) holds, as a table.
 
 examples:
   spawn-fcgi -n -s /run/trac/trac.sock -M 0660 -u www-data -- \\
@@ -281,6 +306,9 @@ def bind_socket(family, host, port):
 
 
 def bind_unix(path, mode):
+    if len(os.fsencode(path)) > 107:  # sun_path holds 108 bytes, and Python keeps one for a NUL
+        raise BadInput("unix:%s is %d bytes long, more than the 107 a unix socket's path may have; "
+                       "use a shorter path" % (path, len(os.fsencode(path))))
     remove_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # Bind under a umask that leaves no window in which the file is world-writable.
@@ -410,6 +438,390 @@ class Systemd:
 
 
 # --------------------------------------------------------------------------
+# Metrics: a file in Prometheus' text format, for node_exporter's textfile
+# collector and for `trac-fcgi-launcher status`.  Each metric is declared once,
+# below; the writer, `status` and the README's table all come from METRICS.
+
+# (name, type, labels, meaning)
+METRICS = [
+    ("trac_fcgi_slots", "gauge", "",
+     "slots the launcher keeps filled: --workers, changed at run time by SIGTTIN and SIGTTOU"),
+    ("trac_fcgi_workers", "gauge", "", "slots whose worker is ready and serving"),
+    ("trac_fcgi_worker_info", "gauge", "slot, pid, role",
+     "1 for every live worker; role is warming, serving or draining"),
+    ("trac_fcgi_worker_resident_bytes", "gauge", "slot, pid", "resident set size (RSS), from /proc/PID/statm"),
+    ("trac_fcgi_worker_pss_bytes", "gauge", "slot, pid",
+     "proportional set size: its private pages plus its share of the pages it shares with other "
+     "processes, from /proc/PID/smaps_rollup; summed over workers, the memory they take together"),
+    ("trac_fcgi_worker_private_bytes", "gauge", "slot, pid",
+     "pages that no other process maps (Private_Clean + Private_Dirty): what its exit would free"),
+    ("trac_fcgi_worker_age_seconds", "gauge", "slot, pid", "seconds since the worker was started"),
+    ("trac_fcgi_worker_requests", "gauge", "slot, pid",
+     "requests the worker has finished, as it last reported (at most once a second)"),
+    ("trac_fcgi_requests_total", "counter", "", "requests finished by every worker, past and present"),
+    ("trac_fcgi_recycles_total", "counter", "reason",
+     "serving workers that left their slot, by reason (every reason is listed, from 0)"),
+    ("trac_fcgi_crashes_total", "counter", "",
+     "workers that died unasked: not told to go, and not exiting 0 after STOPPING=1; a replacement "
+     "that dies while warming up counts too"),
+    ("trac_fcgi_abandoned_requests_total", "counter", "",
+     "accepted requests that draining workers gave up at TRAC_FCGI_DRAIN_TIMEOUT"),
+    ("trac_fcgi_ready_timeouts_total", "counter", "",
+     "replacements killed for staying silent past --ready-timeout (the old worker kept serving)"),
+    ("trac_fcgi_stop_then_start_total", "counter", "",
+     "handoffs made break-before-make, because --memory-reserve left no room for two workers"),
+    ("trac_fcgi_handoff_seconds", "histogram", "",
+     "from a replacement asked for to the old worker told to go (make before break: mostly the warm-up)"),
+    ("trac_fcgi_drain_seconds", "histogram", "", "from a worker told to go to its exit"),
+    ("trac_fcgi_listen_backlog", "gauge", "",
+     "connections waiting in the listen backlog for a worker to accept them, when the file was written"),
+    ("trac_fcgi_listen_backlog_limit", "gauge", "",
+     "connections the backlog holds at most (listen()'s backlog, capped by net.core.somaxconn)"),
+]
+
+# Why a serving worker left its slot: the values of trac_fcgi_recycles_total's
+# reason label.  Workers name the first four in RECYCLE=reason notify lines.
+RECYCLE_REASONS = {
+    "requests": "it reached TRAC_FCGI_MAX_REQUESTS and asked for its replacement",
+    "rss": "it reached its soft memory mark (TRAC_FCGI_SOFT_RSS) and asked for its replacement",
+    "age": "it reached TRAC_FCGI_MAX_LIFETIME and asked for its replacement",
+    "max_rss": "it reached TRAC_FCGI_MAX_RSS before its replacement was ready, and stopped accepting at once",
+    "asked": "it sent SIGUSR1 without saying why (a worker other than trac_fcgi.py)",
+    "rolling": "a rolling restart: SIGHUP, or SIGUSR1 from a process that is not a worker",
+    "slot-removed": "SIGTTOU removed its slot",
+    "signal": "someone other than the launcher sent the worker SIGHUP, SIGTERM or SIGINT",
+    "exit": "it said STOPPING=1 and exited 0 of its own accord, for no reason above",
+    "crash": "it died unasked (see trac_fcgi_crashes_total)",
+}
+
+# A handoff is mostly a warm-up (about 0.5 s for Trac on an idle machine); a
+# drain is as long as the slowest request in flight.
+HISTOGRAM_BUCKETS = {
+    "trac_fcgi_handoff_seconds": (0.25, 0.5, 1, 2, 5, 10, 30, 60),
+    "trac_fcgi_drain_seconds": (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+}
+
+
+
+
+class Histogram:
+    """A Prometheus histogram: counts per upper bound, their sum and their number."""
+
+    def __init__(self, bounds):
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)   # not cumulative; render_metrics() adds them up
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value):
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+                break
+        self.sum += value
+        self.count += 1
+
+
+class Tally:
+    """What the file counts over the launcher's whole life.
+
+    Per-worker figures live on each Worker (what it last reported) and are
+    read fresh for every write; only what outlives the workers is kept here.
+    """
+
+    def __init__(self):
+        self.recycles = dict.fromkeys(RECYCLE_REASONS, 0)
+        self.crashes = 0
+        self.abandoned = 0
+        self.ready_timeouts = 0
+        self.stop_then_start = 0
+        self.requests_of_past_workers = 0
+        self.histograms = {name: Histogram(bounds) for name, bounds in HISTOGRAM_BUCKETS.items()}
+
+    def recycled(self, reason):
+        self.recycles[reason if reason in self.recycles else "asked"] += 1
+
+    def observe(self, name, seconds):
+        self.histograms[name].observe(seconds)
+
+
+def render_metrics(values):
+    """Prometheus text exposition of VALUES: {metric name: figure}.
+
+    A figure is a number; {label values tuple: number} for a labelled metric;
+    a Histogram; or None for a metric that cannot be read here (left out).
+    """
+    out = []
+    for name, kind, labels, meaning in METRICS:
+        figure = values.get(name)
+        if figure is None:
+            continue
+        out.append("# HELP %s %s\n# TYPE %s %s\n" % (name, meaning.replace("\\", r"\\"), name, kind))
+        if kind == "histogram":
+            cumulative = 0
+            for bound, count in zip(figure.bounds, figure.counts):
+                cumulative += count
+                out.append('%s_bucket{le="%s"} %d\n' % (name, bound, cumulative))
+            out.append('%s_bucket{le="+Inf"} %d\n' % (name, figure.count))
+            out.append("%s_sum %s\n%s_count %d\n" % (name, number(figure.sum), name, figure.count))
+        elif labels:
+            names = labels.split(", ")
+            for label_values, value in figure.items():
+                pairs = ",".join('%s="%s"' % (label, escape_label(str(v))) for label, v in zip(names, label_values))
+                out.append("%s{%s} %s\n" % (name, pairs, number(value)))
+        else:
+            out.append("%s %s\n" % (name, number(figure)))
+    return "".join(out)
+
+
+def number(value):
+    return "%d" % value if isinstance(value, int) else "%.6f" % value
+
+
+def escape_label(text):
+    return text.replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n")
+
+
+def write_atomically(path, text):
+    """Replace PATH by TEXT so that a reader sees the old file or the new one, never half of either.
+
+    The temporary name does not end in .prom, so node_exporter never reads it.
+    It is made afresh (O_EXCL, O_NOFOLLOW): a symlink planted under that name
+    in a shared directory is removed, never written through.  Mode 0644
+    whatever the umask: node_exporter runs as another user, and there is
+    nothing secret here.  No fsync: after a power cut a stale or empty
+    metrics file is harmless and the next write mends it.
+    """
+    temporary = "%s.%d.tmp" % (path, os.getpid())
+    try:
+        try:
+            os.unlink(temporary)  # left by a launcher that died mid-write
+        except FileNotFoundError:
+            pass
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with open(fd, "w") as out:
+            os.fchmod(fd, 0o644)
+            out.write(text)
+        os.rename(temporary, path)
+    except OSError:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+
+
+def metrics_values(tally, slots, ready, workers, listener):
+    """The figures for one write.  WORKERS: (slot, pid, role, age_s, requests) of each live worker.
+
+    Memory and the backlog are read now, from /proc and the kernel.
+    """
+    values = {"trac_fcgi_slots": slots, "trac_fcgi_workers": ready,
+              "trac_fcgi_requests_total": tally.requests_of_past_workers + sum(w[4] for w in workers),
+              "trac_fcgi_recycles_total": {(reason,): count for reason, count in tally.recycles.items()},
+              "trac_fcgi_crashes_total": tally.crashes,
+              "trac_fcgi_abandoned_requests_total": tally.abandoned,
+              "trac_fcgi_ready_timeouts_total": tally.ready_timeouts,
+              "trac_fcgi_stop_then_start_total": tally.stop_then_start}
+    values.update(tally.histograms)
+    per_worker = {name: {} for name in ("trac_fcgi_worker_info", "trac_fcgi_worker_resident_bytes",
+                                        "trac_fcgi_worker_pss_bytes", "trac_fcgi_worker_private_bytes",
+                                        "trac_fcgi_worker_age_seconds", "trac_fcgi_worker_requests")}
+    for slot, pid, role, age, requests in sorted(workers):
+        pss, private = shared_memory(pid)
+        per_worker["trac_fcgi_worker_info"][(slot, pid, role)] = 1
+        for name, value in (("trac_fcgi_worker_resident_bytes", resident_bytes(pid)),
+                            ("trac_fcgi_worker_pss_bytes", pss), ("trac_fcgi_worker_private_bytes", private),
+                            ("trac_fcgi_worker_age_seconds", age), ("trac_fcgi_worker_requests", requests)):
+            if value is not None:
+                per_worker[name][(slot, pid)] = value
+    values.update(per_worker)
+    values["trac_fcgi_listen_backlog"], values["trac_fcgi_listen_backlog_limit"] = listen_backlog(listener)
+    return values
+
+
+# -- reading what the kernel knows -------------------------------------------
+
+def shared_memory(pid):
+    """(PSS, private) bytes of PID from /proc/PID/smaps_rollup, or (None, None) if it cannot be read.
+
+    smaps_rollup walks the page tables once (about a millisecond for a Trac
+    worker); the per-mapping /proc/PID/smaps costs many times that.
+    """
+    fields = {}
+    try:
+        with open("/proc/%d/smaps_rollup" % pid) as rollup:
+            for line in rollup:
+                key, _, rest = line.partition(":")
+                if key in ("Pss", "Private_Clean", "Private_Dirty"):
+                    fields[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None, None
+    if "Pss" not in fields:
+        return None, None
+    return fields["Pss"], fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
+
+
+NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY = 4, 20
+NLM_F_REQUEST, NLM_F_DUMP, NLMSG_ERROR, NLMSG_DONE = 0x1, 0x300, 2, 3
+TCP_LISTEN = 10
+UDIAG_SHOW_RQLEN, UNIX_DIAG_RQLEN = 0x10, 4
+NO_COOKIE = 0xFFFFFFFF
+
+
+def listen_backlog(sock):
+    """(connections waiting, most it holds) in SOCK's accept queue, or (None, None).
+
+    Asked of the kernel's sock_diag netlink interface, which `ss -l` uses and
+    which needs no privilege: for a listening socket, TCP's "receive queue" is
+    the accept queue, and a unix socket reports its own under UNIX_DIAG_RQLEN
+    (/proc/net/unix has no such column).  One round trip, well under a
+    millisecond.
+    """
+    inode = os.fstat(sock.fileno()).st_ino
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as diag:
+            diag.settimeout(1.0)  # the kernel answers at once; never hang the launcher on it
+            if sock.family == socket.AF_UNIX:
+                # unix_diag_req: one socket, looked up by its inode.
+                request = struct.pack("=BBHIIIII", socket.AF_UNIX, 0, 0, 1 << TCP_LISTEN, inode,
+                                      UDIAG_SHOW_RQLEN, NO_COOKIE, NO_COOKIE)
+                for message in netlink_exchange(diag, request, NLM_F_REQUEST):
+                    # unix_diag_msg (16 bytes), then attributes.
+                    offset = 16
+                    while offset + 4 <= len(message):
+                        length, kind = struct.unpack_from("=HH", message, offset)
+                        if kind == UNIX_DIAG_RQLEN:
+                            return struct.unpack_from("=II", message, offset + 4)
+                        offset += max(4, (length + 3) & ~3)
+            else:
+                # inet_diag_req_v2 for every listening TCP socket of this family;
+                # ours is the one with our inode.
+                request = struct.pack("=BBBBI48x", sock.family, socket.IPPROTO_TCP, 0, 0, 1 << TCP_LISTEN)
+                for message in netlink_exchange(diag, request, NLM_F_REQUEST | NLM_F_DUMP):
+                    # inet_diag_msg: rqueue, wqueue, uid, inode after 4 + 48 + 4 bytes.
+                    waiting, limit, _, found = struct.unpack_from("=IIII", message, 56)
+                    if found == inode:
+                        return waiting, limit
+    except (OSError, struct.error):
+        pass
+    return None, None
+
+
+def netlink_exchange(diag, request, flags):
+    """Send one sock_diag request; yield the payload of every answer until the last."""
+    diag.send(struct.pack("=IHHII", 16 + len(request), SOCK_DIAG_BY_FAMILY, flags, 1, 0) + request)
+    while True:
+        data = diag.recv(65536)
+        offset = 0
+        while offset + 16 <= len(data):
+            length, kind = struct.unpack_from("=IH", data, offset)
+            if kind == NLMSG_DONE:
+                return
+            if kind == NLMSG_ERROR:
+                raise OSError(-struct.unpack_from("=i", data, offset + 16)[0], "sock_diag")
+            yield data[offset + 16:offset + length]
+            offset += (length + 3) & ~3
+        if not flags & NLM_F_DUMP:
+            return
+
+
+# -- `trac-fcgi-launcher status [PATH]` ----------------------------------------
+
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def read_metrics(text):
+    """{name: {labels dict as a sorted tuple of pairs: value}} from text render_metrics() wrote."""
+    found = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        name, _, labels = head.partition("{")
+        pairs = tuple(sorted((k, v.replace(r"\"", '"').replace(r"\n", "\n").replace(r"\\", "\\"))
+                             for k, v in _LABEL.findall(labels)))
+        found.setdefault(name, {})[pairs] = float(value)
+    return found
+
+
+def status_table(text, written_s_ago):
+    """The table `status` prints: one row per worker, then the totals and recycles by reason."""
+    metrics = read_metrics(text)
+    one = lambda name: next(iter(metrics.get(name, {}).values()), None)
+    rows = {}  # (slot, pid) -> {column: value}
+    for pairs, _ in metrics.get("trac_fcgi_worker_info", {}).items():
+        labels = dict(pairs)
+        rows[(int(labels["slot"]), int(labels["pid"]))] = {"role": labels["role"]}
+    for column, name in (("age", "trac_fcgi_worker_age_seconds"), ("requests", "trac_fcgi_worker_requests"),
+                         ("rss", "trac_fcgi_worker_resident_bytes"), ("pss", "trac_fcgi_worker_pss_bytes"),
+                         ("private", "trac_fcgi_worker_private_bytes")):
+        for pairs, value in metrics.get(name, {}).items():
+            labels = dict(pairs)
+            rows.setdefault((int(labels["slot"]), int(labels["pid"])), {"role": "?"})[column] = value
+    lines = ["%-4s %-7s %-8s %8s %8s %8s %8s %8s" % ("slot", "pid", "role", "age", "requests", "RSS", "PSS",
+                                                      "private")]
+    for (slot, pid), row in sorted(rows.items()):
+        lines.append("%-4d %-7d %-8s %8s %8s %8s %8s %8s" % (
+            slot, pid, row["role"], duration(row.get("age")),
+            "-" if row.get("requests") is None else "%d" % row["requests"],
+            mebibytes(row.get("rss")), mebibytes(row.get("pss")), mebibytes(row.get("private"))))
+    backlog = one("trac_fcgi_listen_backlog")
+    lines.append("")
+    lines.append("%s of %s slots ready; %d requests; %d crashes; %d abandoned requests; backlog %s" % (
+        "%d" % (one("trac_fcgi_workers") or 0), "%d" % (one("trac_fcgi_slots") or 0),
+        one("trac_fcgi_requests_total") or 0, one("trac_fcgi_crashes_total") or 0,
+        one("trac_fcgi_abandoned_requests_total") or 0,
+        "unknown" if backlog is None else "%d of %d" % (backlog, one("trac_fcgi_listen_backlog_limit") or 0)))
+    recycles = {dict(pairs)["reason"]: value for pairs, value in metrics.get("trac_fcgi_recycles_total", {}).items()}
+    lines.append("recycles: " + (", ".join("%s %d" % (reason, count) for reason, count in
+                                           sorted(recycles.items(), key=lambda item: -item[1]) if count)
+                                 or "none"))
+    if written_s_ago > 3 * METRICS_EVERY_S:
+        lines.append("written %s ago: is the launcher still running?" % duration(written_s_ago))
+    return "\n".join(lines) + "\n"
+
+
+def duration(seconds):
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return "%.1fs" % seconds
+    if seconds < 3600:
+        return "%dm%02ds" % divmod(int(seconds), 60)
+    return "%dh%02dm" % divmod(int(seconds) // 60, 60)
+
+
+def mebibytes(value):
+    return "-" if value is None else "%.1fM" % (value / (1 << 20))
+
+
+def status_main(argv):
+    """trac-fcgi-launcher status [PATH]: the metrics file as a table for a person."""
+    if len(argv) > 1 or argv[:1] in (["-h"], ["--help"]):
+        sys.stdout.write("usage: trac-fcgi-launcher status [PATH]\n\nPrint the workers and recycles that "
+                         "the launcher's --metrics-file PATH (default $LAUNCHER_METRICS_FILE) holds.\n")
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    path = argv[0] if argv else os.environ.get("LAUNCHER_METRICS_FILE")
+    if not path:
+        sys.stderr.write("trac-fcgi-launcher: status needs the metrics file: give its path, e.g. "
+                         "trac-fcgi-launcher status /var/lib/prometheus/node-exporter/trac.prom, "
+                         "or set LAUNCHER_METRICS_FILE\n")
+        return 2
+    try:
+        with open(path) as source:
+            text = source.read()
+            written_s_ago = time.time() - os.fstat(source.fileno()).st_mtime
+        table = status_table(text, written_s_ago)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError) as error:
+        sys.stderr.write("trac-fcgi-launcher: status: cannot read %s (%s): give the path the launcher's "
+                         "--metrics-file writes\n" % (path, getattr(error, "strerror", None) or error))
+        return 2
+    sys.stdout.write(table)
+    return 0
+
+
+# --------------------------------------------------------------------------
 # The core: every decision, over plain data, with the time passed in.
 #
 # Events go in as method calls (spawned, notified, exited, signalled), each
@@ -437,6 +849,8 @@ class Worker:
         self.told_to_go = None      # when it was sent SIGHUP
         self.killed = False         # sent SIGKILL, which is never sent twice
         self.said_stopping = False  # sent STOPPING=1: it exits of its own accord
+        self.requests = 0           # finished requests, as it last reported (REQUESTS=n)
+        self.recycle_reason = None  # why it leaves its slot, once known: a RECYCLE_REASONS key
 
     def age(self, now):
         return now - self.started
@@ -469,6 +883,7 @@ class LauncherCore:
         self.workers_speak_notify = False
         self.told_systemd_ready = False
         self.status = None
+        self.tally = Tally()         # what --metrics-file counts over the launcher's life
 
     # -- what the state says, derived where it is needed --------------------
 
@@ -521,6 +936,14 @@ class LauncherCore:
             self.became_ready(worker, "notify", now)
         if fields.get("STOPPING") == "1":
             worker.said_stopping = True
+        # For the metrics: a worker's own word on its count, on what it gave
+        # up when it drained, and on why it asked to go (the latest wins).
+        if fields.get("REQUESTS", "").isdigit():
+            worker.requests = int(fields["REQUESTS"])
+        if fields.get("ABANDONED", "").isdigit():
+            self.tally.abandoned += int(fields["ABANDONED"])
+        if "RECYCLE" in fields:
+            worker.recycle_reason = fields["RECYCLE"] if fields["RECYCLE"] in RECYCLE_REASONS else "asked"
 
     def exited(self, pid, code, now):
         """CODE is the exit status, or minus the signal number (os.waitstatus_to_exitcode)."""
@@ -529,15 +952,22 @@ class LauncherCore:
             return
         slot = worker.slot
         how = {"status": code} if code >= 0 else {"signal": signal_name(-code)}
-        self.log("exit", slot=slot.number, pid=pid, role=worker.role, age_s=worker.age(now),
-                 drain_s=None if worker.told_to_go is None else now - worker.told_to_go, **how)
+        drain_s = None if worker.told_to_go is None else now - worker.told_to_go
+        self.log("exit", slot=slot.number, pid=pid, role=worker.role, age_s=worker.age(now), drain_s=drain_s, **how)
+        planned = worker.told_to_go is not None or (worker.said_stopping and code == 0)
+        self.tally.requests_of_past_workers += worker.requests
+        if drain_s is not None:
+            self.tally.observe("trac_fcgi_drain_seconds", drain_s)
+        if not planned and self.stopping_since is None:
+            self.tally.crashes += 1
+        if worker.role == "serving":
+            self.left_service(worker, None, reason=(worker.recycle_reason or "exit") if planned else "crash")
         if worker.role == "serving":
             # Nothing is left to hand off; a replacement already warming takes over the slot.
             slot.handoff_asked = None
             replacement = self.worker_of(slot, "warming")
             if replacement is not None:
                 replacement.role = "serving"
-        planned = worker.told_to_go is not None or (worker.said_stopping and code == 0)
         if planned or slot.retired or self.stopping_since is not None:
             return
         if not worker.ready:
@@ -568,6 +998,7 @@ class LauncherCore:
             slot.retired = True
             self.log("slot-removed", slot=slot.number, workers=len(self.slots))
             for worker in [w for w in self.workers.values() if w.slot is slot]:
+                worker.recycle_reason = worker.recycle_reason or "slot-removed"
                 self.tell_to_go(worker, "slot removed", now)
 
     def on_term(self, sender, now):
@@ -597,6 +1028,9 @@ class LauncherCore:
         self.actions.append((SYSTEMD, ("RELOADING=1", "STATUS=rolling restart")))
         for slot in self.slots:
             self.ask_for_handoff(slot, reason, now)
+        for worker in self.workers.values():
+            if worker.role == "serving":
+                worker.recycle_reason = worker.recycle_reason or "rolling"
 
     def ask_for_handoff(self, slot, reason, now):
         # Coalesced: a slot already waiting or warming is not asked again.
@@ -628,8 +1062,9 @@ class LauncherCore:
             if shortage:
                 # Not enough memory for two workers side by side: break before make.
                 self.log("stop-then-start", slot=slot.number, pid=serving.pid, **shortage)
-                slot.handoff_asked = None
-                self.tell_to_go(serving, "memory headroom", now)
+                self.tally.stop_then_start += 1
+                asked, slot.handoff_asked = slot.handoff_asked, None
+                self.tell_to_go(serving, "memory headroom", now, handoff_s=now - asked)
                 self.actions.append((SPAWN, slot, "serving"))
             else:
                 self.actions.append((SPAWN, slot, "warming"))
@@ -651,12 +1086,24 @@ class LauncherCore:
                 self.tell_to_go(old, "replaced by pid %d" % worker.pid, now,
                                 handoff_s=None if asked is None else now - asked)
 
-    def tell_to_go(self, worker, reason, now, **facts):
+    def tell_to_go(self, worker, reason, now, handoff_s=None):
         if worker.told_to_go is None:
+            if worker.role == "serving":
+                self.left_service(worker, handoff_s)
             worker.told_to_go = now
             worker.role = "draining"
-            self.log("hup", slot=worker.slot.number, pid=worker.pid, reason=reason, **facts)
+            self.log("hup", slot=worker.slot.number, pid=worker.pid, reason=reason, handoff_s=handoff_s)
             self.actions.append((SIGNAL, worker.pid, signal.SIGHUP))
+
+    def left_service(self, worker, handoff_s, reason=None):
+        """A serving worker stops serving, told to go or by dying: count why, and its handoff's time.
+
+        A launcher that is stopping replaces nobody: that is no recycle.
+        """
+        if self.stopping_since is None:
+            self.tally.recycled(reason or worker.recycle_reason or "asked")
+            if handoff_s is not None:
+                self.tally.observe("trac_fcgi_handoff_seconds", handoff_s)
 
     def kill(self, worker, reason):
         if not worker.killed:
@@ -720,6 +1167,7 @@ class LauncherCore:
             # Earlier workers said READY=1, so this one's silence means trouble;
             # its slot stays asked for and is retried after the backoff.
             self.log("ready-timeout", level=0, slot=worker.slot.number, pid=worker.pid)
+            self.tally.ready_timeouts += 1
             self.tell_to_go(worker, "silent past --ready-timeout", now)
             self.kill(worker, "silent past --ready-timeout")
             self.back_off(worker.slot, now)
@@ -755,6 +1203,9 @@ class Launcher:
         self.systemd = Systemd(os.environ.get("NOTIFY_SOCKET"))
         self.environ = self.worker_environment()
         self.errors_seen = set()
+        self.metrics_written = None   # when --metrics-file was last written; None: never
+        self.metrics_changed = False  # an event since then
+        self.metrics_failure = None   # the last write's error, logged once until a write succeeds
 
     def worker_environment(self):
         environ = dict(os.environ)
@@ -773,17 +1224,20 @@ class Launcher:
         while True:
             try:
                 wake_at = self.settle(time.monotonic())
+                wake_at = min(wake_at, self.write_metrics(time.monotonic()))
                 if self.core.finished:
                     break
                 info = signal.sigtimedwait(WAITED, max(pause, wake_at - time.monotonic(), 0.0))
                 pause = 0.0
                 if info is not None:
                     self.dispatch(info)
+                    self.metrics_changed = True
             except Exception as error:  # noqa: BLE001 - the loop outlives its bugs
                 # As unicorn's "master loop error": one bug must not take the
                 # socket and every worker with it.  Log, pause, go on.
                 self.loop_error(error)
                 pause = LOOP_ERROR_PAUSE_S
+        self.write_metrics(time.monotonic(), final=True)
         self.systemd.notify("STATUS=stopped")
         log("stop", status=0)
         return 0
@@ -854,6 +1308,30 @@ class Launcher:
             return self.core.spawn_failed(slot, error.strerror, now)
         self.core.spawned(slot, pid, role, now)
 
+    def write_metrics(self, now, final=False):
+        """Write --metrics-file if it is due (see METRICS_EVERY_S); return when it next will be."""
+        if not self.settings.metrics_file:
+            return float("inf")
+        due = 0.0 if self.metrics_written is None else self.metrics_written + (
+            METRICS_COALESCE_S if self.metrics_changed else METRICS_EVERY_S)
+        if now < due and not final:
+            return due
+        self.metrics_written, self.metrics_changed = now, False
+        core = self.core
+        workers = [(w.slot.number, w.pid, w.role, w.age(now), w.requests) for w in core.workers.values()]
+        try:
+            write_atomically(self.settings.metrics_file, render_metrics(
+                metrics_values(core.tally, len(core.slots), core.ready_workers(), workers, self.listener)))
+        except OSError as error:
+            if error.strerror != self.metrics_failure:
+                log("metrics-write-failed", level=0, path=self.settings.metrics_file, error=error.strerror)
+            self.metrics_failure = error.strerror
+        else:
+            if self.metrics_failure is not None:
+                log("metrics-written", path=self.settings.metrics_file)
+            self.metrics_failure = None
+        return now + METRICS_EVERY_S
+
     def memory_shortage(self, pid):
         reserve = self.settings.memory_reserve
         if not reserve:
@@ -914,8 +1392,11 @@ def describe(sock):
 
 def main(argv=None):
     global VERBOSITY
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["status"]:
+        return status_main(argv[1:])
     try:
-        settings = parse_settings(sys.argv[1:] if argv is None else argv)
+        settings = parse_settings(argv)
         VERBOSITY = 0 if settings.quiet else 2 if settings.verbose else 1
         path, command = worker_command(settings.command)
         listener = listening_socket(settings.bind, settings.source["bind"])

@@ -51,6 +51,9 @@ PERIOD_S = 0.5
 # A worker whose SIGUSR1 went unanswered asks again this often: standard
 # signals coalesce, so two workers asking at once can reach the launcher as one.
 REASK_S = 5.0
+# Under a launcher, the request count is reported on the notify socket when
+# it changes, but no more often than this: the launcher's metrics need no more.
+REPORT_EVERY_S = 1.0
 # After EMFILE, leave the backlog alone this long instead of spinning on it.
 ACCEPT_PAUSE_S = 0.1
 # Closing a connection, read what the client still sends for at most this
@@ -287,7 +290,10 @@ def log(event, **facts):
     for key, value in facts.items():
         if value is not None:
             value = "%.3f" % value if isinstance(value, float) else str(value)
-            words.append("%s=%s" % (key, value if value and " " not in value else repr(value)))
+            # Quoted when it could be misread: a request's path is the client's
+            # to choose, and a newline in it must not start a line of its own.
+            words.append("%s=%s" % (key, value if value and value.isprintable() and " " not in value
+                                    else repr(value)))
     sys.stderr.write(" ".join(words) + "\n")
     sys.stderr.flush()
 
@@ -363,6 +369,9 @@ def bind_socket(family, host, port):
 
 
 def bind_unix(path, mode):
+    if len(os.fsencode(path)) > 107:  # sun_path holds 108 bytes, and Python keeps one for a NUL
+        raise BadSetting("unix:%s is %d bytes long, more than the 107 a unix socket's path may have; "
+                         "use a shorter path" % (path, len(os.fsencode(path))))
     remove_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # Bind under a umask that leaves no window in which the file is world-writable.
@@ -426,13 +435,14 @@ try:
 except ImportError as missing:
     # Run as a script by a Python that lacks flup (`./trac_fcgi.py` finds the
     # first python3 on PATH): say which Python, and how to give it flup.
+    flup_missing = ("%s cannot import flup (%s): install what this file needs with %s -m pip install "
+                    "flup==1.0.3 'Trac>=1.6,<1.7' 'setuptools<81', or run it with a Python that has them"
+                    % (sys.executable, missing, sys.executable))
     if __name__ != "__main__":
-        raise
+        raise ImportError(flup_missing) from missing  # imported: the importer decides what to say
     if answered_without_serving(sys.argv[1:]):
         sys.exit(0)
-    sys.stderr.write("trac-fcgi: %s cannot import flup (%s): install what this file needs with "
-                     "%s -m pip install flup==1.0.3 'Trac>=1.6,<1.7' 'setuptools<81', or run it with "
-                     "a Python that has them\n" % (sys.executable, missing, sys.executable))
+    sys.stderr.write("trac-fcgi: %s\n" % flup_missing)
     sys.exit(2)
 
 
@@ -448,6 +458,39 @@ class QueueingThreadPool(ThreadPool):
 
     def addJob(self, job, allowQueuing=True):
         return ThreadPool.addJob(self, job, allowQueuing=True)
+
+
+def web_server_gone(sock):
+    """Has the web server closed its end of this connection?  Unread data does not hide it.
+
+    On a unix socket the kernel reports a full close as POLLHUP and a mere
+    shutdown of the sending side as POLLRDHUP alone, so only a real close
+    counts.  TCP tells the two apart only once we write; a FastCGI web
+    server has no reason to half-close, so there POLLRDHUP counts.
+    """
+    poller = select.poll()
+    poller.register(sock, select.POLLRDHUP)
+    events = poller.poll(0)
+    if not events:
+        return False
+    gone = select.POLLHUP if sock.family == socket.AF_UNIX else select.POLLHUP | select.POLLRDHUP
+    return bool(events[0][1] & gone)
+
+
+def request_start(header):
+    """X-Request-Start, as nginx sends it (t=${msec}): when the web server began on the request.
+
+    Seconds since the epoch, or milli- or microseconds as some proxies write it; 0 if absent or unreadable.
+    """
+    try:
+        value = float(header.strip().removeprefix("t="))
+    except ValueError:
+        return 0.0
+    if not 0 < value < 1e17:  # nan, inf and nonsense say nothing
+        return 0.0
+    while value > 1e11:  # milli- or microseconds
+        value /= 1000
+    return value
 
 
 class DeadlineSocket:
@@ -505,10 +548,15 @@ class CountedConnection(fcgi_base.Connection):
     def __init__(self, sock, addr, server, timeout):
         fcgi_base.Connection.__init__(self, DeadlineSocket(sock, server.limits.idle_timeout), addr,
                                       server, timeout)
-        server.connection_opened()
+        server.connection_opened(self)
         self.params_bytes = 0
         self.cut_off = False
         self.kept_alive = False  # has served a request and stays open for more
+        # Since when the next request has waited for us: from accept for the
+        # first, from its first record for a later one on a kept-alive
+        # connection (idle time between requests is nobody's wait).
+        self.waiting_since = time.monotonic()
+        self.request = None  # the request the application is running, for the drain's log
 
     def run(self):
         try:
@@ -527,13 +575,13 @@ class CountedConnection(fcgi_base.Connection):
         """One line for a client's malformed records; for a bug of ours, the line and its traceback."""
         peer = self._addr or "unix"
         where = traceback.extract_tb(error.__traceback__)[-1:]
-        line = traceback.format_exception_only(error)[-1].strip()
+        line = traceback.format_exception_only(type(error), error)[-1].strip()
         if isinstance(error, MALFORMED_RECORD) and where and where[0].filename == fcgi_base.__file__:
             log("bad-request", reason="malformed record (%s)" % line, peer=peer)
             return
         at = "%s:%d" % (os.path.basename(where[0].filename), where[0].lineno) if where else None
         log("connection-error", error=line, at=at, peer=peer)
-        traceback.print_exception(error)
+        traceback.print_exception(type(error), error, error.__traceback__)  # 3 arguments, as Python 3.9 wants
 
     def process_input(self):
         # flup waits for the next record in 1 s selects for as long as the
@@ -563,6 +611,41 @@ class CountedConnection(fcgi_base.Connection):
                 raise EOFError
         return fcgi_base.Connection.process_input(self)
 
+    def _start_request(self, req):
+        # flup runs a request as soon as its parameters are in.  A web server
+        # that gave up on it meanwhile (its client left, or its read timeout
+        # passed while the request waited in the backlog) has closed the
+        # connection: running it now would change the site for nobody to
+        # see the answer, and nginx may even have said 504 already.
+        req.arrived(self.waiting_since)
+        if web_server_gone(self._sock):
+            log("dropped", reason="the web server closed the connection before the request ran",
+                **req.facts())
+            self.cut_off = True
+            raise EOFError
+        self.request = req
+        try:
+            req.run()
+        finally:
+            self.request = None
+
+    def writeRecord(self, rec):
+        req = self._requests.get(rec.requestId)
+        try:
+            fcgi_base.Connection.writeRecord(self, rec)
+        except OSError as error:
+            if req is not None and not req.undelivered:
+                req.undelivered = True
+                log("undelivered", error=errno.errorcode.get(error.errno, type(error).__name__),
+                    bytes_sent=req.bytes_sent, **req.facts())
+            raise
+        if req is not None and rec.type == fcgi_base.FCGI_STDOUT:
+            req.bytes_sent += rec.contentLength
+
+    def _do_begin_request(self, inrec):
+        self.waiting_since = self.waiting_since or time.monotonic()
+        fcgi_base.Connection._do_begin_request(self, inrec)
+
     def _do_params(self, inrec):
         self.params_bytes += inrec.contentLength
         if self.params_bytes > self.MAX_PARAMS_BYTES:
@@ -577,6 +660,7 @@ class CountedConnection(fcgi_base.Connection):
         self._sock.restart()
         self.kept_alive = True
         self.params_bytes = 0
+        self.waiting_since = None
         # On a draining worker a kept-alive connection ends with its current
         # request.  Under steady load nginx reuses it at once, so waiting for
         # it to fall idle would keep the drain going until its timeout, and
@@ -607,10 +691,29 @@ class CountedRequest(fcgi_base.Request):
     """Counts requests and measures memory after each one, before its client learns it is over.
 
     Measured before FCGI_END_REQUEST goes out, the client's next request can
-    only arrive once the main loop can know we are past the limit.
+    only arrive once the main loop can know we are past the limit.  It also
+    knows enough about itself to name itself in a log line.
     """
 
     counted = False
+    undelivered = False  # a write of its answer failed, and was logged
+    bytes_sent = 0       # of its answer (FCGI_STDOUT: headers and body)
+    started = None       # when its parameters were in, and it was due to run
+    waited_s = None
+
+    def arrived(self, waiting_since):
+        """Called once its parameters are in: how long it waited to get here."""
+        self.started = time.monotonic()
+        queued = request_start(self.params.get("HTTP_X_REQUEST_START", ""))
+        self.waited_s = max(0.0, time.time() - queued if queued else self.started - waiting_since)
+
+    def facts(self):
+        """What a log line says about this request."""
+        params = self.params
+        return {"method": params.get("REQUEST_METHOD"),
+                "path": params.get("SCRIPT_NAME", "") + params.get("PATH_INFO", ""),
+                "client": params.get("REMOTE_ADDR"),
+                "waited_s": self.waited_s}
 
     def _end(self, appStatus=0, protocolStatus=fcgi_base.FCGI_REQUEST_COMPLETE):
         self.count()
@@ -652,7 +755,7 @@ class RecyclingWSGIServer(WSGIServer):
         self.started = time.monotonic()
         self.launcher = launcher_pid()
         self.lock = threading.Lock()
-        self.connections = 0
+        self.open = set()  # every accepted connection not yet closed
         # Kept-alive connections holding a thread while they wait for their
         # next request (oldest first, with when they began to wait); whether
         # a connection waits in the backlog for a thread; and the connection
@@ -664,20 +767,26 @@ class RecyclingWSGIServer(WSGIServer):
         self.draining = False
         self.stop_reason = None      # why we stopped accepting
         self.reexec = False          # after draining, exec ourselves in place
+        self.stopped_because = None  # what stop_accepting() was told
         self.replacement_asked = None
         self.accept_paused_until = 0.0
+        self.reported = (0, 0.0)     # the request count last told the launcher, and when
         # Threads and signal handlers wake the main loop through this pipe.
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # -- counting (called from connection threads) -------------------------
 
-    def connection_opened(self):
+    @property
+    def connections(self):
+        return len(self.open)
+
+    def connection_opened(self, connection):
         with self.lock:
-            self.connections += 1
+            self.open.add(connection)
 
     def connection_closed(self, connection):
         with self.lock:
-            self.connections -= 1
+            self.open.discard(connection)
             was_full = self.connections == self.limits.max_threads - 1
             if self.releasing is connection:
                 self.releasing = None
@@ -813,6 +922,7 @@ class RecyclingWSGIServer(WSGIServer):
         """Called on every pass of the main loop: the whole recycling policy."""
         if self.draining:
             return
+        self.report_requests()
         rss = self.rss()
         age = time.monotonic() - self.started
         limits = self.limits
@@ -845,6 +955,7 @@ class RecyclingWSGIServer(WSGIServer):
             return self.stop_accepting(reason)
         if first:
             log("recycle", reason=reason, rss=rss, requests=self.requests, age_s=age, next="ask launcher")
+            self.tell_launcher("RECYCLE=%s" % reason)
         # Only our own launcher, never init or spawn-fcgi (the pid check above
         # already stopped us if it is gone).
         if os.getppid() == self.launcher:
@@ -853,6 +964,7 @@ class RecyclingWSGIServer(WSGIServer):
     def stop_accepting(self, reason):
         if not self.draining:
             self.draining = True
+            self.stopped_because = reason
             log("drain", reason=reason, connections=self.connections, requests=self.requests, rss=self.rss())
 
     # -- signals -------------------------------------------------------------
@@ -925,10 +1037,43 @@ class RecyclingWSGIServer(WSGIServer):
         while self.connections and time.monotonic() < deadline:
             select.select([self.wake_r], [], [], min(PERIOD_S, max(0, deadline - time.monotonic())))
             self.drain_pipe()
+        self.log_abandoned()
         log("drained", drain_s=time.monotonic() - started, abandoned=self.connections,
             requests=self.requests, rss=self.rss())
-        if self.launcher is None or os.getppid() == self.launcher:
-            sd_notify("STOPPING=1")  # a launcher that is gone has nobody listening
+        if self.launcher is None:
+            sd_notify("STOPPING=1")
+        elif os.getppid() == self.launcher:  # a launcher that is gone has nobody listening
+            # The final count and what was abandoned, for the launcher's metrics;
+            # and why we stopped, if the launcher cannot know it (it did not tell us to go).
+            own = ("max_rss" if self.stopped_because == "max_rss"
+                   else "signal" if str(self.stopped_because).startswith("SIG") else None)
+            sd_notify("STOPPING=1\nREQUESTS=%d\nABANDONED=%d%s"
+                      % (self.requests, self.connections, "\nRECYCLE=%s" % own if own else ""))
+
+    # -- reporting to the launcher ---------------------------------------------
+
+    def tell_launcher(self, message):
+        """sd_notify lines for our launcher's metrics; nothing without a launcher."""
+        if self.launcher is not None:
+            sd_notify(message)
+
+    def report_requests(self):
+        """REQUESTS=n when the count changed, at most once every REPORT_EVERY_S."""
+        count, when = self.reported
+        now = time.monotonic()
+        if self.requests != count and now - when >= REPORT_EVERY_S:
+            self.reported = (self.requests, now)
+            self.tell_launcher("REQUESTS=%d" % self.requests)
+
+    def log_abandoned(self):
+        """One line for each request still running as the drain times out: what its client loses."""
+        now = time.monotonic()
+        with self.lock:
+            running = [connection.request for connection in self.open]
+        for request in running:
+            if request is not None:
+                log("abandoned", running_s=now - request.started, bytes_sent=request.bytes_sent,
+                    **request.facts())
 
 
 # --------------------------------------------------------------------------

@@ -62,6 +62,7 @@ class Demo:
         self.socket = self.run_dir / "trac.sock"
         self.launcher_log = self.logs / "launcher.log"
         self.launcher_pid = self.run_dir / "launcher.pid"
+        self.metrics = self.run_dir / "trac.prom"
         self.nginx_pid = self.nginx_dir / "nginx.pid"
         self.launcher = self.nginx = self.follow = None
 
@@ -133,7 +134,7 @@ class Demo:
         with open(self.launcher_log, "ab") as log:
             self.launcher = subprocess.Popen(
                 [SPAWN_FCGI, "-n", "-s", str(self.socket), "-M", "0600", "--",
-                 str(BIN / "trac-fcgi-launcher"), "--workers", str(WORKERS)],
+                 str(BIN / "trac-fcgi-launcher"), "--workers", str(WORKERS), "--metrics-file", str(self.metrics)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=environ, start_new_session=True)
         self.launcher_pid.write_text("%d\n" % self.launcher.pid)
         self.wait_for(lambda text: "event=all-ready" in text, self.launcher, "the workers to be ready")
@@ -239,6 +240,8 @@ def main():
             % os.environ.get("TRAC_FCGI_MAX_REQUESTS", WORKER_LIMITS["TRAC_FCGI_MAX_REQUESTS"]))
         say("watch for event=recycle, event=ready, event=hup, event=drained below")
         say("logs: %s, %s; Ctrl-C stops everything" % (demo.launcher_log, demo.nginx_dir / "logs"))
+        say("metrics: %s status %s  (or point node_exporter's textfile collector at its directory)"
+            % (BIN / "trac-fcgi-launcher", demo.metrics))
         demo.follow_log(seconds)
     except KeyboardInterrupt:
         sys.stdout.write("\n")

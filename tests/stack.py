@@ -6,6 +6,8 @@ trac-fcgi console script serving a Trac environment made by trac-admin.  The
 load generator is plain http.client in threads, and it records every
 response: status, whether the whole body arrived, latency, and errors.
 """
+import collections
+import contextlib
 import http.client
 import os
 import pwd
@@ -13,12 +15,15 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import string
+import subprocess
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
-from support import LAUNCHER, PYTHON, ROOT, Process, free_port
+from support import LAUNCHER, PYTHON, ROOT, Process, children, free_port, make_trac_env
 
 EXAMPLES = ROOT / "examples"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -39,19 +44,24 @@ class NginxTemplate(string.Template):
     delimiter = "@"
 
 
-def nginx_config(prefix, listen, fastcgi_server, upstream=None, keepalive=True):
+def nginx_config(prefix, listen, fastcgi_server, upstream=None, directives=None):
     """examples/nginx.conf filled in; UPSTREAM replaces its `upstream trac {...}` block.
 
-    keepalive=False drops its `keepalive N;` and `fastcgi_keep_conn on;`
-    lines, if it has them: nginx's default, a FastCGI connection per request.
+    DIRECTIVES ({name: value}) set server-level directives in its place: each
+    named one is taken out of the example, and put back with VALUE unless
+    that is None (nginx's default then applies).
     """
     text = (EXAMPLES / "nginx.conf").read_text()
     if upstream is not None:
         text, found = re.subn(r"^    upstream trac \{.*?^    \}\n", lambda _: upstream, text,
                               flags=re.MULTILINE | re.DOTALL)
         assert found == 1, "examples/nginx.conf has no single `upstream trac {...}` block"
-    if not keepalive:
-        text = re.sub(r"^\s*(keepalive\s+\d+|fastcgi_keep_conn\s+on)\s*;.*\n", "", text, flags=re.MULTILINE)
+    for name, value in (directives or {}).items():
+        text = re.sub(r"^ *%s [^;]*;\n" % re.escape(name), "", text, flags=re.MULTILINE)
+        if value is not None:
+            text, found = re.subn(r"^( *)server_name _;\n", lambda m: "%s%s%s %s;\n" % (
+                m[0], m[1], name, value), text, count=1, flags=re.MULTILINE)
+            assert found == 1, "examples/nginx.conf has no `server_name _;` to put %s after" % name
     return NginxTemplate(text).substitute(prefix=prefix, listen=listen,
                                           fastcgi_server=fastcgi_server or "the upstream block below",
                                           user=pwd.getpwuid(os.getuid()).pw_name)
@@ -65,10 +75,19 @@ def upstream_block(*servers):
     return "".join("    " + line if line.strip() else line for line in text.splitlines(True))
 
 
+# The other way to run nginx in front, which examples/nginx.conf weighs and
+# turns down: FastCGI connections kept open between requests, which trac-fcgi
+# serves too.  As trac_behind_nginx(**KEEPALIVE_FRONT).
+KEEPALIVE_FRONT = {
+    "upstream": "    upstream trac {\n        server @{fastcgi_server};\n        keepalive 8;\n    }\n",
+    "directives": {"fastcgi_keep_conn": "on", "fastcgi_next_upstream": "error timeout"},
+}
+
+
 class Nginx:
     """Real nginx on a free port of 127.0.0.1, in its own prefix directory."""
 
-    def __init__(self, directory, fastcgi_server, upstream=None, port=None, keepalive=True):
+    def __init__(self, directory, fastcgi_server, upstream=None, port=None, directives=None):
         self.prefix = Path(directory)
         for sub in ("logs", "tmp"):
             (self.prefix / sub).mkdir(parents=True, exist_ok=True)
@@ -79,7 +98,7 @@ class Nginx:
         for attempt in range(5):
             self.port = port or free_port()
             self.conf.write_text(nginx_config(self.prefix, "127.0.0.1:%d" % self.port, fastcgi_server, upstream,
-                                                keepalive))
+                                              directives))
             self.process = Process([NGINX, "-p", str(self.prefix), "-c", str(self.conf),
                                     "-e", str(self.error_log_path), "-g", "daemon off;"],
                                    self.prefix / "nginx.out")
@@ -158,6 +177,13 @@ def drains(launcher):
     """Every `event=drained` a worker logged (workers share the launcher's stderr)."""
     return [dict(re.findall(r"(\w+)=(\S+)", line)) for line in launcher.log().splitlines()
             if line.startswith("trac-fcgi[") and " event=drained " in line]
+
+
+def serving_workers(launcher):
+    """Workers that said READY=1, were not told to go, and still run: the ones a kill hurts."""
+    told_to_go = {hup["pid"] for hup in launcher.events("hup")}
+    running = children(launcher.pid)
+    return [int(e["pid"]) for e in launcher.events("ready") if e["pid"] not in told_to_go and int(e["pid"]) in running]
 
 
 # --------------------------------------------------------------------------
@@ -243,12 +269,18 @@ class Load:
         self.done = threading.Event()
         self.seconds = 0.0
 
+    def next_request(self, number, turn):
+        """What client NUMBER asks on its TURN: (path, method, body, headers)."""
+        return self.paths[(number + turn) % len(self.paths)], self.method, self.body, self.headers
+
     def client(self, number):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
-        turn = number
+        turn = 0
         try:
             while not self.done.is_set():
-                answer = exchange(conn, self.paths[turn % len(self.paths)], self.method, self.body, self.headers)
+                request = self.next_request(number, turn)
+                answer = exchange(conn, *request)
+                answer.request = request
                 turn += 1
                 with self.lock:
                     self.answers.append(answer)
@@ -302,16 +334,81 @@ class Load:
                     pick(0.5), pick(0.99), latencies[-1], self.failures()[:5]))
 
 
+# --------------------------------------------------------------------------
+# Writing to Trac: real form posts, and what the database then holds.
+
+# Trac accepts a POST only when its __FORM_TOKEN field matches the
+# trac_form_token cookie; a client may pick its own, as a browser's first
+# visit gets one from Trac.
+FORM_TOKEN = "e2e0token"
+
+
+def form_post(fields):
+    """A Trac form POST of FIELDS: (body, headers) with the form token in both places."""
+    body = urllib.parse.urlencode(dict(fields, __FORM_TOKEN=FORM_TOKEN))
+    return body, {"Cookie": "trac_form_token=" + FORM_TOKEN, "Content-Type": "application/x-www-form-urlencoded"}
+
+
+def writable_trac_env(path, max_upload=100 << 20):
+    """A fresh Trac environment where anyone may create tickets and attach files up to MAX_UPLOAD bytes."""
+    make_trac_env(path)
+    trac_admin = str(Path(PYTHON).parent / "trac-admin")
+    for command in (["permission", "add", "anonymous", "TICKET_CREATE", "TICKET_APPEND"],
+                    ["config", "set", "attachment", "max_size", str(max_upload)]):
+        subprocess.run([trac_admin, str(path), *command], check=True, capture_output=True)
+    return str(path)
+
+
+def ticket_summaries(trac_env):
+    """How many tickets the database holds with each summary."""
+    with contextlib.closing(sqlite3.connect("file:%s/db/trac.db?mode=ro" % trac_env, uri=True)) as db:
+        return collections.Counter(summary for (summary,) in db.execute("SELECT summary FROM ticket"))
+
+
+class TicketLoad(Load):
+    """CLIENTS threads creating tickets through Trac's form, each with a summary of its own.
+
+    Between two tickets a client reads each of PAGES (none by default).
+    Each answer to a POST carries the summary it sent, as answer.summary.
+    """
+
+    def __init__(self, port, clients, tag, pages=(), timeout=120):
+        Load.__init__(self, port, ["/newticket"], clients, timeout)
+        self.tag, self.pages = tag, list(pages)
+
+    def next_request(self, number, turn):
+        cycle = len(self.pages) + 1
+        if turn % cycle:
+            return self.pages[turn % cycle - 1], "GET", None, {}
+        summary = "%s client %d ticket %d" % (self.tag, number, turn // cycle)
+        body, headers = form_post({"field_summary": summary, "field_description": summary,
+                                   "submit": "Create ticket"})
+        return "/newticket", "POST", body, headers
+
+    def posts(self):
+        """(summary, answer) for every ticket asked for."""
+        return [(urllib.parse.parse_qs(a.request[2])["field_summary"][0], a)
+                for a in self.answers if a.request[1] == "POST"]
+
+    def created(self):
+        """Answers Trac gave to a ticket it created: 303 to the new ticket."""
+        return [(summary, a) for summary, a in self.posts() if a.status == 303]
+
+
 def is_trac_page(answer, text):
     """A whole 200 HTML page that Trac rendered, with TEXT in it."""
     return (answer.ok and text.encode() in answer.body
             and re.search(rb"Powered by\s*<a [^>]*><strong>Trac 1\.", answer.body) is not None)
 
 
-def trac_behind_nginx(started, directory, trac_env, *launcher_flags, env=None):
-    """nginx in front of spawn-fcgi -> launcher -> trac_fcgi; both go on the STARTED list as they start."""
+def trac_behind_nginx(started, directory, trac_env, *launcher_flags, env=None, upstream=None, directives=None):
+    """nginx in front of spawn-fcgi -> launcher -> trac_fcgi; both go on the STARTED list as they start.
+
+    UPSTREAM and DIRECTIVES change examples/nginx.conf as nginx_config() says;
+    an @{fastcgi_server} in UPSTREAM is the launcher's socket.
+    """
     launcher = start_trac(directory, trac_env, *launcher_flags, env=env, cleanup=started)
-    nginx = Nginx(Path(directory) / "nginx", "unix:" + launcher.socket)
+    nginx = Nginx(Path(directory) / "nginx", "unix:" + launcher.socket, upstream=upstream, directives=directives)
     started.append(nginx)
     return nginx, launcher
 

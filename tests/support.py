@@ -326,13 +326,15 @@ def fcgi_pairs(params):
     return out
 
 
-def fcgi_request_bytes(request_id=1, path="/", query="", keep_conn=False):
-    params = {"REQUEST_METHOD": "GET", "SCRIPT_NAME": "", "PATH_INFO": path, "QUERY_STRING": query,
-              "SERVER_NAME": "localhost", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1"}
+def fcgi_request_bytes(request_id=1, path="/", query="", keep_conn=False, method="GET", body=b"", params=None):
+    """One whole request as a web server writes it; BODY (under 64 KiB) goes in one FCGI_STDIN record."""
+    params = dict({"REQUEST_METHOD": method, "SCRIPT_NAME": "", "PATH_INFO": path, "QUERY_STRING": query,
+                   "SERVER_NAME": "localhost", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1",
+                   "CONTENT_LENGTH": str(len(body))}, **(params or {}))
     begin = struct.pack("!HB5x", FCGI_RESPONDER, FCGI_KEEP_CONN if keep_conn else 0)
     return (fcgi_record(FCGI_BEGIN_REQUEST, request_id, begin)
             + fcgi_record(FCGI_PARAMS, request_id, fcgi_pairs(params)) + fcgi_record(FCGI_PARAMS, request_id)
-            + fcgi_record(FCGI_STDIN, request_id))
+            + (fcgi_record(FCGI_STDIN, request_id, body) if body else b"") + fcgi_record(FCGI_STDIN, request_id))
 
 
 def fcgi_read_response(sock):

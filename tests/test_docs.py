@@ -66,9 +66,26 @@ def test_the_readme_opens_with_make_demo_and_make_test():
     assert opening.split("\n")[0].startswith("make demo") and opening.split("\n")[1].startswith("make test")
 
 
+def test_the_readme_nginx_fronts_table_is_bench_results_fronts_md():
+    table = [line for line in (ROOT / "bench/results/fronts.md").read_text().splitlines() if line.startswith("|")]
+    assert table and "\n".join(table) in README
+
+
 def test_every_test_the_failure_modes_table_cites_exists():
     table = README[README.index("## Failure modes"):README.index("## Benchmark")]
     cited = set(re.findall(r"`(test_\w+)`", table))
     defined = set(re.findall(r"^def (test_\w+)", "".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py")),
                              re.M))
     assert cited and cited <= defined, cited - defined
+
+
+def test_the_readme_metrics_table_is_the_launchers_metrics_table():
+    rows = table_rows("| metric | type | labels | meaning |")
+    assert [plain(name) for name in rows] == [name for name, *_ in launcher.METRICS]
+    for name, kind, labels, meaning in launcher.METRICS:
+        assert [plain(cell) for cell in rows["`%s`" % name]] == [kind, labels, meaning]
+
+
+def test_the_readme_lists_every_recycle_reason_with_its_meaning():
+    rows = table_rows("| reason | the worker left its slot because |")
+    assert {plain(reason): plain(cells[0]) for reason, cells in rows.items()} == launcher.RECYCLE_REASONS

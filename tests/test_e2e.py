@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from stack import (EXAMPLES, START_TIMEOUT, TRAC_FCGI, Load, Nginx, drains, http_get, is_trac_page,
+from stack import (EXAMPLES, KEEPALIVE_FRONT, START_TIMEOUT, TRAC_FCGI, Load, Nginx, drains, form_post, http_get, is_trac_page,
                    recycles, terminate, trac_behind_nginx, upstream_block)
 from support import LAUNCHER, PYTHON, ROOT, Process, alive, free_port, wait_until
 
@@ -128,14 +128,19 @@ def test_sixteen_clients_get_only_whole_200s_through_twenty_recycles(started, tm
     assert_every_drain_finished(launcher, report)
 
 
-def test_a_single_client_keeps_getting_answers_while_its_worker_is_replaced(started, tmp_path, trac_env):
-    # One client on one kept-alive connection: every recycle hands that
-    # connection's next request from the old worker to the new one.  A drain
-    # that lasts until its timeout means the old worker kept serving new
-    # requests instead of letting go of the connection.
+FRONTS = {"example": {}, "keepalive": KEEPALIVE_FRONT}
+
+
+@pytest.mark.parametrize("front", FRONTS)
+def test_a_single_client_keeps_getting_answers_while_its_worker_is_replaced(started, tmp_path, trac_env, front):
+    # One client on one kept-alive HTTP connection: every recycle hands its
+    # next request from the old worker to the new one.  A drain that lasts
+    # until its timeout means the old worker kept serving new requests
+    # instead of letting go (of nginx's kept-alive FastCGI connection, when
+    # it keeps one).
     drain_timeout = 20
     nginx, launcher = trac_behind_nginx(started, tmp_path, trac_env, env={
-        "TRAC_FCGI_MAX_REQUESTS": "10", "TRAC_FCGI_DRAIN_TIMEOUT": str(drain_timeout)})
+        "TRAC_FCGI_MAX_REQUESTS": "10", "TRAC_FCGI_DRAIN_TIMEOUT": str(drain_timeout)}, **FRONTS[front])
     load, report = run_clients_through_recycles(nginx, launcher, clients=1, want_recycles=4,
                                                 least_seconds=5, most_seconds=180)
     replaced = [int(hup["pid"]) for hup in recycles(launcher)]
@@ -150,13 +155,13 @@ def test_a_single_client_keeps_getting_answers_while_its_worker_is_replaced(star
 
 
 def test_posts_sent_while_workers_recycle_are_all_answered_by_trac(started, tmp_path, trac_env):
-    # nginx never retries a POST on its own: one written into a kept-alive
-    # connection just as a draining worker closes it would be a 502, were it
-    # not for examples/nginx.conf's fastcgi_next_upstream.  A search with a
-    # valid form token (cookie and field agree) changes nothing in Trac.
+    # examples/nginx.conf never retries a POST, so none may fail on its way
+    # through a handoff: each has a connection of its own, which waits in the
+    # backlog while workers change.  A search with a valid form token (cookie
+    # and field agree) changes nothing in Trac.
     nginx, launcher = trac_behind_nginx(started, tmp_path, trac_env, env={"TRAC_FCGI_MAX_REQUESTS": "20"})
-    load = Load(nginx.port, ["/search"], clients=16, body="__FORM_TOKEN=e2e0token&q=trac&wiki=on",
-                headers={"Cookie": "trac_form_token=e2e0token"})
+    body, headers = form_post({"q": "trac", "wiki": "on"})
+    load = Load(nginx.port, ["/search"], clients=16, body=body, headers=headers)
     load.run(stop=lambda seconds: seconds >= 10 and len(recycles(launcher)) >= 8, max_seconds=180)
     report = "%s\n%d recycles\nnginx errors:\n%s" % (load.summary(), len(recycles(launcher)), nginx.errors()[-3000:])
     assert len(recycles(launcher)) >= 8, "too few recycles: " + report
@@ -164,10 +169,13 @@ def test_posts_sent_while_workers_recycle_are_all_answered_by_trac(started, tmp_
     assert all(b"Search" in answer.body for answer in load.answers), report
 
 
-def test_more_clients_than_worker_threads_are_all_answered_in_turn(started, tmp_path, trac_env):
-    # 6 clients, 4 threads, no recycling: nginx keeps 5-6 connections open
-    # and reuses the 4 the worker accepted; the others must get a turn too.
-    nginx, launcher = trac_behind_nginx(started, tmp_path, trac_env, env={"TRAC_FCGI_MAX_THREADS": "4"})
+@pytest.mark.parametrize("front", FRONTS)
+def test_more_clients_than_worker_threads_are_all_answered_in_turn(started, tmp_path, trac_env, front):
+    # 6 clients, 4 threads, no recycling: 2 connections wait in the backlog.
+    # With keepalive, nginx keeps 5-6 connections open and reuses the 4 the
+    # worker accepted; the others must get a turn too.
+    nginx, launcher = trac_behind_nginx(started, tmp_path, trac_env, env={"TRAC_FCGI_MAX_THREADS": "4"},
+                                        **FRONTS[front])
     load = Load(nginx.port, PAGES, clients=6, timeout=12).run(stop=lambda seconds: seconds >= 8, max_seconds=8)
     report = load.summary()
     assert_every_answer_whole(load, nginx, report)

@@ -6,6 +6,7 @@ hello worker, where a fault needs an app that misbehaves on purpose.
 """
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -174,22 +175,76 @@ def test_killing_the_launcher_takes_every_worker_with_it_and_frees_the_socket(tm
         again.stop()
 
 
-def test_a_hung_request_is_abandoned_at_the_drain_timeout_and_counted(tmp_path):
+def test_a_hung_request_is_abandoned_at_the_drain_timeout_and_logged_by_name(tmp_path):
     # Injects: a request that never finishes, then a handoff.
-    # Holds: the old worker leaves after TRAC_FCGI_DRAIN_TIMEOUT and logs abandoned=1.
+    # Holds: the old worker leaves after TRAC_FCGI_DRAIN_TIMEOUT, logs the
+    # request it abandons by method and path, and abandoned=1.
     launcher = start_launcher(tmp_path, HELLO, env={"TRAC_FCGI_DRAIN_TIMEOUT": "2"})
     try:
         launcher.wait_for("all-ready")
         old = int(launcher.events("ready")[0]["pid"])
-        ask_in_background(launcher.socket, "delay=3600")
+        ask_in_background(launcher.socket, "delay=3600", path="/report/hung")
         time.sleep(0.3)
         launcher.signal(signal.SIGHUP)
         exit_line = launcher.wait_for("exit", pid=old, timeout=20)[0]
         assert 2 <= float(exit_line["drain_s"]) < 5
         assert launcher.wait_for("drained", abandoned=1)
+        abandoned = launcher.events("abandoned")
+        assert [(a["method"], a["path"], a["bytes_sent"]) for a in abandoned] == [("GET", "/report/hung", "0")]
+        assert float(abandoned[0]["running_s"]) >= 2
         assert fcgi_get(launcher.socket).status == 200
     finally:
         launcher.stop()
+
+
+def read_to_the_end(sock):
+    received = 0
+    while True:
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            return received
+        received += len(chunk)
+
+
+@pytest.mark.parametrize("buffering", ["on", "off"])
+def test_a_download_nobody_reads_holds_up_the_drain_only_when_nginx_does_not_buffer_it(tmp_path, buffering):
+    # Injects: a client that stops reading an 8 MiB download (more than the
+    # socket buffers between it and the worker hold), then a handoff.
+    # Holds: with fastcgi_buffering on (nginx's default), nginx takes the
+    # whole answer off the worker into a temporary file, so the drain ends
+    # without abandoning it, however long the drain timeout, and the client
+    # later gets every byte.  Off, the worker is still writing at the drain
+    # timeout: it logs the download as abandoned, by path and bytes sent, and
+    # the client's body stops short.
+    size = 8 << 20
+    drain_timeout = 120 if buffering == "on" else 3
+    started = []
+    try:
+        nginx, launcher = trac_behind_nginx(started, tmp_path, tmp_path, "--", *HELLO,
+                                            env={"TRAC_FCGI_DRAIN_TIMEOUT": str(drain_timeout)},
+                                            directives={"fastcgi_buffering": buffering})
+        old = int(launcher.events("ready")[0]["pid"])
+        with socket.socket() as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.settimeout(60)
+            client.connect(("127.0.0.1", nginx.port))
+            client.sendall(b"GET /download?bytes=%d HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n" % size)
+            first = client.recv(4096)
+            assert first.startswith(b"HTTP/1.1 200") and b"\r\n\r\n" in first, first
+            launcher.signal(signal.SIGHUP)
+            launcher.wait_for("exit", pid=old, timeout=drain_timeout + 60)
+            body = len(first) - first.index(b"\r\n\r\n") - 4 + read_to_the_end(client)
+    finally:
+        stop_all(*reversed(started))
+    abandoned = launcher.events("abandoned")
+    if buffering == "on":
+        assert body == size
+        assert launcher.events("drained", abandoned=0) and not abandoned
+    else:
+        assert body < size
+        assert launcher.events("drained", abandoned=1)
+        assert [(a["method"], a["path"]) for a in abandoned] == [("GET", "/download")], abandoned
+        assert body <= int(abandoned[0]["bytes_sent"]) < size, abandoned
 
 
 def test_without_memory_headroom_handoffs_stop_then_start_and_no_request_fails(site):

@@ -209,7 +209,7 @@ def _port_in_use(keep):
 
 TRAC_FCGI_BAD_BINDS = [
     "abc", "", "127.0.0.1:notaport", ":9000", "127.0.0.1:99999", "unix:/nonexistent-dir/trac.sock", "unix:",
-    _port_in_use,
+    "unix:/tmp/%s.sock" % ("x" * 120), _port_in_use,
 ]
 
 
@@ -301,7 +301,8 @@ def _listening_path(keep):
 
 LAUNCHER_BAD_BINDS = [
     "abc", "unix:relative.sock", "unix:/nonexistent-dir/trac.sock", "127.0.0.1:0", "127.0.0.1:65536",
-    ":9000", "127.0.0.1:notaport", "[::1]", "999.1.1.1:9000", _port_in_use, _listening_path,
+    ":9000", "127.0.0.1:notaport", "[::1]", "999.1.1.1:9000", "unix:/tmp/%s.sock" % ("x" * 120), _port_in_use,
+    _listening_path,
 ]
 
 

@@ -99,14 +99,15 @@ def test_help_lists_every_setting_once_with_its_default():
 # Running as checked out
 
 def test_the_checkout_runs_as_a_program_with_help_and_version():
-    """./trac_fcgi.py, through its shebang: whichever python3 is first on PATH,
-    with flup or without, answers --help and --version."""
+    """./trac_fcgi.py and ./launcher.py, through their shebangs: whichever
+    python3 is first on PATH, with flup or without, answers --help and --version."""
     import trac_fcgi
-    for flag, says in (("--help", "TRAC_FCGI_MAX_RSS"), ("--version", trac_fcgi.__version__)):
-        result = subprocess.run(["./trac_fcgi.py", flag], cwd=os.path.dirname(TRAC_FCGI), capture_output=True,
-                                text=True, timeout=60)
-        assert result.returncode == 0 and says in result.stdout, result.stderr
-        assert result.stderr == ""
+    for script, says in (("./trac_fcgi.py", "TRAC_FCGI_MAX_RSS"), ("./launcher.py", "WORKER_PATH")):
+        for flag, answer in (("--help", says), ("--version", trac_fcgi.__version__)):
+            result = subprocess.run([script, flag], cwd=os.path.dirname(TRAC_FCGI), capture_output=True,
+                                    text=True, timeout=60)
+            assert result.returncode == 0 and answer in result.stdout, (script, flag, result.stderr)
+            assert result.stderr == ""
 
 
 @pytest.fixture(scope="module")
@@ -174,15 +175,59 @@ def test_a_request_accepted_but_not_yet_on_a_thread_is_answered(spawn):
     assert worker.events("drained", abandoned=0)
 
 
-def test_the_drain_is_bounded_and_abandoned_requests_are_counted(spawn):
+def test_the_drain_is_bounded_and_each_abandoned_request_is_logged_by_name(spawn):
     worker = spawn(HELLO, env={"TRAC_FCGI_DRAIN_TIMEOUT": "1"})
-    threads, results = ask_in_background(worker.socket, "delay=30", count=2)
+    threads, results = ask_in_background(worker.socket, "delay=30", count=2, path="/hung")
     time.sleep(0.4)
     started = time.monotonic()
     worker.signal(signal.SIGTERM)
     assert worker.wait(10) == 0
     assert time.monotonic() - started < 5
     assert worker.events("drained", abandoned=2)
+    abandoned = worker.events("abandoned")
+    assert [(a["method"], a["path"], a["client"], a["bytes_sent"]) for a in abandoned] == [
+        ("GET", "/hung", "127.0.0.1", "0")] * 2
+    assert all(float(a["running_s"]) >= 1 for a in abandoned), abandoned
+
+
+# --------------------------------------------------------------------------
+# A web server that has given up
+
+def test_a_request_whose_web_server_closed_the_connection_before_it_ran_is_dropped_and_logged(spawn):
+    # As nginx does at fastcgi_read_timeout: the request waited in the backlog
+    # (here behind a stopped worker) until the web server closed its end.
+    worker = spawn(HELLO)
+    worker.signal(signal.SIGSTOP)
+    try:
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.connect(worker.socket)
+            conn.sendall(fcgi_request_bytes(1, path="/newticket", method="POST", body=b"summary=x",
+                                            params={"HTTP_X_REQUEST_START": "t=%.3f" % time.time()}))
+            time.sleep(1)
+    finally:
+        worker.signal(signal.SIGCONT)
+    dropped = worker.wait_for("dropped")[0]
+    assert (dropped["method"], dropped["path"]) == ("POST", "/newticket")
+    assert float(dropped["waited_s"]) >= 1, "measured from when the web server began (X-Request-Start)"
+    assert fcgi_get(worker.socket).status == 200
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(10) == 0
+    assert worker.events("drained", requests=1), "the application ran only for the GET"
+
+
+def test_an_answer_that_cannot_be_delivered_is_logged_with_its_request(spawn):
+    worker = spawn(HELLO)
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.connect(worker.socket)
+        # A path is the client's to choose (nginx decodes %0A): it stays on its line.
+        conn.sendall(fcgi_request_bytes(1, path="/slow\nevent=forged", query="delay=0.5"))
+        time.sleep(0.2)  # the application is running: the web server was there when it began
+    undelivered = worker.wait_for("undelivered")[0]
+    assert (undelivered["method"], undelivered["path"]) == ("GET", repr("/slow\nevent=forged"))
+    assert not worker.events("forged")
+    assert undelivered["error"] in ("EPIPE", "ECONNRESET"), undelivered
+    assert not worker.events("dropped")
+    assert fcgi_get(worker.socket).status == 200
 
 
 def test_a_kept_alive_connection_is_closed_cleanly_after_its_current_request_on_drain(spawn):

@@ -2,6 +2,7 @@
 
 Environment knobs (all optional):
   HELLO_DELAY             seconds each request sleeps (a slow app); ?delay=S per request
+  (no knob)               ?bytes=N answers N bytes of "x" instead of its greeting (a download)
   HELLO_LEAK              bytes each request leaks (a growing app)
   HELLO_START_DELAY       seconds to sleep before serving (a slow warm-up)
   HELLO_NOTIFY            0: never speak the notify protocol (like a stock trac.fcgi)
@@ -36,6 +37,8 @@ def app(environ, start_response):
     if leak:
         _leak.append(bytearray(b"x") * leak)  # filled, so resident; no temporary copy
     body = ("hello from pid %d\n" % os.getpid()).encode()
+    if environ.get("QUERY_STRING", "").startswith("bytes="):
+        body = b"x" * int(environ["QUERY_STRING"][len("bytes="):])
     start_response("500 Broken" if environ["PATH_INFO"] == "/broken" else "200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
 
