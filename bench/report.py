@@ -311,6 +311,7 @@ the plot and the top README's summary from the raw records alone.
 | `sampling.py` | memory, CPU and machine load while a cell runs; the fault injector |
 | `driver.py`, `experiments.py` | run everything, write `results/latest.json` |
 | `analysis.py`, `report.py`, `plot.py` | figures, this report and the plot, from the JSON |
+| `fronts.py`, `metrics_plot.py` | two studies run by hand: nginx connection settings against POSTs run twice (`results/fronts.md`), and a recycling run seen through `--metrics-file` (`results/metrics.md`) |
 
 """
 
