@@ -247,7 +247,7 @@ def headline(record):
     def c(row, scenario, fraction=None):
         return analysis.cell(record, row, scenario, fraction)
     found = []
-    for scenario, what in (("wiki", "/wiki/WikiStart"), ("steady", "the page mix")):
+    for scenario, what in (("wiki", "/wiki/WikiStart"), ("steady", "The page mix")):
         ours, stock = c("ours", scenario), c("stock", scenario)
         if ours and stock:
             others = [(name, c(name, scenario)) for name in ("flup", "uwsgi", "ours-nofreeze")]
