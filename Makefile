@@ -20,6 +20,7 @@ venv: $(VENV)/.installed
 
 # Debian packages, installed only when a command is missing.  systemd brings
 # systemd-socket-activate and systemd-analyze, which the recipe tests run;
+# lighttpd, apache2 and mod_fcgid are the other fronts tests/test_fronts.py runs.
 # prometheus-node-exporter reads the launcher's metrics file in its tests.
 debs:
 	@missing=""; \
@@ -28,6 +29,10 @@ debs:
 	command -v cgi-fcgi >/dev/null || missing="$$missing libfcgi-bin"; \
 	command -v wrk >/dev/null || missing="$$missing wrk"; \
 	command -v systemd-socket-activate >/dev/null || missing="$$missing systemd"; \
+	command -v lighttpd >/dev/null || [ -x /usr/sbin/lighttpd ] || missing="$$missing lighttpd"; \
+	command -v apache2 >/dev/null || [ -x /usr/sbin/apache2 ] || missing="$$missing apache2"; \
+	[ -e /usr/lib/apache2/modules/mod_fcgid.so ] || missing="$$missing libapache2-mod-fcgid"; \
+	command -v htpasswd >/dev/null || missing="$$missing apache2-utils"; \
 	command -v prometheus-node-exporter >/dev/null || missing="$$missing prometheus-node-exporter"; \
 	if [ -n "$$missing" ]; then \
 	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

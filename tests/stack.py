@@ -1,7 +1,7 @@
-"""The whole stack, for end-to-end tests: nginx -> spawn-fcgi -> launcher -> trac_fcgi -> Trac.
+"""The whole stack, for end-to-end tests: a web server -> spawn-fcgi -> launcher -> trac_fcgi -> Trac.
 
-Every piece is the real program: nginx with a config made from
-examples/nginx.conf, spawn-fcgi creating the socket, the launcher and the
+Every piece is the real program: nginx, lighttpd or Apache with a config made
+from examples/, spawn-fcgi creating the socket, the launcher and the
 trac-fcgi console script serving a Trac environment made by trac-admin.  The
 load generator is plain http.client in threads, and it records every
 response: status, whether the whole body arrived, latency, and errors.
@@ -27,6 +27,8 @@ from support import LAUNCHER, PYTHON, ROOT, Process, children, free_port, make_t
 
 EXAMPLES = ROOT / "examples"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+LIGHTTPD = shutil.which("lighttpd") or "/usr/sbin/lighttpd"
+APACHE = shutil.which("apache2") or "/usr/sbin/apache2"
 SPAWN_FCGI = shutil.which("spawn-fcgi") or "/usr/bin/spawn-fcgi"
 # The console script `pip install .` makes; E2E_WORKER_PATH runs the suite
 # against another build of it (an installed release, a patched copy).
@@ -37,77 +39,65 @@ START_TIMEOUT = 90
 
 
 # --------------------------------------------------------------------------
-# nginx
+# Web servers in front
 
-class NginxTemplate(string.Template):
-    """examples/nginx*.conf placeholders: @{name}, since nginx uses $ and braces itself."""
+class ConfigTemplate(string.Template):
+    """examples/ config placeholders: @{name}, since nginx, lighttpd and Apache use $ and braces themselves."""
     delimiter = "@"
 
 
-def nginx_config(prefix, listen, fastcgi_server, upstream=None, directives=None):
-    """examples/nginx.conf filled in; UPSTREAM replaces its `upstream trac {...}` block.
+def unprivileged(argv):
+    """ARGV as a web server started by a user who is not root runs.
 
-    DIRECTIVES ({name: value}) set server-level directives in its place: each
-    named one is taken out of the example, and put back with VALUE unless
-    that is None (nginx's default then applies).
+    Apache refuses to serve as root, and switches to its User.  Here every
+    file (this checkout's Python included) is root's, so instead the server
+    runs in a user namespace as www-data mapped onto us: it believes it is
+    unprivileged and stays who it is, and the kernel still checks its file
+    access as ours.  A test run that is not root needs nothing of the kind.
     """
-    text = (EXAMPLES / "nginx.conf").read_text()
-    if upstream is not None:
-        text, found = re.subn(r"^    upstream trac \{.*?^    \}\n", lambda _: upstream, text,
-                              flags=re.MULTILINE | re.DOTALL)
-        assert found == 1, "examples/nginx.conf has no single `upstream trac {...}` block"
-    for name, value in (directives or {}).items():
-        text = re.sub(r"^ *%s [^;]*;\n" % re.escape(name), "", text, flags=re.MULTILINE)
-        if value is not None:
-            text, found = re.subn(r"^( *)server_name _;\n", lambda m: "%s%s%s %s;\n" % (
-                m[0], m[1], name, value), text, count=1, flags=re.MULTILINE)
-            assert found == 1, "examples/nginx.conf has no `server_name _;` to put %s after" % name
-    return NginxTemplate(text).substitute(prefix=prefix, listen=listen,
-                                          fastcgi_server=fastcgi_server or "the upstream block below",
-                                          user=pwd.getpwuid(os.getuid()).pw_name)
+    if os.getuid() != 0:
+        return list(argv)
+    try:
+        uid, gid = pwd.getpwnam("www-data")[2:4]
+    except KeyError:
+        uid = gid = 65534
+    return ["unshare", "--user", "--map-user=%d" % uid, "--map-group=%d" % gid, *argv]
 
 
-def upstream_block(*servers):
-    """examples/nginx-upstream.conf, indented into nginx.conf, with SERVERS as its machines."""
-    text = (EXAMPLES / "nginx-upstream.conf").read_text()
-    values = {"machine_%s" % chr(ord("a") + i): server for i, server in enumerate(servers)}
-    text = NginxTemplate(text).substitute(values)
-    return "".join("    " + line if line.strip() else line for line in text.splitlines(True))
+class Front:
+    """A real web server on a free port of 127.0.0.1, in the foreground, its files in DIRECTORY.
 
+    A subclass says how to write its config (config()) and how to run it
+    (argv()); everything else, from the retry on a port someone else took to
+    reading its access log, is the same for every server.
+    """
 
-# The other way to run nginx in front, which examples/nginx.conf weighs and
-# turns down: FastCGI connections kept open between requests, which trac-fcgi
-# serves too.  As trac_behind_nginx(**KEEPALIVE_FRONT).
-KEEPALIVE_FRONT = {
-    "upstream": "    upstream trac {\n        server @{fastcgi_server};\n        keepalive 8;\n    }\n",
-    "directives": {"fastcgi_keep_conn": "on", "fastcgi_next_upstream": "error timeout"},
-}
+    name = "front"
 
-
-class Nginx:
-    """Real nginx on a free port of 127.0.0.1, in its own prefix directory."""
-
-    def __init__(self, directory, fastcgi_server, upstream=None, port=None, directives=None):
+    def __init__(self, directory, port=None, env=None):
         self.prefix = Path(directory)
         for sub in ("logs", "tmp"):
             (self.prefix / sub).mkdir(parents=True, exist_ok=True)
-        self.conf = self.prefix / "nginx.conf"
+        self.conf = self.prefix / (self.name + ".conf")
         self.access_log_path = self.prefix / "logs" / "access.log"
         self.error_log_path = self.prefix / "logs" / "error.log"
-        # A free port can be taken by someone else before nginx binds it: try again.
+        # A free port can be taken by someone else before the server binds it: try again.
         for attempt in range(5):
             self.port = port or free_port()
-            self.conf.write_text(nginx_config(self.prefix, "127.0.0.1:%d" % self.port, fastcgi_server, upstream,
-                                              directives))
-            self.process = Process([NGINX, "-p", str(self.prefix), "-c", str(self.conf),
-                                    "-e", str(self.error_log_path), "-g", "daemon off;"],
-                                   self.prefix / "nginx.out")
+            self.conf.write_text(self.config("127.0.0.1:%d" % self.port))
+            self.process = Process(self.argv(), self.prefix / (self.name + ".out"), env=env)
             if self._wait_listening():
                 return
             self.process.stop()
-            if port or "Address already in use" not in self.errors():
+            if port or "Address already in use" not in self.errors() + self.process.log():
                 break
-        raise AssertionError("nginx did not start:\n%s\n%s" % (self.process.log(), self.errors()))
+        raise AssertionError("%s did not start:\n%s\n%s" % (self.name, self.process.log(), self.errors()))
+
+    def config(self, listen):
+        raise NotImplementedError
+
+    def argv(self):
+        raise NotImplementedError
 
     def _wait_listening(self):
         deadline = time.monotonic() + 30
@@ -131,19 +121,141 @@ class Nginx:
     def access_log(self):
         """Every logged request as {request, status, bytes, upstream}.
 
-        upstream is every server nginx tried, in order: "a, b" when a failed.
+        Every example logs '"request" status bytes' (Common Log Format).
+        upstream, where the server logs it (nginx), is every server it tried,
+        in order: "a, b" when a failed.
         """
         entries = []
         if self.access_log_path.exists():
             for line in self.access_log_path.read_text(errors="replace").splitlines():
-                match = re.search(r'"(?P<request>[^"]*)" (?P<status>\d+) (?P<bytes>\d+) '
-                                  r'.*upstream=(?P<upstream>.*) upstream_status=', line)
+                match = re.search(r'"(?P<request>[^"]*)" (?P<status>\d+) (?P<bytes>\d+|-)'
+                                  r'(?:.*upstream=(?P<upstream>.*) upstream_status=)?', line)
                 if match:
-                    entries.append(dict(match.groupdict(), status=int(match["status"]), bytes=int(match["bytes"])))
+                    bytes_sent = 0 if match["bytes"] == "-" else int(match["bytes"])
+                    entries.append(dict(match.groupdict(), status=int(match["status"]), bytes=bytes_sent))
         return entries
 
     def stop(self):
         self.process.stop()
+
+
+# The other way to run nginx in front, which examples/nginx.conf weighs and
+# turns down: FastCGI connections kept open between requests, which trac-fcgi
+# serves too.  As trac_behind_nginx(**KEEPALIVE_FRONT).
+KEEPALIVE_FRONT = {
+    "upstream": "    upstream trac {\n        server @{fastcgi_server};\n        keepalive 8;\n    }\n",
+    "directives": {"fastcgi_keep_conn": "on", "fastcgi_next_upstream": "error timeout"},
+}
+
+
+
+class Nginx(Front):
+    """Real nginx from examples/nginx.conf, in its own prefix directory."""
+
+    name = "nginx"
+
+    def __init__(self, directory, fastcgi_server, upstream=None, port=None, directives=None):
+        self.fastcgi_server, self.upstream, self.directives = fastcgi_server, upstream, directives
+        Front.__init__(self, directory, port)
+
+    def config(self, listen):
+        return nginx_config(self.prefix, listen, self.fastcgi_server, self.upstream, self.directives)
+
+    def argv(self):
+        return [NGINX, "-p", str(self.prefix), "-c", str(self.conf), "-e", str(self.error_log_path),
+                "-g", "daemon off;"]
+
+
+class Lighttpd(Front):
+    """Real lighttpd from an examples/lighttpd*.conf, its placeholders filled in from VALUES.
+
+    SETTINGS are lines such as `var.trac_url = "/"` that replace the example's
+    line of the same name, as an admin edits it; EXTRA is appended.
+    """
+
+    name = "lighttpd"
+
+    def __init__(self, directory, example, values, settings=(), extra="", env=None):
+        self.example, self.values, self.settings, self.extra = example, values, settings, extra
+        Front.__init__(self, directory, env=env)
+
+    def config(self, listen):
+        address, _, port = listen.rpartition(":")
+        text = fill_example(self.example, self.settings, prefix=self.prefix, address=address, port=port,
+                            user=web_user(), **self.values)
+        return text + self.extra
+
+    def argv(self):
+        return unprivileged([LIGHTTPD, "-D", "-f", str(self.conf)])
+
+
+class Apache(Front):
+    """Real Apache (apache2 -f CONF -DFOREGROUND) from an examples/apache*.conf, as Lighttpd above."""
+
+    name = "apache2"
+
+    def __init__(self, directory, example, values, settings=(), extra="", env=None):
+        self.example, self.values, self.settings, self.extra = example, values, settings, extra
+        (Path(directory) / "fcgid").mkdir(parents=True, exist_ok=True)
+        Front.__init__(self, directory, env=env)
+
+    def config(self, listen):
+        text = fill_example(self.example, self.settings, prefix=self.prefix, listen=listen, user=web_user(),
+                            **self.values)
+        return text + self.extra
+
+    def argv(self):
+        return unprivileged([APACHE, "-f", str(self.conf), "-DFOREGROUND"])
+
+
+def web_user():
+    """The user an example's server is told to run as; when not root, it stays who it is anyway."""
+    return "www-data" if os.getuid() == 0 else pwd.getpwuid(os.getuid()).pw_name
+
+
+def fill_example(name, settings=(), **values):
+    """examples/NAME with its @{placeholders} filled in, and each of SETTINGS replacing its line.
+
+    A setting is a whole line, `var.trac_url = "/"`; the example's line that
+    starts with the same name (up to its spaces) must be there, once.
+    """
+    text = (EXAMPLES / name).read_text()
+    for line in settings:
+        key = line.split()[0]
+        text, found = re.subn(r"^%s\s.*$" % re.escape(key), lambda _: line, text, flags=re.MULTILINE)
+        assert found == 1, "examples/%s has no single %s line" % (name, key)
+    return ConfigTemplate(text).substitute(values)
+
+
+def nginx_config(prefix, listen, fastcgi_server, upstream=None, directives=None):
+    """examples/nginx.conf filled in; UPSTREAM replaces its `upstream trac {...}` block.
+
+    DIRECTIVES ({name: value}) set server-level directives in its place: each
+    named one is taken out of the example, and put back with VALUE unless
+    that is None (nginx's default then applies).
+    """
+    text = (EXAMPLES / "nginx.conf").read_text()
+    if upstream is not None:
+        text, found = re.subn(r"^    upstream trac \{.*?^    \}\n", lambda _: upstream, text,
+                              flags=re.MULTILINE | re.DOTALL)
+        assert found == 1, "examples/nginx.conf has no single `upstream trac {...}` block"
+    for name, value in (directives or {}).items():
+        text = re.sub(r"^ *%s [^;]*;\n" % re.escape(name), "", text, flags=re.MULTILINE)
+        if value is not None:
+            text, found = re.subn(r"^( *)server_name _;\n", lambda m: "%s%s%s %s;\n" % (
+                m[0], m[1], name, value), text, count=1, flags=re.MULTILINE)
+            assert found == 1, "examples/nginx.conf has no `server_name _;` to put %s after" % name
+    return ConfigTemplate(text).substitute(prefix=prefix, listen=listen,
+                                            fastcgi_server=fastcgi_server or "the upstream block below",
+                                            user=pwd.getpwuid(os.getuid()).pw_name)
+
+
+def upstream_block(*servers):
+    """examples/nginx-upstream.conf, indented into nginx.conf, with SERVERS as its machines."""
+    text = (EXAMPLES / "nginx-upstream.conf").read_text()
+    values = {"machine_%s" % chr(ord("a") + i): server for i, server in enumerate(servers)}
+    text = ConfigTemplate(text).substitute(values)
+    return "".join("    " + line if line.strip() else line for line in text.splitlines(True))
 
 
 # --------------------------------------------------------------------------
@@ -192,9 +304,13 @@ def serving_workers(launcher):
 class Answer:
     """One HTTP exchange as a client saw it."""
 
-    def __init__(self, path, started, latency, status=None, body=b"", complete=False, error=None):
+    def __init__(self, path, started, latency, status=None, body=b"", complete=False, error=None, headers=()):
         self.path, self.started, self.latency = path, started, latency
         self.status, self.body, self.complete, self.error = status, body, complete, error
+        self.headers = list(headers)  # (name, value) pairs, Set-Cookie repeated as it came
+
+    def header(self, name):
+        return next((value for key, value in self.headers if key.lower() == name.lower()), None)
 
     @property
     def ok(self):
@@ -236,7 +352,7 @@ def exchange(conn, path, method="GET", body=None, headers=None):
             conn.close()
             return Answer(path, started, time.monotonic() - started, response.status, cut.partial, False)
         return Answer(path, started, time.monotonic() - started, response.status, body,
-                      whole_body(response, body))
+                      whole_body(response, body), headers=response.getheaders())
     except (OSError, http.client.HTTPException) as error:
         conn.close()
         return Answer(path, started, time.monotonic() - started, error="%s: %s" % (type(error).__name__, error))

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from stack import (EXAMPLES, KEEPALIVE_FRONT, START_TIMEOUT, TRAC_FCGI, Load, Nginx, drains, form_post, http_get, is_trac_page,
-                   recycles, terminate, trac_behind_nginx, upstream_block)
+from stack import (EXAMPLES, KEEPALIVE_FRONT, START_TIMEOUT, TRAC_FCGI, Load, Nginx, drains, form_post, http_get,
+                   is_trac_page, recycles, terminate, trac_behind_nginx, upstream_block)
 from support import LAUNCHER, PYTHON, ROOT, Process, alive, free_port, wait_until
 
 VENV = Path(PYTHON).parent.parent
@@ -296,6 +296,11 @@ def test_systemd_service_example_serves_trac_reloads_make_before_break_and_stops
     notify.wait_for("RELOADING=1")
     notify.wait_for("READY=1", count=2)
     assert is_trac_page(nginx.get("/timeline"), "Timeline")
+    # The unit's metrics file, read as `trac-fcgi-launcher status` reads it.
+    metrics = paths["/run/trac"] + "/trac.prom"
+    status = lambda: subprocess.run([str(VENV / "bin" / "trac-fcgi-launcher"), "status", metrics],
+                                    capture_output=True, text=True).stdout
+    wait_until(lambda: "recycles: rolling 2" in status(), 30, "the metrics file to show the reload")
 
     # systemctl stop with KillMode=mixed: SIGTERM to the launcher alone.
     workers = [int(e["pid"]) for e in service.events("spawn")]

@@ -68,3 +68,16 @@ def test_pip_install_in_a_fresh_venv_gives_both_console_scripts(tmp_path):
     where = subprocess.run([str(python), "-c", show], cwd=tmp_path, capture_output=True, text=True,
                            check=True).stdout.split()
     assert all(path.startswith(site) for path in where), where
+
+
+def test_no_file_in_git_holds_a_merge_conflict_marker():
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    marked = []
+    for name in tracked:
+        try:
+            lines = (ROOT / name).read_text().splitlines()
+        except (UnicodeDecodeError, FileNotFoundError, IsADirectoryError):
+            continue  # a plot, or a file this checkout does not have
+        marked += ["%s:%d" % (name, n + 1) for n, line in enumerate(lines)
+                   if line.startswith(("<<<<<<< ", ">>>>>>> ")) or line == "======="]
+    assert not marked

