@@ -35,7 +35,8 @@ serve-debs:
 # Debian packages, installed only when a command is missing.  systemd brings
 # systemd-socket-activate and systemd-analyze, which the recipe tests run;
 # lighttpd, apache2 and mod_fcgid are the other fronts tests/test_fronts.py runs.
-# prometheus-node-exporter reads the launcher's metrics file in its tests.
+# prometheus-node-exporter reads the launcher's metrics file in its tests;
+# postgresql, the server the fork-safety tests run Trac on.
 debs:
 	@missing=""; \
 	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$$missing nginx-light"; \
@@ -48,6 +49,7 @@ debs:
 	[ -e /usr/lib/apache2/modules/mod_fcgid.so ] || missing="$$missing libapache2-mod-fcgid"; \
 	command -v htpasswd >/dev/null || missing="$$missing apache2-utils"; \
 	command -v prometheus-node-exporter >/dev/null || missing="$$missing prometheus-node-exporter"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	$(APT_GET_MISSING)
 
 # The end of both recipes above: install what they found $$missing.

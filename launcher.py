@@ -21,6 +21,7 @@ Standard library only.  See README.md for deployment recipes.
 """
 
 import argparse
+import ctypes
 import errno
 import fcntl
 import os
@@ -63,7 +64,8 @@ LOOP_ERROR_PAUSE_S = 1.0
 SIGNALS = {
     # signal: (effect, for --help and the README's signals table)
     signal.SIGUSR1: "from a worker: replace that worker; from anyone else: replace every worker, one at a time",
-    signal.SIGHUP: "replace every worker, one at a time, each make-before-break (a rolling restart)",
+    signal.SIGHUP: "new code or configuration: start a new mold first (--mold on), then replace every worker, "
+                   "one at a time, each make-before-break (a rolling restart), then retire the old mold",
     signal.SIGTTIN: "add a slot (one more worker)",
     signal.SIGTTOU: "remove the last slot (its worker drains and exits)",
     signal.SIGTERM: "graceful stop: SIGHUP every worker, wait --stop-timeout for them to drain, SIGKILL the rest, exit 0",
@@ -126,6 +128,13 @@ def size_bytes(text):
     return int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2)]
 
 
+def on_off(text):
+    """on or off"""
+    if text not in ("on", "off"):
+        raise ValueError
+    return text == "on"
+
+
 def address(text):
     """an address: unix:/path[:mode], HOST:PORT or [v6]:PORT, e.g. unix:/run/trac/trac.sock"""
     # Written the same in trac_fcgi.py; tests/test_settings.py feeds both one table.
@@ -170,6 +179,10 @@ SETTINGS = [
      "memory (K, M, G) to keep available; when MemAvailable minus one worker's "
      "RSS would fall below it, a handoff stops the old worker before starting "
      "the new one"),
+    ("--mold", "LAUNCHER_MOLD", on_off, "on", "on|off",
+     "on: start WORKER_PATH once as a warm mold and fork every worker from it, "
+     "in milliseconds and sharing its memory; a worker command that does not "
+     "answer as a mold is exec'd for each worker, as with off"),
     ("--bind", "LAUNCHER_BIND", address, None, "ADDR",
      "create the socket: unix:/path[:mode] (mode 0660 by default), HOST:PORT or "
      "[v6]:PORT; without it the socket is fd 0 (spawn-fcgi) or systemd's fd 3"),
@@ -227,7 +240,8 @@ def parse_settings(argv):
             raw, source = os.environ[env], env
         args.source[attr] = source
         if raw is None:
-            setattr(args, attr, default)
+            # A default given as text is written as an operator would write it.
+            setattr(args, attr, parse(default) if isinstance(default, str) else default)
             continue
         try:
             setattr(args, attr, parse(raw))
@@ -492,6 +506,84 @@ class Systemd:
 
 
 # --------------------------------------------------------------------------
+# The mold: one warm worker process that every other worker is forked from.
+#
+# Started like a worker but with /dev/null on fd 0 and TRAC_FCGI_MOLD_FD
+# naming its end of a socket pair, it warms up, says MOLD=1 on the notify
+# socket, and then forks a worker each time it is asked.  It never holds the
+# listening socket: that travels with each request, so a worker command that
+# ignores TRAC_FCGI_MOLD_FD (a stock trac.fcgi) has nothing to serve on, and
+# the launcher goes on exec'ing it for each worker.
+
+PR_SET_CHILD_SUBREAPER = 36
+MOLD_FD = 3  # where the mold finds its end of the socket pair
+# A fork takes milliseconds, but seconds on a machine starved of CPU; a mold
+# that has not answered in this long is treated as dead, and the worker is
+# exec'd instead (a worker it forks after all is told to go when it says READY=1).
+MOLD_REPLY_TIMEOUT_S = 5.0
+
+
+def can_adopt():
+    """Become a child subreaper: adopt orphaned descendants, as init would.
+
+    The mold double-forks each worker so that it ends up our child, reaped
+    and signalled like any other.  Without that (not Linux), no mold.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0:
+            return True
+        reason = os.strerror(ctypes.get_errno())
+    except (OSError, AttributeError) as error:
+        reason = str(error)
+    log("mold-unavailable", level=0, reason="cannot become a child subreaper: %s" % reason)
+    return False
+
+
+class Mold:
+    """The shell's end of one mold process: its pid and the socket pair to it.
+
+    Whether it is ready, failed or retired is the core's to know (MoldProcess).
+    """
+
+    def __init__(self, path, argv, environ):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            # Inheritable, in case it is fd 3 already (a dup2 onto itself keeps close-on-exec).
+            os.set_inheritable(theirs.fileno(), True)
+            self.pid = os.posix_spawn(
+                path, argv, dict(environ, TRAC_FCGI_MOLD_FD=str(MOLD_FD)),
+                file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                              (os.POSIX_SPAWN_DUP2, theirs.fileno(), MOLD_FD)],
+                setsigmask=(), setsigdef=signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP})
+        except OSError:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.channel = ours
+        self.channel.settimeout(MOLD_REPLY_TIMEOUT_S)
+
+    def fork(self, listener, environ):
+        """A new worker's pid, already our child; None if the mold did not answer.
+
+        ENVIRON is what the worker sets in its environment, as an exec'd
+        worker would have found it.  A mold that missed one answer could send
+        it late, as if it answered the next request: the caller must kill it.
+        """
+        request = b"\n".join([b"fork"] + [("%s=%s" % item).encode() for item in environ.items()])
+        try:
+            socket.send_fds(self.channel, [request], [listener.fileno()])
+            reply = self.channel.recv(64)
+        except OSError:  # socket.timeout included
+            return None
+        if reply.startswith(b"pid ") and reply[4:].isdigit():
+            return int(reply[4:])
+        return None
+
+    def retire(self):
+        """The mold exits when its end of the pair closes."""
+        self.channel.close()
 # Metrics: a file in Prometheus' text format, for node_exporter's textfile
 # collector and for `trac-fcgi-launcher status`.  Each metric is declared once,
 # below; the writer, `status` and the README's table all come from METRICS.
@@ -886,6 +978,7 @@ def status_main(argv):
 # tests/test_core.py drives it through hours of signals in milliseconds.
 
 SPAWN, SIGNAL, SYSTEMD = "spawn", "signal", "systemd"
+START_MOLD, RETIRE_MOLD, STRAY = "start-mold", "retire-mold", "stray"
 
 
 class Worker:
@@ -903,11 +996,20 @@ class Worker:
         self.told_to_go = None      # when it was sent SIGHUP
         self.killed = False         # sent SIGKILL, which is never sent twice
         self.said_stopping = False  # sent STOPPING=1: it exits of its own accord
+        self.memory = (None, None)  # (PSS, private) when told to go: a dead process has none
         self.requests = 0           # finished requests, as it last reported (REQUESTS=n)
         self.recycle_reason = None  # why it leaves its slot, once known: a RECYCLE_REASONS key
 
     def age(self, now):
         return now - self.started
+
+
+class MoldProcess:
+    """One mold: started until it says MOLD=1, then ready to be asked for workers."""
+
+    def __init__(self, pid, now):
+        self.pid, self.started = pid, now
+        self.ready = False
 
 
 class Slot:
@@ -924,12 +1026,14 @@ class Slot:
 
 
 class LauncherCore:
-    def __init__(self, slots, ready_timeout, stop_timeout, log=log, memory_shortage=lambda pid: None):
+    def __init__(self, slots, ready_timeout, stop_timeout, log=log, memory_shortage=lambda pid: None,
+                 mold=False, memory_of=lambda pid: (None, None)):
         self.slots = [Slot(number) for number in range(slots)]
         self.ready_timeout, self.stop_timeout = ready_timeout, stop_timeout
         self.log = log
         # None if a replacement fits in memory beside worker PID, else the facts of why not.
         self.memory_shortage = memory_shortage
+        self.memory_of = memory_of   # (PSS, private) of a live process, for its exit line
         self.workers = {}            # pid -> Worker, every child not yet reaped
         self.actions = []            # (SPAWN, slot, role), (SIGNAL, pid, signum), (SYSTEMD, lines)
         self.rolling = False         # a rolling restart is under way (systemd RELOADING=1)
@@ -938,6 +1042,18 @@ class LauncherCore:
         self.told_systemd_ready = False
         self.status = None
         self.tally = Tally()         # what --metrics-file counts over the launcher's life
+        # The mold (see "the mold" below): the one workers are forked from,
+        # the one a SIGHUP replaced, every mold process not reaped yet.
+        self.mold_on = mold               # --mold on
+        self.mold = None
+        self.old_mold = None
+        self.molds = set()
+        self.molds_killed = set()         # SIGKILL is sent once
+        self.mold_unavailable = not mold  # the worker command does not answer as a mold
+        self.mold_crashes = 0
+        self.mold_not_before = 0.0
+        self.slots_wait_for_mold = mold   # at start, slots wait for the first mold's answer
+        self.restart_after_mold = None    # a SIGHUP's rolling restart, waiting for its new mold
 
     # -- what the state says, derived where it is needed --------------------
 
@@ -954,7 +1070,7 @@ class LauncherCore:
 
     @property
     def finished(self):
-        return self.stopping_since is not None and not self.workers
+        return self.stopping_since is not None and not self.workers and not self.molds
 
     # -- events ---------------------------------------------------------------
 
@@ -962,7 +1078,7 @@ class LauncherCore:
         """The whole policy for each signal, one line each."""
         policy = {
             signal.SIGUSR1: self.on_usr1,
-            signal.SIGHUP: lambda sender, now: self.rolling_restart("SIGHUP", now),
+            signal.SIGHUP: self.on_hup,
             signal.SIGTTIN: self.on_ttin,
             signal.SIGTTOU: self.on_ttou,
             signal.SIGTERM: self.on_term,
@@ -973,18 +1089,25 @@ class LauncherCore:
             return self.log("ignored", signal=signal_name(signum), sender=sender)
         policy(sender, now)
 
-    def spawned(self, slot, pid, role, now):
+    def spawned(self, slot, pid, role, now, how=None):
+        """HOW: exec'd, or forked from the mold."""
         self.workers[pid] = Worker(pid, slot, role, now)
-        self.log("spawn", slot=slot.number, pid=pid, role=role)
+        self.log("spawn", slot=slot.number, pid=pid, role=role, how=how)
 
     def spawn_failed(self, slot, error, now):
         self.log("spawn-failed", level=0, slot=slot.number, error=error)
         self.back_off(slot, now)
 
     def notified(self, pid, fields, now):
+        if self.mold is not None and pid == self.mold.pid:
+            return self.mold_said(fields, now)
         worker = self.workers.get(pid)
         if worker is None:
-            return  # not one of ours: the kernel vouches for the pid
+            if fields.get("READY") == "1" and self.mold_on:
+                # A worker forked by a mold we gave up on while it forked: it
+                # is our child, and would serve outside any slot.
+                self.actions.append((STRAY, pid))
+            return  # else not one of ours: the kernel vouches for the pid
         if fields.get("READY") == "1":
             self.workers_speak_notify = True
             self.became_ready(worker, "notify", now)
@@ -1001,13 +1124,17 @@ class LauncherCore:
 
     def exited(self, pid, code, now):
         """CODE is the exit status, or minus the signal number (os.waitstatus_to_exitcode)."""
+        how = {"status": code} if code >= 0 else {"signal": signal_name(-code)}
+        if pid in self.molds:
+            return self.mold_exited(pid, how, now)
         worker = self.workers.pop(pid, None)
         if worker is None:
             return
         slot = worker.slot
-        how = {"status": code} if code >= 0 else {"signal": signal_name(-code)}
         drain_s = None if worker.told_to_go is None else now - worker.told_to_go
-        self.log("exit", slot=slot.number, pid=pid, role=worker.role, age_s=worker.age(now), drain_s=drain_s, **how)
+        pss, private = worker.memory
+        self.log("exit", slot=slot.number, pid=pid, role=worker.role, age_s=worker.age(now), drain_s=drain_s,
+                 pss=pss, private=private, **how)
         planned = worker.told_to_go is not None or (worker.said_stopping and code == 0)
         self.tally.requests_of_past_workers += worker.requests
         if drain_s is not None:
@@ -1040,6 +1167,17 @@ class LauncherCore:
             # reach us as one: workers repeat the request until answered.
             self.ask_for_handoff(worker.slot, "worker asked", now)
 
+    def on_hup(self, sender, now):
+        if self.mold_on and self.stopping_since is None and not self.rolling and not self.restart_after_mold:
+            # New code or configuration: a new mold first (tick() starts it),
+            # then every worker from it, make-before-break; the old mold goes last.
+            self.log("new-mold", reason="SIGHUP", old=self.mold and self.mold.pid)
+            self.old_mold, self.mold = self.mold, None
+            self.mold_unavailable, self.mold_not_before = False, 0.0
+            self.restart_after_mold = "SIGHUP"
+        else:
+            self.rolling_restart("SIGHUP", now)
+
     def on_ttin(self, sender, now):
         if self.stopping_since is None:
             slot = Slot(max([s.number for s in self.slots], default=-1) + 1)
@@ -1062,6 +1200,10 @@ class LauncherCore:
             self.log("stopping", workers=len(self.workers), timeout_s=self.stop_timeout)
             for worker in list(self.workers.values()):
                 self.tell_to_go(worker, "launcher stopping", now)
+            for mold in (self.mold, self.old_mold):
+                if mold is not None:
+                    self.actions.append((RETIRE_MOLD, mold.pid))
+            self.mold = self.old_mold = None
 
     def on_quit(self, sender, now):
         if self.stopping_since is None:
@@ -1069,6 +1211,7 @@ class LauncherCore:
             self.actions.append((SYSTEMD, ("STOPPING=1",)))
         for worker in list(self.workers.values()):
             self.kill(worker, "SIGQUIT")
+        self.kill_molds("SIGQUIT")
 
     # -- the handoff ------------------------------------------------------------
 
@@ -1146,6 +1289,7 @@ class LauncherCore:
                 self.left_service(worker, handoff_s)
             worker.told_to_go = now
             worker.role = "draining"
+            worker.memory = self.memory_of(worker.pid)
             self.log("hup", slot=worker.slot.number, pid=worker.pid, reason=reason, handoff_s=handoff_s)
             self.actions.append((SIGNAL, worker.pid, signal.SIGHUP))
 
@@ -1180,6 +1324,97 @@ class LauncherCore:
         slot.not_before = now + delay
         self.log("backoff", level=0, slot=slot.number, crashes=slot.crashes, delay_s=delay)
 
+    # -- the mold -------------------------------------------------------------------
+    #
+    # Workers are forked from the mold while it is ready and exec'd otherwise,
+    # so no slot waits on a mold, but at start for the first one's answer.
+    # A process started as the mold that exits, says READY=1 or stays silent
+    # past --ready-timeout without ever having said MOLD=1 does not speak the
+    # mold protocol (a stock trac.fcgi): it is killed (it never had the
+    # socket, so it served nobody) and every worker is exec'd until a SIGHUP,
+    # new code, tries again.  A mold that did say MOLD=1 and then dies or
+    # does not answer is restarted with a backoff.
+
+    def mold_started(self, pid, now):
+        self.mold = MoldProcess(pid, now)
+        self.molds.add(pid)
+        self.log("mold-start", pid=pid)
+
+    def mold_start_failed(self, error, now):
+        self.log("mold-spawn-failed", level=0, error=error)
+        self.mold_gone(None, "cannot start: %s" % error, True, now)
+
+    def mold_said(self, fields, now):
+        if fields.get("MOLD") == "1" and not self.mold.ready:
+            self.mold.ready = True
+            self.log("mold-ready", pid=self.mold.pid, ready_s=now - self.mold.started)
+            self.mold_answered(now)
+        elif fields.get("READY") == "1" and not self.mold.ready:
+            self.mold_gone(self.mold, "said READY=1, not MOLD=1", True, now)
+
+    def mold_to_fork_from(self):
+        """The pid of the mold to ask for a worker, or None: exec it."""
+        ready = self.mold is not None and self.mold.ready and self.stopping_since is None
+        return self.mold.pid if ready else None
+
+    def mold_did_not_answer(self, now):
+        self.mold_gone(self.mold, "no answer to a fork request", False, now)
+
+    def mold_exited(self, pid, how, now):
+        self.molds.discard(pid)
+        self.molds_killed.discard(pid)
+        self.log("mold-exit", pid=pid, **how)
+        if self.mold is not None and pid == self.mold.pid:
+            self.mold_gone(self.mold, "exited", not self.mold.ready, now)
+
+    def mold_gone(self, mold, reason, unavailable, now):
+        """MOLD is no more use (None: it never started); UNAVAILABLE: it never answered as a mold."""
+        if mold is not None:
+            if now - mold.started >= DEATH_WINDOW_S:
+                self.mold_crashes = 0
+            self.actions.append((RETIRE_MOLD, mold.pid))
+            if mold.pid in self.molds and mold.pid not in self.molds_killed:
+                self.molds_killed.add(mold.pid)
+                self.actions.append((SIGNAL, mold.pid, signal.SIGKILL))
+        self.mold = None
+        if unavailable:
+            self.mold_unavailable = True
+            self.log("mold-unavailable", level=0, pid=mold and mold.pid, reason=reason,
+                     hint="workers are exec'd; a worker command that is trac-fcgi answers as a mold")
+        elif self.stopping_since is None:
+            delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** self.mold_crashes)
+            self.mold_crashes += 1
+            self.mold_not_before = now + delay
+            self.log("mold-failed", level=0, pid=mold and mold.pid, reason=reason, crashes=self.mold_crashes,
+                     delay_s=delay)
+        self.mold_answered(now)
+
+    def mold_answered(self, now):
+        """The mold that slots or a SIGHUP waited for is ready, or there is none: go on."""
+        self.slots_wait_for_mold = False
+        if self.restart_after_mold:
+            reason, self.restart_after_mold = self.restart_after_mold, None
+            self.rolling_restart(reason, now)
+
+    def tend_mold(self, now):
+        """Start a mold when one is due, give up on a silent one; return the deadlines."""
+        if self.mold is not None and not self.mold.ready:
+            deadline = self.mold.started + self.ready_timeout
+            if now < deadline:
+                return [deadline]
+            self.mold_gone(self.mold, "silent past --ready-timeout", True, now)
+        if self.mold is None and not self.mold_unavailable:
+            if now < self.mold_not_before:
+                return [self.mold_not_before]
+            self.actions.append((START_MOLD,))
+        return []
+
+    def kill_molds(self, reason):
+        for pid in sorted(self.molds - self.molds_killed):
+            self.molds_killed.add(pid)
+            self.log("mold-kill", pid=pid, reason=reason)
+            self.actions.append((SIGNAL, pid, signal.SIGKILL))
+
     # -- time ---------------------------------------------------------------------
 
     def tick(self, now):
@@ -1194,10 +1429,14 @@ class LauncherCore:
                 return min(deadline, now + IDLE_WAKE_S)
             for worker in list(self.workers.values()):
                 self.kill(worker, "stop timeout")
+            self.kill_molds("stop timeout")
             return min(wake)
+        wake += self.tend_mold(now)
         for slot in self.slots:
             if self.worker_of(slot, "serving") is None and self.worker_of(slot, "warming") is None:
-                if slot.not_before <= now:
+                if self.slots_wait_for_mold:
+                    pass  # tend_mold() wakes us when the mold is due to have answered
+                elif slot.not_before <= now:
                     self.actions.append((SPAWN, slot, "serving"))
                 else:
                     wake.append(slot.not_before)
@@ -1213,6 +1452,9 @@ class LauncherCore:
             self.rolling = False
             self.told_systemd_ready = False
             self.log("rolling-restart-done", workers=len(self.slots))
+            if self.old_mold is not None:
+                self.actions.append((RETIRE_MOLD, self.old_mold.pid))
+                self.old_mold = None
         self.report_status()
         return min(wake)
 
@@ -1252,7 +1494,9 @@ class Launcher:
         self.listener = listener
         self.path, self.argv = path, argv
         self.core = LauncherCore(settings.workers, settings.ready_timeout, settings.stop_timeout,
-                                 memory_shortage=self.memory_shortage)
+                                 memory_shortage=self.memory_shortage, mold=settings.mold and can_adopt(),
+                                 memory_of=shared_memory)
+        self.molds = {}              # pid -> Mold, each mold's socket pair until it is retired
         self.notify = open_notify_socket()
         self.systemd = Systemd(os.environ.get("NOTIFY_SOCKET"))
         self.environ = self.worker_environment()
@@ -1273,7 +1517,8 @@ class Launcher:
     def run(self):
         signal.pthread_sigmask(signal.SIG_BLOCK, WAITED)
         close_inherited_fds(keep={self.listener.fileno(), self.notify.fileno()})
-        log("start", workers=len(self.core.slots), socket=describe(self.listener), worker=" ".join(self.argv))
+        log("start", workers=len(self.core.slots), socket=describe(self.listener), worker=" ".join(self.argv),
+            mold="on" if self.core.mold_on else "off")
         pause = 0.0
         while True:
             try:
@@ -1318,6 +1563,16 @@ class Launcher:
                 pass  # it died meanwhile; its SIGCHLD is on its way
         elif kind == SYSTEMD:
             self.systemd.notify(*args[0])
+        elif kind == START_MOLD:
+            self.start_mold(now)
+        elif kind == RETIRE_MOLD:
+            mold = self.molds.pop(args[0], None)
+            if mold is not None:
+                mold.retire()
+        elif kind == STRAY and parent_of(args[0]) == os.getpid():
+            # Told to go like any worker: it drains what it may have accepted.
+            log("stray", level=0, pid=args[0], reason="forked after its mold was given up on")
+            os.kill(args[0], signal.SIGHUP)
 
     def dispatch(self, info):
         now = time.monotonic()
@@ -1349,7 +1604,14 @@ class Launcher:
             self.core.notified(pid, fields, now)
 
     def spawn(self, slot, role, now):
-        environ = dict(self.environ, LAUNCHER_READY_WORKERS=str(self.core.ready_workers()))
+        told = {"LAUNCHER_READY_WORKERS": str(self.core.ready_workers())}
+        mold = self.core.mold_to_fork_from()
+        if mold is not None:
+            pid = self.molds[mold].fork(self.listener, told)
+            if pid is not None:
+                return self.core.spawned(slot, pid, role, now, how="fork")
+            self.core.mold_did_not_answer(now)
+        environ = dict(self.environ, **told)
         try:
             pid = os.posix_spawn(
                 self.path, self.argv, environ,
@@ -1360,7 +1622,17 @@ class Launcher:
                 setsigdef=signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP})
         except OSError as error:
             return self.core.spawn_failed(slot, error.strerror, now)
-        self.core.spawned(slot, pid, role, now)
+        self.core.spawned(slot, pid, role, now, how="exec")
+
+    def start_mold(self, now):
+        # Read by a warm-up that fails, to say whether the site is served meanwhile.
+        told = {"LAUNCHER_READY_WORKERS": str(self.core.ready_workers())}
+        try:
+            mold = Mold(self.path, self.argv, dict(self.environ, **told))
+        except OSError as error:
+            return self.core.mold_start_failed(error.strerror, now)
+        self.molds[mold.pid] = mold
+        self.core.mold_started(mold.pid, now)
 
     def write_metrics(self, now, final=False):
         """Write --metrics-file if it is due (see METRICS_EVERY_S); return when it next will be."""
@@ -1408,6 +1680,14 @@ class Launcher:
                 traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
             except (OSError, ValueError):
                 pass
+
+
+def parent_of(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def resident_bytes(pid):

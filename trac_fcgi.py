@@ -49,8 +49,6 @@ import sys
 import textwrap
 import threading
 import time
-
-
 import traceback
 import warnings
 
@@ -136,8 +134,8 @@ def fraction(text):
 
 
 def warmup_path(text):
-    """a URL path starting with / or the word off"""
-    if text != "off" and not text.startswith("/"):
+    """a URL path starting with /, several separated by commas, or the word off"""
+    if text != "off" and not all(path.startswith("/") for path in text.split(",")):
         raise ValueError
     return None if text == "off" else text
 
@@ -194,7 +192,8 @@ SETTINGS = [
     ("TRAC_FCGI_IDLE_TIMEOUT", positive_seconds, "60",
      "seconds within which each request must arrive whole; a client silent or trickling longer is closed"),
     ("TRAC_FCGI_WARMUP", warmup_path, "/",
-     "path requested in-process before READY=1, so the first real request finds the worker warm; off skips it"),
+     "path requested in-process before READY=1, so the first real request finds the worker warm; several, "
+     "comma-separated, warm more pages (in the mold, once for every worker); off skips it"),
     ("TRAC_FCGI_APP", app_spec, "trac.web.main:dispatch_request", "the WSGI application, as module:callable"),
     ("TRAC_FCGI_GC_FREEZE", on_off, "on",
      "freeze the warm set out of the garbage collector's reach (gc.freeze) after the warm-up and again as the "
@@ -212,6 +211,7 @@ PASSED_THROUGH = [
     ("LAUNCHER_PID, NOTIFY_SOCKET", "set by trac-fcgi-launcher; see its --help"),
     ("LAUNCHER_READY_WORKERS", "set by trac-fcgi-launcher: how many other workers served when this one "
                                "started, which a failed warm-up reports"),
+    ("TRAC_FCGI_MOLD_FD", "set by trac-fcgi-launcher when it starts this process as the mold its workers are forked from"),
 ]
 
 HELP = """\
@@ -346,6 +346,13 @@ class ResidentMemory:
     def __call__(self):
         return int(os.pread(self.fd, 128, 0).split()[1]) * PAGE_SIZE
 
+    @classmethod
+    def once(cls):
+        """One reading, with no descriptor left open: /proc/self opened before a
+        fork would go on naming the process that opened it."""
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * PAGE_SIZE
+
 
 def sd_notify(message):
     """Send one sd_notify datagram, if someone gave us a NOTIFY_SOCKET."""
@@ -370,16 +377,38 @@ def launcher_pid():
 PR_SET_PDEATHSIG = 1
 
 
-def hup_when_parent_dies():
+def hup_when_parent_dies(signum=signal.SIGHUP):
     """Have the kernel send SIGHUP the moment our launcher dies, even by SIGKILL.
 
     The getppid() check in the main loop covers systems where prctl is not
     to be had, and the race in which the launcher died before this call.
     """
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGHUP, 0, 0, 0)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+def smaps_rollup(pid="self"):
+    """(PSS, private) bytes of a process, or (None, None) where the kernel has no smaps_rollup.
+
+    RSS counts every page a process maps; a worker forked from the mold
+    shares most of its pages with the mold and its siblings, so its RSS
+    says little of what it costs.  PSS divides each shared page among its
+    sharers; private memory is what its exit gives back.
+    """
+    fields = {}
+    try:
+        with open("/proc/%s/smaps_rollup" % pid) as rollup:
+            for line in rollup:
+                key, _, rest = line.partition(":")
+                if key in ("Pss", "Private_Clean", "Private_Dirty"):
+                    fields[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None, None
+    if "Pss" not in fields:
+        return None, None
+    return fields["Pss"], fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
 
 
 # --------------------------------------------------------------------------
@@ -1429,7 +1458,9 @@ class RecyclingWSGIServer(WSGIServer):
         first = self.replacement_asked is None
         self.replacement_asked = now
         if first:
-            log("recycle", reason=reason, rss=rss, requests=self.requests, age_s=age, next="ask launcher")
+            pss, private = smaps_rollup()
+            log("recycle", reason=reason, rss=rss, pss=pss, private=private, requests=self.requests,
+                age_s=age, next="ask launcher")
             self.tell_launcher("RECYCLE=%s" % reason)
         # Only our own launcher, never init or spawn-fcgi (the pid check above
         # already stopped us if it is gone).
@@ -1440,7 +1471,8 @@ class RecyclingWSGIServer(WSGIServer):
         # Plain spawn-fcgi, mod_fcgid, lighttpd: nobody to ask.  Drain, then
         # exec in place; fd 0 survives exec, so new connections wait in the
         # backlog.  Until our turn comes, we keep serving.
-        if self.turn_to_reload(reason, rss=rss, age_s=age):
+        pss, private = smaps_rollup()
+        if self.turn_to_reload(reason, rss=rss, pss=pss, private=private, age_s=age):
             self.reexec = True
             self.stop_accepting(reason)
 
@@ -1613,7 +1645,7 @@ class RecyclingWSGIServer(WSGIServer):
         self.log_abandoned()
         log("drained", drain_s=time.monotonic() - started, abandoned=self.connections,
             requests=self.requests, rss=self.rss())
-        if self.launcher is None:
+        if self.launcher is None and self.parent_serving is None:  # a stand-in's going is no news
             sd_notify("STOPPING=1")
         elif os.getppid() == self.launcher:  # a launcher that is gone has nobody listening
             # The final count and what was abandoned, for the launcher's metrics;
@@ -1701,8 +1733,21 @@ def load_application(spec):
     return application
 
 
-def warm_up(application, path):
-    """Serve one request in-process, so the first real one finds templates compiled.
+def warm_up(application, paths):
+    """Serve one request in-process for each of PATHS (comma-separated), so the first real ones find
+    templates compiled: in a mold, compiled once for every worker forked from it.
+
+    Returns the HTTP status of the first that failed, or of the last.
+    """
+    for path in paths.split(","):
+        status, error = serve_in_process(application, path)
+        if status >= 500:
+            break
+    return status, error
+
+
+def serve_in_process(application, path):
+    """Serve one request in-process.
 
     Returns the HTTP status and the exception behind a failure, if the app
     reported one (through start_response's exc_info, as Trac does) or raised
@@ -1850,8 +1895,11 @@ def versions(*distributions):
 
 
 def started_by_hand():
-    """No socket on fd 0 and no CGI request described: a person ran us, in a terminal or a script."""
-    if any(name in os.environ for name in ("REQUEST_METHOD", "GATEWAY_INTERFACE", "FCGI_FORCE_CGI")):
+    """No socket on fd 0 and no CGI request described: a person ran us, in a terminal or a script.
+
+    A mold has /dev/null on fd 0 too, and its channel to the launcher instead.
+    """
+    if any(name in os.environ for name in ("REQUEST_METHOD", "GATEWAY_INTERFACE", "FCGI_FORCE_CGI", MOLD_FD)):
         return False
     try:
         return not stat.S_ISSOCK(os.fstat(0).st_mode)
@@ -1876,7 +1924,7 @@ def check():
                 out("  %-12s %s=%s%s\n" % ("environment" if name.startswith("TRAC") else "egg cache", name,
                                            os.environ[name], "" if name in given else " (%s)" % default))
         status, error = warm_up(application, path)
-        warm_s, rss = time.monotonic() - started, ResidentMemory()()
+        warm_s, rss = time.monotonic() - started, ResidentMemory.once()
         out("  warm-up      GET %s -> %d in %.2f s (import included)\n" % (path, status, warm_s))
         soft = size(limits.raw["TRAC_FCGI_SOFT_RSS"] or "0") or limits.max_rss * 9 // 10
         out("  memory       %.1f MiB resident once warm%s\n" % (rss / 2**20, "; asks for its replacement at "
@@ -1902,6 +1950,182 @@ def check():
     return 0
 
 
+# The mold: a warm, frozen process that the launcher's workers are forked from.
+#
+# A cold worker imports Trac, opens the environment and serves a warm-up
+# request: about a second of CPU.  The mold does that once; each worker
+# forked from it starts warm within milliseconds, and shares with the mold
+# and its siblings every page that neither writes.  The mold never serves:
+# the launcher starts it with /dev/null on fd 0 and hands it the listening
+# socket only along with each fork request, for the worker to take.
+#
+# Forking a process that has run code is safe only for what that code left
+# in a state a child can inherit.  Each hazard is named where it is avoided.
+
+MOLD_FD = "TRAC_FCGI_MOLD_FD"
+# A forked worker waits at most this long for its middle parent to exit, so
+# that it has been reparented to the launcher (a child subreaper).
+REPARENT_TIMEOUT_S = 5.0
+
+
+class Mold:
+    """The launcher's end is a SOCK_SEQPACKET pair: one message per request and reply.
+
+    request: b"fork", then a line KEY=value for each variable the worker
+             sets in its environment, with the listening socket attached (SCM_RIGHTS)
+    reply:   b"pid N", N being the new worker, already the launcher's child
+    The launcher closing its end (or dying) ends the mold.
+    """
+
+    def __init__(self, fd):
+        self.channel = socket.socket(fileno=fd)
+        self.launcher = launcher_pid()
+        self.pid = os.getpid()
+
+    @classmethod
+    def from_environment(cls):
+        """The mold, if the launcher started us as one; else None."""
+        fd = os.environ.get(MOLD_FD, "")
+        if not fd.isdigit():
+            return None
+        try:
+            return cls(int(fd))
+        except OSError:
+            return None  # no such fd: we are no mold after all
+
+    def serve_forks(self, freeze):
+        """Wait for fork requests: None in a forked worker, or the mold's exit status."""
+        # The mold dies with its launcher; a worker forked from it sets its own
+        # parent-death signal once it is the launcher's child.
+        hup_when_parent_dies(signal.SIGTERM)
+        # Ctrl-C in a terminal reaches the whole process group: the mold just goes.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        self.make_pristine(freeze)
+        # Hazard, threads at fork: only the forking thread survives in the
+        # child, and a lock another thread held stays held for good.  The mold
+        # starts none (the worker's thread pool is made after the fork); an
+        # application that started one is not safe to fork from.
+        if threading.active_count() > 1:
+            log("mold-refused", threads=threading.active_count(),
+                hint="the application started threads while warming up; the launcher execs workers instead")
+            return 1
+        pss, private = smaps_rollup()
+        log("mold", rss=ResidentMemory.once(), pss=pss, private=private, frozen=gc.get_freeze_count())
+        sd_notify("MOLD=1")
+        while True:
+            try:
+                message, fds, _, _ = socket.recv_fds(self.channel, 4096, 1)
+            except InterruptedError:
+                continue
+            if not message:
+                log("mold-retired")
+                return 0
+            command, *variables = message.decode("utf-8", "replace").split("\n")
+            if command != "fork" or len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                self.channel.send(b"error bad request")
+                continue
+            if self.fork(fds[0], dict(line.partition("=")[::2] for line in variables)):
+                return None
+
+    def make_pristine(self, freeze):
+        """What the warm-up left that no two processes may share, closed before any fork."""
+        # Hazard, shared database handles: a connection forked into two
+        # processes is one server session spoken to by both, and the replies
+        # interleave ("lost synchronization with server"); SQLite's locks are
+        # per process.  Every pooled connection is closed here, and each
+        # worker opens its own on its first request.
+        trac_env = sys.modules.get("trac.env")
+        if trac_env is not None:
+            from trac.db.api import DatabaseManager
+            for env in list(trac_env.env_cache.values()):
+                DatabaseManager(env).shutdown()
+        # What warm-up garbage there is goes now, and whatever lives is moved
+        # where the collector never writes (TRAC_FCGI_GC_FREEZE): pages it
+        # would otherwise touch on each collection stay shared with the workers.
+        if freeze:
+            freeze_warm_set()
+        else:
+            gc.collect()
+
+    def fork(self, listener, environ):
+        """Double-fork a worker.  True in the worker; in the mold, reply with its pid and return False."""
+        pid_r, pid_w = os.pipe()
+        middle = os.fork()
+        if middle == 0:
+            # The middle child forks the worker and exits at once, so the
+            # worker is orphaned and the launcher (a child subreaper) adopts
+            # it: reaped, signalled and counted by the launcher, as any worker.
+            # It leaves by os._exit whatever happens: no atexit handler, no
+            # flush of buffers the mold wrote, no unwinding into the mold's loop.
+            try:
+                os.close(pid_r)
+                worker = os.fork()
+            except OSError:
+                os._exit(1)
+            if worker == 0:
+                os.close(pid_w)
+                self.become_worker(listener, environ)
+                return True
+            try:
+                os.write(pid_w, b"%d" % worker)
+            finally:
+                os._exit(0)
+        os.close(pid_w)
+        os.close(listener)
+        worker = os.read(pid_r, 32)
+        os.close(pid_r)
+        os.waitpid(middle, 0)
+        # Replied once the middle child is reaped: the worker is the launcher's already.
+        self.channel.send(b"pid " + worker if worker else b"error fork failed")
+        return False
+
+    def become_worker(self, listener, environ):
+        """In the forked worker: take the socket, wait to be the launcher's child, then start."""
+        # Hazard, inherited descriptors: the mold's end of the request channel
+        # would let a worker read fork requests meant for the mold.
+        self.channel.close()
+        os.dup2(listener, 0)
+        os.close(listener)
+        del os.environ[MOLD_FD]
+        os.environ.update(environ)
+        # Hazard, the parent-death signal: set before the middle child exits,
+        # it would fire when the middle child does.  It is set once the
+        # launcher is our parent, and getppid() is checked after, in case the
+        # launcher died in between.
+        deadline = time.monotonic() + REPARENT_TIMEOUT_S
+        while os.getppid() != self.launcher:
+            if time.monotonic() > deadline:
+                log("orphaned", launcher=self.launcher, parent=os.getppid())
+                os._exit(1)
+            time.sleep(0.001)
+        hup_when_parent_dies()
+        if os.getppid() != self.launcher:
+            os._exit(1)
+        # Hazard, random state: every worker would draw the mold's numbers
+        # (its jittered limits, anything the application draws).  Python
+        # reseeds `random` at fork already; reseeding here says so.  Trac's
+        # session ids and form tokens come from os.urandom, which forks safely.
+        random.seed()
+        log("forked", mold=self.pid)
+        # Hazard, inherited locks: a lock held at fork stays held in the child.
+        # The mold has one thread, which holds no lock while it forks; logging's
+        # handler locks (Trac's log file and stderr handlers among them) are
+        # re-made at fork by the logging module itself.
+        # Hazard, log files: Trac's log file, opened by the mold, is one open
+        # file description shared by every worker.  Trac opens it for appending
+        # (O_APPEND), so each write lands whole at the end, as it does for
+        # cold workers that each opened the file themselves.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def open_server(application, limits, bind):
+    """The server and its listening socket: fd 0, or a new one for --bind."""
+    server = RecyclingWSGIServer(application, limits, bindAddress=bind)
+    return server, server._setupSocket()
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if answered_without_serving(argv):
@@ -1922,14 +2146,16 @@ def main(argv=None):
             return 2
         limits = Limits(os.environ)
         application = load_application(limits.app)
-        server = RecyclingWSGIServer(application, limits, bindAddress=bind)
-        sock = server._setupSocket()
-        if launcher_pid() is not None:
-            hup_when_parent_dies()
+        mold = Mold.from_environment()
+        if mold is None:
+            server, sock = open_server(application, limits, bind)
+            if launcher_pid() is not None:
+                hup_when_parent_dies()
         started = time.monotonic()
         status, error = warm_up(application, limits.warmup) if limits.warmup else (None, None)
-        frozen = freeze_warm_set() if limits.gc_freeze else 0
-        warm_s, warm_rss = time.monotonic() - started, server.rss()
+        # The mold freezes once its database connections are closed (Mold.make_pristine).
+        frozen = None if mold is not None else freeze_warm_set() if limits.gc_freeze else 0
+        warm_s, warm_rss = time.monotonic() - started, ResidentMemory.once()
         # Before the warm line: a refusal stays the one line on stderr.
         limits.check_headroom(warm_rss)
     except BadSetting as problem:
@@ -1947,6 +2173,14 @@ def main(argv=None):
         if status >= 500:
             warm_failed(limits, status, error)
             return 1
+    if mold is not None:
+        exit_status = mold.serve_forks(limits.gc_freeze)
+        if exit_status is not None:
+            return exit_status
+        # A worker forked from the mold: its own draw of the jittered limits,
+        # its own server and threads.
+        limits = Limits(os.environ)
+        server, sock = open_server(application, limits, None)
     sd_notify("READY=1")
     server.stand_in_go()
     if server.reload_turn.release():

@@ -13,7 +13,7 @@ cells (see ORDER), the rows taking turns, every other round in reverse order,
 so that drift and others' load fall on every row alike; then the experiments.
 
 Environment: BENCH_QUICK=1 (one short round, a few rows: the pipeline, not
-the figures); BENCH_ROWS=shipped|no-keepalive|all (a row set);
+the figures); BENCH_ROWS=shipped|other-front|all (a row set);
 BENCH_ONLY=row,row (some rows only; BENCH_ONLY=none for no table) and
 BENCH_EXPERIMENTS=name,name (some experiments only), while developing;
 BENCH_OUT (where results go, default bench/results); BENCH_WORK (scratch,
@@ -40,7 +40,7 @@ import load  # noqa: E402
 import rows  # noqa: E402
 import sampling  # noqa: E402
 from servers import (PYTHON, ROOT, VENV, Running, Stage, find_program, http_get, resolve,  # noqa: E402
-                     shipped_keepalive, warm_up)
+                     other_front, shipped_keepalive, warm_up)
 
 
 def log(event, **facts):
@@ -204,6 +204,7 @@ def main():
     try:
         for row in chosen_rows():
             args, env, note = resolve(row, stage.known)
+            row = dict(row, label=row["label"].format(other_front=other_front()[0]))
             if row["server"] == "uwsgi" and not (VENV / "uwsgi").exists():
                 args, env, note = None, None, "not run: uWSGI is not installed (bench/run installs it)"
             record["rows"].append(dict(row, run_args=args, run_env=env, note=note, run=args is not None))

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import rows
 import sampling
@@ -74,32 +75,48 @@ def settle(running, workers, timeout=60):
 # --------------------------------------------------------------------------
 
 def freeze_memory(stage):
-    """Many requests over the page mix, with gc.freeze on and off, under the default memory limits."""
-    spec, found = SPECS["freeze_memory"], {}
-    for setting, env in spec["settings"].items():
-        running, note = ours(stage, "freeze-" + setting, env=env)
-        if running is None:
-            found[setting] = {"not_run": note}
-            continue
-        try:
-            warm_up(stage.front("shipped"), rows.cycle(spec["mix"]))
-            sampler = sampling.Sampler(running, rows.SAMPLE_EVERY_S)
-            sampler.start()
-            started, clock = time.time(), time.monotonic()
-            work = counted_load(stage, rows.cycle(spec["mix"]), spec["requests"], spec["clients"])
-            ended = time.time()
-            samples = sampler.stop()
-            found[setting] = {
-                "note": note, "requests": len(work.answers), "failed": len(work.failures()),
-                "seconds": round(work.seconds, 2),
-                "answered_at": sorted(round(a.started + a.latency - clock, 2) for a in work.answers),
-                "samples": [[round(t - started, 2)] + rest for t, *rest in samples],
-                "recycles": [round(t - started, 2) for t in running.recycles(started, ended)],
-                "worker_lines": [line for _, line in running.lines()
-                                 if re.search(r"event=(warm|freeze|frozen|recycle)\b", line)][:40]}
-        finally:
+    """Many requests over the page mix under the default memory limits, gc.freeze on and off.
+
+    Both run at once, each behind its own nginx, so that both see the same
+    machine: what is compared is memory per request, not speed.
+    """
+    spec, found, runs = SPECS["freeze_memory"], {}, {}
+    try:
+        for setting, env in spec["settings"].items():
+            side = stage.twin("freeze-" + setting)
+            running, note = ours(side, "freeze-" + setting, env=env, nginx=False)
+            if running is None:
+                found[setting] = {"not_run": note}
+                continue
+            runs[setting] = (side, running, note)
+        for side, running, _ in runs.values():
+            warm_up(side.front("shipped"), rows.cycle(spec["mix"]))
+        with ThreadPoolExecutor(len(runs) or 1) as pool:
+            loads = {setting: pool.submit(freeze_load, spec, *run) for setting, run in runs.items()}
+            found.update((setting, load.result()) for setting, load in loads.items())
+    finally:
+        for side, running, _ in runs.values():
             running.stop()
+            side.stop()
     return found
+
+
+def freeze_load(spec, side, running, note):
+    """One side of freeze_memory: its raw figures."""
+    sampler = sampling.Sampler(running, rows.SAMPLE_EVERY_S)
+    sampler.start()
+    started, clock = time.time(), time.monotonic()
+    work = counted_load(side, rows.cycle(spec["mix"]), spec["requests"], spec["clients"])
+    ended = time.time()
+    samples = sampler.stop()
+    return {
+        "note": note, "requests": len(work.answers), "failed": len(work.failures()),
+        "seconds": round(work.seconds, 2),
+        "answered_at": sorted(round(a.started + a.latency - clock, 2) for a in work.answers),
+        "samples": [[round(t - started, 2)] + rest for t, *rest in samples],
+        "recycles": [round(t - started, 2) for t in running.recycles(started, ended)],
+        "worker_lines": [line for _, line in running.lines()
+                         if re.search(r"event=(warm|freeze|recycle)\b", line)][:40]}
 
 
 def mold_memory(stage):

@@ -27,6 +27,7 @@ once, twice (a duplicate), or not at all.  Writes bench/results/fronts.md
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -39,13 +40,14 @@ sys.path[:0] = [str(BENCH.parent / "tests"), str(BENCH.parent)]
 
 from stack import (KEEPALIVE_FRONT, TicketLoad, serving_workers, ticket_summaries, trac_behind_nginx,  # noqa: E402
                    writable_trac_env)
-from support import family  # noqa: E402
+from support import family, worker_script  # noqa: E402
 
 WORK = BENCH / "work" / "fronts"
 RESULTS = BENCH / "results"
 SECONDS = float(os.environ.get("FRONTS_SECONDS", "30"))
 KILLS = int(os.environ.get("FRONTS_KILLS", "6"))
 ROUNDS = int(os.environ.get("FRONTS_ROUNDS", "2"))
+COST_SECONDS, COST_ROUNDS = 5, 6
 KILL_EVERY_S = 4.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 CLIENTS = 8
@@ -202,6 +204,45 @@ def table(rows):
     return "\n".join(out)
 
 
+def connection_cost():
+    """What a FastCGI connection per request costs: a trivial app, default and keepalive fronts, side by side.
+
+    With Trac every answer costs tens of milliseconds, which hides the
+    difference; tests/workers/hello.py costs next to nothing, which shows it.
+    wrk -c8 for COST_SECONDS per round, COST_ROUNDS rounds taking turns.
+    """
+    rows = {name: {"answers": 0, "seconds": 0.0, "cpu": 0.0} for name in ("default", "keepalive")}
+    for number in range(COST_ROUNDS):
+        for name in (list(rows) if number % 2 == 0 else list(rows)[::-1]):
+            _, upstream_block, directives = FRONTS[name]
+            directory = WORK / "cost" / ("%s-round%d" % (name, number))
+            directory.mkdir(parents=True)
+            started = []
+            try:
+                nginx, launcher = trac_behind_nginx(started, directory, directory, "--", *worker_script("hello.py"),
+                                                    upstream=upstream_block, directives=directives)
+                before = cpu_used(nginx, launcher)
+                out = subprocess.run(["wrk", "-t2", "-c8", "-d%ds" % COST_SECONDS, nginx.url("/")],
+                                     capture_output=True, text=True, check=True).stdout
+                rows[name]["cpu"] += cpu_used(nginx, launcher) - before
+                rows[name]["answers"] += int(re.search(r"(\d+) requests in", out)[1])
+                rows[name]["seconds"] += COST_SECONDS
+            finally:
+                for thing in reversed(started):
+                    thing.stop()
+    lines = ["# nginx fronts: what a connection per request costs", "",
+             "Measured %s UTC at commit %s by `bench/fronts.py cost`: tests/workers/hello.py (a trivial WSGI app) "
+             "behind each front, launcher --workers 1, `wrk -t2 -c8` for %d s a round, %d rounds taking turns. "
+             "Load average: %s." % (time.strftime("%Y-%m-%d %H:%M", time.gmtime()), commit(), COST_SECONDS,
+                                    COST_ROUNDS, ", ".join("%.2f" % x for x in os.getloadavg())), "",
+             "| front | answers/s | CPU µs per answer |", "|---|---|---|"]
+    for name, row in rows.items():
+        lines.append("| %s | %.0f | %.0f |" % (name, row["answers"] / row["seconds"],
+                                               row["cpu"] * 1e6 / max(row["answers"], 1)))
+    (RESULTS / "fronts-cost.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def commit():
     try:
         return subprocess.run(["git", "-C", str(BENCH), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -261,4 +302,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    connection_cost() if sys.argv[1:] == ["cost"] else main()

@@ -71,9 +71,9 @@ def intro(record):
             "(/wiki/WikiStart, steady, open loop, overload, faults); the rows take turns, every other round in "
             "reverse order. A figure is the median of the rounds, [min–max] across them; a target is met only "
             "on the median. MB are MiB."
-            % (s["tickets"], "FastCGI keepalive %d" % keepalive if keepalive else "no FastCGI keepalive",
-               ", except the rows marked *nginx without keepalive*" if any(r["nginx"] != "shipped"
-                                                                            for r in record["rows"]) else "",
+            % (s["tickets"], "FastCGI keepalive %d" % keepalive if keepalive else "a FastCGI connection per request",
+               ", except the rows that say which nginx they had" if any(r["nginx"] != "shipped"
+                                                                        for r in record["rows"]) else "",
                ", ".join("%d× %s" % (n, p.replace("{ticket}", "N")) for p, n in s["mix"].items()),
                s["rounds"], "" if s["rounds"] == 1 else "s"), ""]
     notes = [r for r in record["rows"] if r.get("note")]
@@ -247,7 +247,7 @@ def headline(record):
     def c(row, scenario, fraction=None):
         return analysis.cell(record, row, scenario, fraction)
     found = []
-    for scenario, what in (("wiki", "/wiki/WikiStart"), ("steady", "the page mix")):
+    for scenario, what in (("wiki", "/wiki/WikiStart"), ("steady", "The page mix")):
         ours, stock = c("ours", scenario), c("stock", scenario)
         if ours and stock:
             others = [(name, c(name, scenario)) for name in ("flup", "uwsgi", "ours-nofreeze")]
@@ -298,8 +298,9 @@ def readme_section(record):
 
 BENCH_README_HEAD = """\
 <!-- written by bench/report.py from bench/results/latest.json; edit report.py, not this file -->
-Run it with `make bench` (about 25 minutes on 2 cores); `BENCH_ROWS=no-keepalive make bench` runs the
-second row set, nginx without FastCGI keepalive. `BENCH_QUICK=1 bench/run` is a smoke test, and
+Run it with `make bench` (about 25 minutes on 2 cores). `BENCH_ROWS=other-front make bench` runs the
+second row set: nginx with the FastCGI connection choice `examples/nginx.conf` does not make (kept-alive
+connections, or one a request). `BENCH_QUICK=1 bench/run` is a smoke test, and
 `make test` runs it. `bench/report.py bench/results/latest.json` rebuilds this page, `results/latest.md`,
 the plot and the top README's summary from the raw records alone.
 
@@ -311,6 +312,7 @@ the plot and the top README's summary from the raw records alone.
 | `sampling.py` | memory, CPU and machine load while a cell runs; the fault injector |
 | `driver.py`, `experiments.py` | run everything, write `results/latest.json` |
 | `analysis.py`, `report.py`, `plot.py` | figures, this report and the plot, from the JSON |
+| `fronts.py`, `metrics_plot.py` | studies run by hand: nginx's connection settings and POSTs run twice (`results/fronts.md`); a recycling run seen through `--metrics-file` (`results/metrics.md`) |
 
 """
 

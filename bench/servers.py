@@ -7,6 +7,7 @@ suite's helpers (tests/support.py, tests/stack.py), so the benchmark and the
 tests start and watch processes the same way.
 """
 
+import copy
 import os
 import re
 import shutil
@@ -18,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import rows
-from stack import Nginx
+from stack import KEEPALIVE_FRONT, Nginx
 from support import Process, children, kill_tree, make_trac_env, wait_until
 
 BENCH = Path(__file__).resolve().parent
@@ -59,14 +60,20 @@ class Stage:
             shutil.rmtree(old, ignore_errors=True)
         make_bench_env(self.env)
         run([str(VENV / "trac-admin"), str(self.env), "deploy", str(self.deploy)])
-        self.nginx = {}
+        self.nginx, self.name = {}, ""
         self.known = known_settings()
 
+    def twin(self, name):
+        """Another socket and nginx on the same Trac environment, for a server run beside the first."""
+        other = copy.copy(self)
+        other.socket, other.nginx, other.name = self.work / ("fcgi-%s.sock" % name), {}, "-" + name
+        return other
+
     def front(self, variant):
-        """The nginx of a variant: shipped (examples/nginx.conf as it is) or no-keepalive."""
+        """The nginx of a variant: "shipped" (examples/nginx.conf as it is) or "other" (see other_front)."""
         if variant not in self.nginx:
-            self.nginx[variant] = Nginx(self.work / ("nginx-" + variant), "unix:%s" % self.socket,
-                                        keepalive=variant != "no-keepalive")
+            self.nginx[variant] = Nginx(self.work / ("nginx-" + variant + self.name), "unix:%s" % self.socket,
+                                        **(other_front()[1] if variant == "other" else {}))
         return self.nginx[variant]
 
     def stop(self):
@@ -78,6 +85,18 @@ def shipped_keepalive():
     """The `keepalive N` examples/nginx.conf sets today, or None: it is read at run time."""
     found = re.search(r"^\s*keepalive\s+(\d+)\s*;", (ROOT / "examples" / "nginx.conf").read_text(), re.M)
     return int(found.group(1)) if found else None
+
+
+def other_front():
+    """(label, Nginx keywords) of the connection choice examples/nginx.conf does not make.
+
+    Kept-alive FastCGI connections if it opens one per request (the tests'
+    KEEPALIVE_FRONT), else nginx's default, one per request.
+    """
+    if shipped_keepalive():
+        upstream = "    upstream trac {\n        server @{fastcgi_server};\n    }\n"
+        return "without FastCGI keepalive", {"upstream": upstream, "directives": {"fastcgi_keep_conn": None}}
+    return "with FastCGI keepalive", KEEPALIVE_FRONT
 
 
 def make_bench_env(path):

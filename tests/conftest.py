@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -8,10 +9,26 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
+from stack import Postgres  # noqa: E402
 from support import make_trac_env  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def trac_env(tmp_path_factory):
-    """One real Trac environment (trac-admin initenv, SQLite) for the whole run."""
-    return make_trac_env(tmp_path_factory.mktemp("trac") / "env")
+def postgres():
+    """One throwaway PostgreSQL cluster for the whole run, started on first use."""
+    cluster = Postgres()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def trac_env(tmp_path_factory, request):
+    """One real Trac environment (trac-admin initenv) for the whole run.
+
+    On SQLite; TEST_DATABASE=postgres puts it on PostgreSQL instead, to run
+    any suite on both.
+    """
+    path = tmp_path_factory.mktemp("trac") / "env"
+    if os.environ.get("TEST_DATABASE") == "postgres":
+        return make_trac_env(path, request.getfixturevalue("postgres").create_database("trac"))
+    return make_trac_env(path)

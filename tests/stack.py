@@ -8,6 +8,7 @@ response: status, whether the whole body arrived, latency, and errors.
 """
 import collections
 import contextlib
+import glob
 import http.client
 import os
 import pwd
@@ -18,6 +19,7 @@ import socket
 import sqlite3
 import string
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -256,6 +258,72 @@ def upstream_block(*servers):
     values = {"machine_%s" % chr(ord("a") + i): server for i, server in enumerate(servers)}
     text = ConfigTemplate(text).substitute(values)
     return "".join("    " + line if line.strip() else line for line in text.splitlines(True))
+
+
+# --------------------------------------------------------------------------
+# PostgreSQL: Debian's server, as an unprivileged cluster in a temp dir
+
+PG_BIN = next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)), None)
+
+
+class Postgres:
+    """A throwaway cluster on a free port of 127.0.0.1, trusting local connections.
+
+    initdb refuses to run as root: under root the cluster belongs to nobody,
+    in a directory of its own under /tmp (pytest's are root's alone).  Its
+    log is kept for the tests that look for errors in every log.
+    """
+
+    def __init__(self):
+        assert PG_BIN, "PostgreSQL is not installed: make debs installs it"
+        self.directory = Path(tempfile.mkdtemp(prefix="trac-fcgi-pg-"))
+        self.directory.chmod(0o755)
+        self.as_owner = []
+        if os.getuid() == 0:
+            self.as_owner = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+            shutil.chown(self.directory, "nobody", "nogroup")
+        self.data, self.log_path = self.directory / "data", self.directory / "postgres.log"
+        self.run("initdb", "-D", self.data, "-U", "trac", "--auth=trust", "-E", "UTF8", "--no-locale")
+        for attempt in range(5):
+            self.port = free_port()
+            try:
+                self.run("pg_ctl", "-D", self.data, "-l", self.log_path, "-w", "-t", "120", "start", "-o",
+                         "-c listen_addresses=127.0.0.1 -p %d -k '' -c fsync=off -c max_connections=200"
+                         % self.port)
+                return
+            except subprocess.CalledProcessError as failed:
+                if "already in use" not in self.log():
+                    raise AssertionError("PostgreSQL did not start: %s\n%s" % (failed.stderr, self.log()))
+
+    def run(self, program, *args):
+        done = subprocess.run(self.as_owner + [os.path.join(PG_BIN, program), *map(str, args)],
+                              capture_output=True, text=True, cwd=self.directory)
+        if done.returncode:
+            raise subprocess.CalledProcessError(done.returncode, program, done.stdout, done.stderr)
+        return done.stdout
+
+    def url(self, database):
+        return "postgres://trac@127.0.0.1:%d/%s" % (self.port, database)
+
+    def create_database(self, name):
+        self.run("createdb", "-h", "127.0.0.1", "-p", self.port, "-U", "trac", name)
+        return self.url(name)
+
+    def query(self, database, sql):
+        """Rows of SQL's answer, each a list of strings."""
+        out = self.run("psql", "-h", "127.0.0.1", "-p", self.port, "-U", "trac", "-d", database,
+                       "-AtX", "-F", "\t", "-c", sql)
+        return [line.split("\t") for line in out.splitlines()]
+
+    def log(self):
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self):
+        try:
+            self.run("pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop")
+        except subprocess.CalledProcessError:
+            pass
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------

@@ -202,12 +202,30 @@ def alive(pid):
     return fields is not None and fields[0] != "Z"
 
 
-def family(pid):
-    """PID and all its live descendants, parents before their children."""
+def family(pid, without=()):
+    """PID and all its live descendants, parents before their children, less the subtrees rooted at WITHOUT."""
     found = [pid]
     for child in children(pid):
-        found += family(child)
+        if child not in without:
+            found += family(child, without)
     return found
+
+
+def molds_of(pid):
+    """PID's children that are molds: a worker has the listening socket on fd 0, a mold /dev/null."""
+    found = set()
+    for child in children(pid):
+        try:
+            if os.readlink("/proc/%d/fd/0" % child) == os.devnull:
+                found.add(child)
+        except OSError:
+            pass
+    return found
+
+
+def workers_of(launcher_pid):
+    """The launcher's live children less its molds: its workers."""
+    return sorted(set(children(launcher_pid)) - molds_of(launcher_pid))
 
 
 def kill_tree(pid):
@@ -296,15 +314,16 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def make_trac_env(path):
-    """A real Trac environment on SQLite, made by trac-admin initenv, with the WAL journal the README advises.
-
-    WAL lets readers go on while another worker process writes.
+def make_trac_env(path, database="sqlite:db/trac.db?journal_mode=WAL"):
+    """A real Trac environment made by trac-admin initenv, on SQLite with the WAL journal the
+    README advises (readers go on while another worker process writes) unless DATABASE says otherwise.
     """
-    trac_admin = str(Path(PYTHON).parent / "trac-admin")
-    subprocess.run([trac_admin, str(path), "initenv", "Test Project", "sqlite:db/trac.db?journal_mode=WAL"],
-                   check=True, capture_output=True)
+    trac_admin(path, "initenv", "Test Project", database)
     return str(path)
+
+
+def trac_admin(path, *command):
+    subprocess.run([str(Path(PYTHON).parent / "trac-admin"), str(path), *command], check=True, capture_output=True)
 
 
 # --------------------------------------------------------------------------

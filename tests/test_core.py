@@ -13,19 +13,25 @@ import itertools
 import signal
 
 import launcher
-from launcher import SIGNAL, SPAWN, SYSTEMD, LauncherCore
+from launcher import RETIRE_MOLD, SIGNAL, SPAWN, START_MOLD, STRAY, SYSTEMD, LauncherCore
 
 WARM_S = 1.5
 DRAIN_S = 0.2
+FORK_S = 0.02  # a worker forked from a warm mold
 
 
 class Site:
     def __init__(self, slots=1, ready_timeout=30.0, stop_timeout=30.0, warm_s=WARM_S, drain_s=DRAIN_S,
-                 speaks_notify=True, shortage=None, behaviour=None):
+                 speaks_notify=True, shortage=None, behaviour=None, mold=None):
         self.now = 0.0
         self.log = []
         self.core = LauncherCore(slots, ready_timeout, stop_timeout, log=self.record,
-                                 memory_shortage=lambda pid: shortage)
+                                 memory_shortage=lambda pid: shortage, mold=mold is not None)
+        # What a process started as the mold does: "mold" warms up for WARM_S
+        # and says MOLD=1; "stock" exits at once; "silent" says nothing.
+        self.mold_behaviour = mold
+        self.mold_pid = None
+        self.mold_hangs = False  # ignores its socket pair closing
         self.warm_s, self.drain_s, self.speaks_notify = warm_s, drain_s, speaks_notify
         self.behaviour = behaviour or {}  # slot number -> "ok" | "crash" | "hang" (ignores SIGHUP)
         self.events = []             # heap of (time, seq, callable): what the workers will do
@@ -56,6 +62,10 @@ class Site:
                     self.signal(*args)
                 elif kind == SYSTEMD:
                     self.told_systemd.extend(args[0])
+                elif kind == START_MOLD:
+                    self.start_mold()
+                elif kind == RETIRE_MOLD and not self.mold_hangs:
+                    self.at(0, lambda pid=args[0]: self.exit(pid, 0))
         per_slot = {}
         for worker in self.core.workers.values():
             per_slot[worker.slot.number] = per_slot.get(worker.slot.number, 0) + 1
@@ -92,12 +102,23 @@ class Site:
     def spawn(self, slot, role):
         pid = next(self.pids)
         self.alive.add(pid)
-        self.core.spawned(slot, pid, role, self.now)
+        forked = self.core.mold_to_fork_from() is not None
+        self.core.spawned(slot, pid, role, self.now, how="fork" if forked else "exec")
         behaviour = self.behaviour.get(slot.number, "ok")
         if behaviour == "crash":
             self.at(0.1, lambda: self.exit(pid, 1))
         elif self.speaks_notify:
-            self.at(self.warm_s, lambda: pid in self.alive and self.core.notified(pid, {"READY": "1"}, self.now))
+            self.at(FORK_S if forked else self.warm_s,
+                    lambda: pid in self.alive and self.core.notified(pid, {"READY": "1"}, self.now))
+
+    def start_mold(self):
+        pid = self.mold_pid = next(self.pids)
+        self.alive.add(pid)
+        self.core.mold_started(pid, self.now)
+        if self.mold_behaviour == "mold":
+            self.at(self.warm_s, lambda: pid in self.alive and self.core.notified(pid, {"MOLD": "1"}, self.now))
+        elif self.mold_behaviour == "stock":
+            self.at(0.5, lambda: self.exit(pid, 0))
 
     def signal(self, pid, signum):
         self.sent.append((pid, signum))
@@ -133,7 +154,7 @@ class Site:
 
 def started(**options):
     site = Site(**options)
-    site.run_until(WARM_S + 0.01)
+    site.run_until(WARM_S + (FORK_S if options.get("mold") == "mold" else 0) + 0.01)
     assert site.core.ready_workers() == len(site.core.slots)
     site.wakes = site.idle_wakes = 0
     return site
@@ -356,3 +377,92 @@ def test_every_signal_the_launcher_can_catch_is_waited_for_and_only_faults_keep_
     assert launcher.WAITED | launcher.FAULTS | uncatchable == signal.valid_signals()
     assert {signal.SIGUSR2, signal.SIGALRM, signal.SIGVTALRM, signal.SIGPROF, signal.SIGPIPE,
             signal.SIGURG, signal.SIGWINCH, signal.SIGRTMIN + 6} <= launcher.WAITED
+
+
+# --------------------------------------------------------------------------
+# The mold
+
+def test_at_start_the_slots_wait_for_the_mold_and_are_then_forked_from_it():
+    site = started(slots=3, mold="mold")
+    assert [f["how"] for f in site.logged("spawn")] == ["fork"] * 3
+    assert site.logged("mold-ready") and site.idle_wakes == 0
+
+
+def test_a_worker_command_that_is_no_mold_is_execd_and_no_mold_is_tried_again_until_sighup():
+    site = Site(slots=2, mold="stock")
+    site.run_until(0.5 + WARM_S + 0.01)
+    assert site.logged("mold-unavailable", reason="exited")
+    assert site.core.ready_workers() == 2
+    assert [f["how"] for f in site.logged("spawn")] == ["exec"] * 2
+    site.signal_launcher(signal.SIGUSR1, sender=1)  # a rolling restart, not new code
+    site.run_until(60)
+    assert len(site.logged("mold-start")) == 1
+    assert all(f["how"] == "exec" for f in site.logged("spawn"))
+    site.signal_launcher(signal.SIGHUP)  # new code: perhaps a mold now
+    site.run_until(120)
+    assert len(site.logged("mold-start")) == 2 and site.core.ready_workers() == 2
+
+
+def test_a_silent_mold_is_killed_at_the_ready_timeout_and_the_workers_are_execd():
+    site = Site(mold="silent", ready_timeout=5.0)
+    site.run_until(5.0 + WARM_S + 0.01)
+    assert site.logged("mold-unavailable", reason="silent past --ready-timeout")
+    assert (site.mold_pid, signal.SIGKILL) in site.sent
+    assert site.core.ready_workers() == 1 and site.logged("spawn", how="exec")
+    assert site.idle_wakes <= 1
+
+
+def test_sighup_starts_a_new_mold_first_replaces_every_worker_from_it_then_retires_the_old_one():
+    site = started(slots=2, mold="mold")
+    old_mold, before = site.mold_pid, {site.serving(0), site.serving(1)}
+    site.signal_launcher(signal.SIGHUP)
+    site.run_until(60)
+    order = [e for e, f in site.log if e in ("mold-start", "mold-ready", "rolling-restart", "rolling-restart-done")
+             or (e == "mold-exit" and f["pid"] == old_mold)]
+    assert order[-5:] == ["mold-start", "mold-ready", "rolling-restart", "rolling-restart-done", "mold-exit"]
+    assert not {site.serving(0), site.serving(1)} & before
+    assert [f["how"] for f in site.logged("spawn", role="warming")] == ["fork", "fork"]
+    assert site.most_per_slot <= 2 and site.idle_wakes == 0
+
+
+def test_a_mold_that_dies_is_restarted_after_a_doubling_backoff_and_meanwhile_workers_are_execd():
+    site = started(mold="mold")
+    site.kill(site.mold_pid)
+    site.run_until(site.now + 0.01)
+    assert site.logged("mold-failed", delay_s=1.0)
+    site.kill(site.serving())  # its slot cannot wait for the mold
+    site.run_until(site.now + 0.01)
+    assert site.logged("spawn", how="exec")
+    site.run_until(site.now + 1.0 + WARM_S + 0.01)
+    assert len(site.logged("mold-ready")) == 2
+    site.kill(site.mold_pid)
+    site.run_until(site.now + 0.01)
+    assert site.logged("mold-failed", delay_s=2.0)
+
+
+def test_a_stop_retires_the_mold_and_ends_once_it_has_exited():
+    site = started(slots=2, mold="mold")
+    site.signal_launcher(signal.SIGTERM)
+    site.run_until(60)
+    assert site.core.finished and site.logged("mold-exit", pid=site.mold_pid, status=0)
+    assert not site.logged("mold-kill")
+
+
+def test_a_stop_waits_for_a_mold_that_hangs_until_the_stop_timeout_then_kills_it_once():
+    site = started(slots=2, mold="mold", stop_timeout=10.0)
+    site.mold_hangs = True
+    site.signal_launcher(signal.SIGTERM)
+    site.run_until(site.now + 5)
+    assert not site.core.workers and not site.core.finished
+    site.run_until(60)
+    assert site.core.finished
+    assert site.sent.count((site.mold_pid, signal.SIGKILL)) == 1
+
+
+def test_a_worker_a_given_up_mold_forked_after_all_is_told_to_go_when_it_says_ready():
+    site = started(mold="mold")
+    site.core.notified(999, {"READY": "1"}, site.now)
+    assert site.core.actions == [(STRAY, 999)]
+    site.core.actions = []
+    site.core.notified(998, {"STOPPING": "1"}, site.now)
+    assert site.core.actions == []

@@ -48,7 +48,9 @@ def test_the_readme_lists_every_launcher_flag_with_its_environment_variable_and_
     rows = {plain(name).split()[0]: cells for name, cells in table_rows("| flag | environment |").items()}
     for flag, env, _, default, _, _ in launcher.SETTINGS:
         assert plain(rows[flag][0]) == env
-        if default is not None:
+        if isinstance(default, str):
+            assert plain(rows[flag][1]) == default
+        elif default is not None:
             assert float(rows[flag][1]) == float(default)
 
 

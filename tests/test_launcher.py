@@ -1,7 +1,8 @@
 """launcher.py, as a sysadmin would see it: real processes, sockets and signals.
 
 The workers are tests/workers/hello.py: trac_fcgi's server around a tiny app,
-with knobs to be slow, broken or silent.
+with knobs to be slow, broken or silent.  Each is exec'd (--mold off), so
+that its knobs act on every start; test_mold.py forks them from a mold.
 """
 import os
 import signal
@@ -24,7 +25,8 @@ def launch(tmp_path):
     started = []
 
     def launch(*flags, env=None, worker=HELLO, name="launcher"):
-        launcher = start_launcher(tmp_path, worker, *flags, env=env, name=name)
+        launcher = start_launcher(tmp_path, worker, *flags, env=dict({"LAUNCHER_MOLD": "off"}, **(env or {})),
+                                  name=name)
         started.append(launcher)
         return launcher
 

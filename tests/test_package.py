@@ -84,3 +84,16 @@ def test_building_the_package_prints_no_warning_box(tmp_path):
         output = done.stdout + done.stderr
         assert done.returncode == 0, output
         assert "!!" not in output and "Warning" not in output, (build, output)
+
+
+def test_no_file_in_git_holds_a_merge_conflict_marker():
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    marked = []
+    for name in tracked:
+        try:
+            lines = (ROOT / name).read_text().splitlines()
+        except (UnicodeDecodeError, FileNotFoundError, IsADirectoryError):
+            continue  # a plot, or a file this checkout does not have
+        marked += ["%s:%d" % (name, n + 1) for n, line in enumerate(lines)
+                   if line.startswith(("<<<<<<< ", ">>>>>>> ")) or line == "======="]
+    assert not marked

@@ -18,6 +18,7 @@ Environment knobs (all optional):
                           bug of trac_fcgi's own would raise one
 """
 import os
+import random
 import sys
 import time
 
@@ -25,7 +26,7 @@ _leak = []
 
 
 def app(environ, start_response):
-    """Says which process answered; /broken answers 500; /raise raises."""
+    """Says which process answered; /broken answers 500; /raise raises; /random, a number from `random`."""
     if environ["PATH_INFO"] == "/raise":
         raise RuntimeError("hello was asked to fail")
     delay = float(os.environ.get("HELLO_DELAY", "0"))
@@ -37,6 +38,8 @@ def app(environ, start_response):
     if leak:
         _leak.append(bytearray(b"x") * leak)  # filled, so resident; no temporary copy
     body = ("hello from pid %d\n" % os.getpid()).encode()
+    if environ["PATH_INFO"] == "/random":
+        body = ("%r\n" % random.random()).encode()
     if environ.get("QUERY_STRING", "").startswith("bytes="):
         body = b"x" * int(environ["QUERY_STRING"][len("bytes="):])
     start_response("500 Broken" if environ["PATH_INFO"] == "/broken" else "200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
