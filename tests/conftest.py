@@ -32,3 +32,17 @@ def trac_env(tmp_path_factory, request):
     if os.environ.get("TEST_DATABASE") == "postgres":
         return make_trac_env(path, request.getfixturevalue("postgres").create_database("trac"))
     return make_trac_env(path)
+
+
+@pytest.fixture
+def started():
+    """Everything a test starts, stopped at teardown newest first (the web server before Trac)."""
+    things = []
+    yield things
+    problems = []
+    for thing in reversed(things):
+        try:
+            thing.stop()
+        except Exception as problem:  # noqa: BLE001 - stop the rest, then say so
+            problems.append(problem)
+    assert not problems, problems

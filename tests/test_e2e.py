@@ -30,15 +30,6 @@ PAGES = ["/wiki/WikiStart", "/wiki/TracGuide"]
 WELCOME = "Welcome to Trac"
 
 
-@pytest.fixture
-def started():
-    """Everything a test starts, stopped at teardown newest first (nginx before Trac)."""
-    things = []
-    yield things
-    for thing in reversed(things):
-        thing.stop()
-
-
 def log_tail(process, lines=40):
     return "\n".join(process.log().splitlines()[-lines:])
 

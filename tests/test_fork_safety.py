@@ -20,14 +20,6 @@ DATABASE_ERRORS = ["server closed the connection unexpectedly", "lost synchroniz
 names = itertools.count()
 
 
-@pytest.fixture
-def started():
-    things = []
-    yield things
-    for thing in reversed(things):
-        thing.stop()
-
-
 @pytest.fixture(params=["sqlite", "postgres"])
 def database(request, tmp_path):
     """A Trac env where anonymous may create tickets, on each database; its Trac log on file."""

@@ -41,20 +41,6 @@ PAGES = {ODD_NAME: "the page whose name holds a percent sign", "OddAName": "the 
 LOAD_PATHS = [PREFIX + "/wiki/WikiStart", PREFIX + "/wiki/TracGuide"]
 
 
-@pytest.fixture
-def started():
-    """Everything a test starts, stopped at teardown newest first (the front before Trac)."""
-    things = []
-    yield things
-    problems = []
-    for thing in reversed(things):
-        try:
-            thing.stop()
-        except Exception as problem:  # noqa: BLE001 - stop the rest, then say so
-            problems.append(problem)
-    assert not problems, problems
-
-
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """A Trac environment of the fronts' own (tickets are created in it) with the two odd pages, and an htpasswd."""

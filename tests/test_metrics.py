@@ -617,14 +617,6 @@ class NodeExporter:
         self.process.stop()
 
 
-@pytest.fixture
-def started():
-    things = []
-    yield things
-    for thing in reversed(things):
-        thing.stop()
-
-
 def test_node_exporter_serves_every_sample_of_the_file(launch, tmp_path, started):
     process = launch("--workers", "2")
     process.wait_for("all-ready")

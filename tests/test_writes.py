@@ -23,15 +23,6 @@ MAX_UPLOAD = 50 << 20
 
 
 @pytest.fixture
-def started():
-    """Everything a test starts, stopped at teardown newest first (nginx before Trac)."""
-    things = []
-    yield things
-    for thing in reversed(things):
-        thing.stop()
-
-
-@pytest.fixture
 def trac_env(tmp_path):
     return writable_trac_env(tmp_path / "env", max_upload=MAX_UPLOAD)
 
