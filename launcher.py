@@ -1143,7 +1143,6 @@ class LauncherCore:
             self.tally.crashes += 1
         if worker.role == "serving":
             self.left_service(worker, None, reason=(worker.recycle_reason or "exit") if planned else "crash")
-        if worker.role == "serving":
             # Nothing is left to hand off; a replacement already warming takes over the slot.
             slot.handoff_asked = None
             replacement = self.worker_of(slot, "warming")
