@@ -479,6 +479,8 @@ def test_the_file_is_rewritten_while_idle_and_never_read_half_written(launch):
         settled(process.metrics, serving(2))
         # The replaced workers and the old mold leave after the restart is done: wait for quiet.
         wait_until(lambda: len(children(process.pid)) == 3, 60, "two workers and the mold, nothing else")
+        quiet_since = time.time()
+        wait_until(lambda: os.stat(process.metrics).st_mtime > quiet_since, 30, "a write after the last change")
         settled_at = settled(process.metrics, serving(2))
         # Nothing happens from now on, yet the file is rewritten (within 10 s) with older workers.
         events, written = len(process.log().splitlines()), os.stat(process.metrics).st_mtime
