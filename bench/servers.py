@@ -227,8 +227,9 @@ class Ours:
 
 
 def molds(lines):
-    """Pids the launcher logged as molds (event=spawn pid=N role=mold)."""
-    return {int(pid) for _, line in lines for pid in re.findall(r" pid=(\d+) .*role=mold", line)}
+    """Pids logged as molds: the launcher's event=mold-start pid=N, a forked worker's mold=N."""
+    return {int(pid) for _, line in lines for found in re.findall(r"event=mold-start pid=(\d+)|\bmold=(\d+)", line)
+            for pid in found if pid}
 
 
 SERVERS = {"stock": Stock(), "uwsgi": UWSGI(), "ours": Ours()}
