@@ -1509,7 +1509,7 @@ class RecyclingWSGIServer(WSGIServer):
         try:
             status = self.serve_as_stand_in()
         finally:
-            leave(status)
+            leave(status, abandoned=self.connections)
 
     def serve_as_stand_in(self):
         parent = os.getppid()
@@ -1963,17 +1963,24 @@ def check():
 # Forking a process that has run code is safe only for what that code left
 # in a state a child can inherit.  Each hazard is named where it is avoided.
 
+# How Trac loads a template of each kind, by its name's suffix: pages and
+# feeds from its HTML Jinja environment, notification mails from the text one
+# (an overlay with a cache of its own).
+TEMPLATE_SUFFIXES = {".html": False, ".rss": False, ".xml": False, ".txt": True}
+
+
 def compile_templates():
-    """Compile every page template of every open Trac environment; return how many.
+    """Compile every template of every open Trac environment; return how many.
 
     The warm-up compiles only the templates its page uses.  A worker forked
     from the mold would compile each other one on its first view of a page
     that needs it: about 9 ms of CPU a template, paid again by every worker.
     With a recycle every 20 requests that doubled the CPU per request
-    (measured with `make bench`).  Compiled here once, in the mold (72
-    templates of Trac 1.6 in 0.6 s, 4 MB), they are shared by every worker.
-    Plugins' templates are among them: each ITemplateProvider names its
-    directories, and the site's own templates/ is one of them.
+    (measured with `make bench`).  Compiled here once, in the mold (Trac 1.6's
+    own 83 in 0.7 s and 4 MiB), they are shared by every worker.  Plugins'
+    templates are among them: each ITemplateProvider names its directories,
+    and the site's own templates/ is one of them.  A name found in several
+    directories is the first one's, as Trac renders it.
     """
     env_module = sys.modules.get("trac.env")
     if env_module is None:
@@ -1981,17 +1988,21 @@ def compile_templates():
     from trac.web.chrome import Chrome
     compiled = 0
     for env in list(env_module.env_cache.values()):
-        chrome = Chrome(env)
-        for directory in chrome.get_all_templates_dirs():
-            for parent, _, files in os.walk(directory):
-                for name in sorted(files):
-                    if not name.endswith(".html"):
-                        continue
-                    try:
-                        chrome.load_template(os.path.relpath(os.path.join(parent, name), directory))
-                        compiled += 1
-                    except Exception as error:  # a broken plugin template: its page reports it
-                        log("template-failed", name=name, error=error)
+        try:
+            chrome = Chrome(env)
+            directories = chrome.get_all_templates_dirs()
+        except Exception as error:  # a plugin's template provider: its pages will say so
+            log("templates-failed", env=env.path, error=error)
+            continue
+        names = {os.path.relpath(os.path.join(parent, name), directory)
+                 for directory in directories for parent, _, files in os.walk(directory)
+                 for name in files if os.path.splitext(name)[1] in TEMPLATE_SUFFIXES}
+        for name in sorted(names):
+            try:
+                chrome.load_template(name, text=TEMPLATE_SUFFIXES[os.path.splitext(name)[1]])
+                compiled += 1
+            except Exception as error:  # a broken template: the page that uses it reports it
+                log("template-failed", name=name, error=error)
     return compiled
 
 
@@ -2229,29 +2240,43 @@ def main(argv=None):
         server.fork_stand_in()
         server.reload_turn.keep_across_exec()
         reexec()
-    leave(0)
+    leave(0, abandoned=server.connections)
 
 
-def leave(status):
-    """End a worker that has stopped serving, without the interpreter's teardown.
+LEAVE_TIMEOUT_S = 5
+
+
+def leave(status, abandoned=0):
+    """End a worker that has stopped serving, without the interpreter's teardown; never returns.
 
     Python's own exit frees every object one by one.  In a worker forked from
     the mold, that writes to nearly every page it still shares with the mold,
     and the kernel copies each one first: measured on Trac 1.6 after 20
     requests, about 4,000 page copies and 30 ms of CPU per worker.  What that
     teardown did that matters is done here: the database connections are
-    closed (a database server sees a clean goodbye), and log files and stdio
-    are flushed.  atexit handlers do not run; Trac registers none in a
-    FastCGI worker.
+    closed (a database server sees a clean goodbye), and log handlers and
+    stdio are flushed.  atexit handlers do not run (Trac registers none in a
+    FastCGI worker), nor are files a plugin left open flushed.
+
+    With ABANDONED requests still running (past the drain timeout), their
+    threads may hold a connection mid-query, Trac's environment lock or a log
+    handler's lock, and closing or flushing would wait on them for good: the
+    worker leaves at once, and the database sees their connections drop.
+    Should anything else hold it up, SIGALRM's default action ends it within
+    LEAVE_TIMEOUT_S.
     """
-    close_trac_databases()
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
+    try:
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(LEAVE_TIMEOUT_S)
+        if not abandoned:
+            close_trac_databases()
+            logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
             stream.flush()
-        except (OSError, ValueError):
-            pass  # nowhere to write to: nothing left to lose
-    os._exit(status)
+    except Exception:
+        pass  # nothing more to save: leaving is all that is left
+    finally:
+        os._exit(status)
 
 
 if __name__ == "__main__":

@@ -178,22 +178,25 @@ def test_killing_the_launcher_takes_every_worker_with_it_and_frees_the_socket(tm
         again.stop()
 
 
-def test_a_hung_request_is_abandoned_at_the_drain_timeout_and_logged_by_name(tmp_path):
-    # Injects: a request that never finishes, then a handoff.
-    # Holds: the old worker leaves after TRAC_FCGI_DRAIN_TIMEOUT, logs the
-    # request it abandons by method and path, and abandoned=1.
+@pytest.mark.parametrize("path", ["/report/hung", "/hold-log-lock"])
+def test_a_hung_request_is_abandoned_at_the_drain_timeout_and_logged_by_name(tmp_path, path):
+    # Injects: a request that never finishes, then a handoff.  On
+    # /hold-log-lock it holds a log handler's lock, which flushing that
+    # handler on the way out would wait for, for good.
+    # Holds: the old worker leaves after TRAC_FCGI_DRAIN_TIMEOUT with status
+    # 0, logs the request it abandons by method and path, and abandoned=1.
     launcher = start_launcher(tmp_path, HELLO, env={"TRAC_FCGI_DRAIN_TIMEOUT": "2"})
     try:
         launcher.wait_for("all-ready")
         old = int(launcher.events("ready")[0]["pid"])
-        ask_in_background(launcher.socket, "delay=3600", path="/report/hung")
+        ask_in_background(launcher.socket, "delay=3600", path=path)
         time.sleep(0.3)
         launcher.signal(signal.SIGHUP)
         exit_line = launcher.wait_for("exit", pid=old, timeout=20)[0]
-        assert 2 <= float(exit_line["drain_s"]) < 5
+        assert exit_line["status"] == "0" and 2 <= float(exit_line["drain_s"]) < 5
         assert launcher.wait_for("drained", abandoned=1)
         abandoned = launcher.events("abandoned")
-        assert [(a["method"], a["path"], a["bytes_sent"]) for a in abandoned] == [("GET", "/report/hung", "0")]
+        assert [(a["method"], a["path"], a["bytes_sent"]) for a in abandoned] == [("GET", path, "0")]
         assert float(abandoned[0]["running_s"]) >= 2
         assert fcgi_get(launcher.socket).status == 200
     finally:

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+import trac_fcgi
 from support import (PYTHON, TRAC_FCGI, alive, children, fcgi_get, make_trac_env, start_launcher, wait_until,
                      worker_script)
 
@@ -258,22 +259,24 @@ def test_the_mold_warms_every_path_given_and_one_that_fails_leaves_workers_to_be
     assert "trac-fcgi[%s] event=warm path=/,/broken status=500" % mold["pid"] in launcher.log()
 
 
-def every_page_template(trac_env_path):
-    """The .html files in every template directory Trac knows for the environment, as Trac lists them."""
+def every_template(trac_env_path):
+    """The names of the templates in every template directory Trac knows for the environment."""
     from trac.env import Environment
     from trac.web.chrome import Chrome
     directories = Chrome(Environment(trac_env_path)).get_all_templates_dirs()
-    return [name for directory in directories for _, _, files in os.walk(directory)
-            for name in files if name.endswith(".html")]
+    return {os.path.relpath(os.path.join(parent, name), directory)
+            for directory in directories for parent, _, files in os.walk(directory)
+            for name in files if name.endswith(tuple(trac_fcgi.TEMPLATE_SUFFIXES))}
 
 
-def test_the_mold_compiles_every_page_template_the_site_s_own_among_them(launch, tmp_path):
+def test_the_mold_compiles_every_template_the_site_s_own_among_them(launch, tmp_path):
     trac_env = make_trac_env(tmp_path / "env")
     # A site template, as an admin adds one: compiled with Trac's own.
     (tmp_path / "env" / "templates" / "site_note.html").write_text("<p>${project.name}</p>\n")
     launcher = launch(worker=[PYTHON, TRAC_FCGI], env={"TRAC_ENV": trac_env})
     [mold] = launcher.wait_for("mold", timeout=120)
-    assert int(mold["templates"]) == len(every_page_template(trac_env)) > 50
+    assert "site_note.html" in every_template(trac_env)
+    assert int(mold["templates"]) == len(every_template(trac_env)) > 50
     launcher.wait_for("ready", timeout=60)
     assert b"Timeline" in fcgi_get(launcher.socket, "/timeline", timeout=60).body
 
@@ -285,7 +288,21 @@ def test_a_template_that_does_not_compile_is_named_and_the_site_is_served_all_th
     [failed] = launcher.wait_for("template-failed", timeout=120)
     assert failed["name"] == "site_broken.html"
     [mold] = launcher.wait_for("mold", timeout=60)
-    assert int(mold["templates"]) == len(every_page_template(trac_env)) - 1
+    assert int(mold["templates"]) == len(every_template(trac_env)) - 1
     launcher.wait_for("ready", timeout=60)
     assert fcgi_get(launcher.socket, "/wiki/WikiStart", timeout=60).status == 200
     assert all(e["how"] == "fork" for e in launcher.events("spawn"))
+
+
+def test_under_a_parent_dir_the_mold_compiles_the_templates_of_each_project_the_warm_up_opened(launch, tmp_path):
+    (tmp_path / "projects").mkdir()
+    for project in ("alpha", "beta"):
+        make_trac_env(tmp_path / "projects" / project)
+    launcher = launch(worker=[PYTHON, TRAC_FCGI],
+                      env={"TRAC_ENV_PARENT_DIR": str(tmp_path / "projects"),
+                           "TRAC_FCGI_WARMUP": "/,/alpha/wiki,/beta/wiki"})
+    [mold] = launcher.wait_for("mold", timeout=120)
+    each = len(every_template(str(tmp_path / "projects" / "alpha")))
+    assert int(mold["templates"]) == 2 * each
+    launcher.wait_for("ready", timeout=60)
+    assert b"beta" in fcgi_get(launcher.socket, "/beta/timeline", timeout=60).body

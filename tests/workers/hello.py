@@ -17,22 +17,32 @@ Environment knobs (all optional):
                           exception raised inside the connection code, where a
                           bug of trac_fcgi's own would raise one
 """
+import logging
 import os
 import random
 import sys
 import time
 
 _leak = []
+# A log handler that logging.shutdown() flushes at exit.  /hold-log-lock holds
+# its lock for the request's delay, as a request stuck writing to a full log
+# pipe would.
+_handler = logging.StreamHandler(sys.stderr)
+logging.getLogger("hello").addHandler(_handler)
 
 
 def app(environ, start_response):
-    """Says which process answered; /broken answers 500; /raise raises; /random, a number from `random`."""
+    """Says which process answered; /broken answers 500; /raise raises; /random, a number from `random`;
+    /hold-log-lock holds a log handler's lock while it sleeps."""
     if environ["PATH_INFO"] == "/raise":
         raise RuntimeError("hello was asked to fail")
     delay = float(os.environ.get("HELLO_DELAY", "0"))
     if environ.get("QUERY_STRING", "").startswith("delay="):
         delay = float(environ["QUERY_STRING"][len("delay="):])
-    if delay:
+    if delay and environ["PATH_INFO"] == "/hold-log-lock":
+        with _handler.lock:
+            time.sleep(delay)
+    elif delay:
         time.sleep(delay)
     leak = int(os.environ.get("HELLO_LEAK", "0"))
     if leak:
