@@ -279,6 +279,17 @@ def headline(record):
     if all(times.get(k) for k in ("mold", "cold")):
         found.append("SIGUSR1 to READY=1: %.3f s with the mold, %.3f s cold." % (
             times["mold"]["median"], times["cold"]["median"]))
+    killed = {k: analysis.spread(v.get("first_200_s", []))
+              for k, v in record["experiments"].get("only_worker_killed", {}).items()}
+    if all(killed.get(k) for k in ("mold", "cold")):
+        found.append("The only worker SIGKILLed: a 200 again after %.3f s with the mold, %.3f s cold." % (
+            killed["mold"]["median"], killed["cold"]["median"]))
+    cpu = analysis.recycle_cpu(record)
+    every, never = cpu.get(("mold", "every"), {}), cpu.get(("mold", "never"), {})
+    if every.get("cpu_ms_per_request") and never.get("cpu_ms_per_request"):
+        found.append("CPU per request with the mold: %.1f ms recycling every %d requests, %.1f ms never." % (
+            every["cpu_ms_per_request"]["median"], rows.EXPERIMENTS["recycle_cpu"]["every"],
+            never["cpu_ms_per_request"]["median"]))
     results = analysis.targets(record)
     found.append("Targets: %d met, %d missed, %d not measured." % tuple(
         sum(1 for t in results if t["met"] is v) for v in (True, False, None)))
