@@ -2231,6 +2231,10 @@ def main(argv=None):
         # its own server and threads.
         limits = Limits(os.environ)
         server, sock = open_server(application, limits, None)
+    # Once we have said READY=1, a SIGHUP or SIGTERM is meant for a serving
+    # worker: held until run() has installed the handlers that drain, never
+    # left to the default action, which would end us at once.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     sd_notify("READY=1")
     server.stand_in_go()
     if server.reload_turn.release():

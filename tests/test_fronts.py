@@ -356,6 +356,7 @@ def test_sighups_and_a_sigterm_that_land_during_a_re_exec_are_acted_on_once_the_
     try:
         worker.wait_for("warm", timeout=START_TIMEOUT)
         client.start()
+        wait_until(lambda: answers, START_TIMEOUT, "a first answer")
         # A second SIGHUP while the re-executed image starts, before it has
         # any handler: held, then acted on once it serves, as a second reload.
         gate.touch()
