@@ -2044,7 +2044,8 @@ class Mold:
         hup_when_parent_dies(signal.SIGTERM)
         # Ctrl-C in a terminal reaches the whole process group: the mold just goes.
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        templates = self.make_pristine(freeze)
+        templates = compile_templates()
+        self.make_pristine(freeze)
         # Hazard, threads at fork: only the forking thread survives in the
         # child, and a lock another thread held stays held for good.  The mold
         # starts none (the worker's thread pool is made after the fork); an
@@ -2075,11 +2076,7 @@ class Mold:
                 return None
 
     def make_pristine(self, freeze):
-        """What the warm-up left that no two processes may share, closed before any fork.
-
-        Returns how many templates compile_templates() compiled.
-        """
-        templates = compile_templates()
+        """What the warm-up left that no two processes may share, closed before any fork."""
         # Hazard, shared database handles: a connection forked into two
         # processes is one server session spoken to by both, and the replies
         # interleave ("lost synchronization with server"); SQLite's locks are
@@ -2097,7 +2094,6 @@ class Mold:
             freeze_warm_set()
         else:
             gc.collect()
-        return templates
 
     def fork(self, listener, environ):
         """Double-fork a worker.  True in the worker; in the mold, reply with its pid and return False."""
