@@ -255,22 +255,25 @@ def parse_settings(argv):
 # --------------------------------------------------------------------------
 # Logging: one line per event, key=value.
 
-VERBOSITY = 1  # 0 quiet, 1 normal, 2 verbose
+LOG_NAME, VERBOSITY = "trac-fcgi-launcher", 1  # 0 quiet, 1 normal, 2 verbose
 
 
-def log(event, level=1, **facts):
+def log(event, level=1, details=(), **facts):
+    """One entry: `event=name key=value ...` on one line, then DETAILS (a stack's lines), each indented."""
     if level > VERBOSITY:
         return
-    words = ["trac-fcgi-launcher[%d]" % os.getpid(), "event=%s" % event]
+    words = ["%s[%d]" % (LOG_NAME, os.getpid()), "event=%s" % event]
     for key, value in facts.items():
         if value is None:
             continue
-        if isinstance(value, float):
-            value = "%.3f" % value
-        value = str(value)
-        words.append("%s=%s" % (key, value if value and " " not in value else repr(value)))
+        value = "%.3f" % value if isinstance(value, float) else str(value)
+        # Quoted when it could be misread: a request's path is the client's
+        # to choose, and a newline in it must not start a line of its own.
+        words.append("%s=%s" % (key, value if value and value.isprintable() and " " not in value else repr(value)))
+    # Indented, so that every line that starts with our name is an event.
+    text = "".join([" ".join(words) + "\n"] + ["  %s\n" % line for line in details])
     try:
-        sys.stderr.write(" ".join(words) + "\n")
+        sys.stderr.write(text)
         sys.stderr.flush()
     except (OSError, ValueError):
         pass  # nobody reads our log any more (a closed pipe): no reason to die
@@ -332,8 +335,8 @@ def bind_unix(path, mode):
         sock.bind(path)
     except OSError as error:
         sock.close()
-        raise BadInput("cannot bind unix:%s as user %s: %s; %s" % (path, user_name(), error.strerror,
-                                                                   socket_directory_fix(path, error)))
+        raise BadInput("cannot bind unix:%s as user %s: %s; %s"
+                       % (path, user_name(), error.strerror or error, socket_directory_fix(path, error)))
     finally:
         os.umask(old_umask)
     os.chmod(path, mode)
@@ -445,10 +448,11 @@ def script_interpreter(path):
 
 
 def user_name():
+    """Who the kernel checks file access against: the effective user, the one a message must name."""
     try:
-        return pwd.getpwuid(os.getuid()).pw_name
+        return pwd.getpwuid(os.geteuid()).pw_name
     except KeyError:
-        return "uid %d" % os.getuid()
+        return "uid %d" % os.geteuid()
 
 
 # --------------------------------------------------------------------------

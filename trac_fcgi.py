@@ -82,7 +82,7 @@ RELEASE_IDLE_S = 1.0
 # --------------------------------------------------------------------------
 # Settings: declared once; this table feeds parsing, validation and --help.
 
-class BadSetting(Exception):
+class BadInput(Exception):
     """A setting the operator can fix: printed as one line, exit status 2."""
 
 
@@ -282,12 +282,12 @@ class Limits:
             try:
                 setattr(self, attribute, parse(raw))
             except ValueError:
-                raise BadSetting("%s=%r is not %s; fix or unset it (default %s)"
+                raise BadInput("%s=%r is not %s; fix or unset it (default %s)"
                                  % (name, raw, parse.__doc__, default))
         if self.soft_rss is None:
             self.soft_rss = self.max_rss * 9 // 10
         elif self.max_rss and self.soft_rss > self.max_rss:
-            raise BadSetting("TRAC_FCGI_SOFT_RSS=%s is above TRAC_FCGI_MAX_RSS=%s; set it lower"
+            raise BadInput("TRAC_FCGI_SOFT_RSS=%s is above TRAC_FCGI_MAX_RSS=%s; set it lower"
                              % (self.raw["TRAC_FCGI_SOFT_RSS"], self.raw["TRAC_FCGI_MAX_RSS"]))
         # The lowest soft mark any worker can draw, for check_headroom().
         self.lowest_soft_rss = int(self.soft_rss * (1 - self.jitter))
@@ -310,7 +310,7 @@ class Limits:
         if not self.max_rss or warm_rss < self.lowest_soft_rss:
             return
         source = "TRAC_FCGI_SOFT_RSS" if self.raw["TRAC_FCGI_SOFT_RSS"] is not None else "TRAC_FCGI_MAX_RSS"
-        raise BadSetting("%s=%s leaves no headroom: a worker already holds %d MiB once warm, past the %d MiB "
+        raise BadInput("%s=%s leaves no headroom: a worker already holds %d MiB once warm, past the %d MiB "
                          "at which it asks for its replacement; set TRAC_FCGI_MAX_RSS to about twice the warm "
                          "size, e.g. %dM" % (source, self.raw[source], warm_rss >> 20,
                                               self.lowest_soft_rss >> 20, 2 * (warm_rss >> 20) + 1))
@@ -319,17 +319,30 @@ class Limits:
 # --------------------------------------------------------------------------
 # Logging: one line per event, key=value, on stderr.
 
-def log(event, **facts):
-    words = ["trac-fcgi[%d]" % os.getpid(), "event=%s" % event]
+# Written the same in launcher.py (tests/test_twins.py holds them equal);
+# the worker logs at the normal level always.
+LOG_NAME, VERBOSITY = "trac-fcgi", 1  # 0 quiet, 1 normal, 2 verbose
+
+
+def log(event, level=1, details=(), **facts):
+    """One entry: `event=name key=value ...` on one line, then DETAILS (a stack's lines), each indented."""
+    if level > VERBOSITY:
+        return
+    words = ["%s[%d]" % (LOG_NAME, os.getpid()), "event=%s" % event]
     for key, value in facts.items():
-        if value is not None:
-            value = "%.3f" % value if isinstance(value, float) else str(value)
-            # Quoted when it could be misread: a request's path is the client's
-            # to choose, and a newline in it must not start a line of its own.
-            words.append("%s=%s" % (key, value if value and value.isprintable() and " " not in value
-                                    else repr(value)))
-    sys.stderr.write(" ".join(words) + "\n")
-    sys.stderr.flush()
+        if value is None:
+            continue
+        value = "%.3f" % value if isinstance(value, float) else str(value)
+        # Quoted when it could be misread: a request's path is the client's
+        # to choose, and a newline in it must not start a line of its own.
+        words.append("%s=%s" % (key, value if value and value.isprintable() and " " not in value else repr(value)))
+    # Indented, so that every line that starts with our name is an event.
+    text = "".join([" ".join(words) + "\n"] + ["  %s\n" % line for line in details])
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass  # nobody reads our log any more (a closed pipe): no reason to die
 
 
 # --------------------------------------------------------------------------
@@ -435,12 +448,12 @@ def replace_trac_fcgi(target):
             old = old_file.read()
         old_mode = os.stat(target)
     except (OSError, UnicodeDecodeError) as error:
-        raise BadSetting("--replace %s: cannot read it (%s): give the path of the trac.fcgi that "
+        raise BadInput("--replace %s: cannot read it (%s): give the path of the trac.fcgi that "
                          "trac-admin ENV deploy DIR wrote, DIR/cgi-bin/trac.fcgi"
                          % (target, getattr(error, "strerror", None) or error))
     first_line = old.split("\n", 1)[0]
     if not first_line.startswith("#!"):
-        raise BadSetting("--replace %s: its first line is not #! and the Python that runs it: "
+        raise BadInput("--replace %s: its first line is not #! and the Python that runs it: "
                          "give the trac.fcgi that trac-admin deploy wrote" % target)
     python = first_line[2:].strip()
     check_python(python, target)
@@ -455,7 +468,7 @@ def replace_trac_fcgi(target):
     ours = "DEFAULT_TRAC_ENV =" in old
     if not ours:
         if os.path.exists(backup):
-            raise BadSetting("--replace %s: %s exists already; move it away first, so that neither "
+            raise BadInput("--replace %s: %s exists already; move it away first, so that neither "
                              "old file is lost" % (target, backup))
         shutil.copy2(target, backup)
     making = target + ".new"
@@ -482,21 +495,21 @@ def check_python(python, target):
         probe = subprocess.run(shlex.split(python) + ["-c", PYTHON_PROBE], capture_output=True, text=True,
                                timeout=120)
     except (OSError, subprocess.TimeoutExpired) as error:
-        raise BadSetting("--replace %s: its first line names %s, which cannot be run (%s): fix that line"
+        raise BadInput("--replace %s: its first line names %s, which cannot be run (%s): fix that line"
                          % (target, python, getattr(error, "strerror", None) or error))
     lines = probe.stdout.split()
     pip = "%s -m pip install 'Trac>=1.6,<1.7' flup==1.0.3 'setuptools<81'" % python
     if not lines or tuple(int(n) for n in lines[0].split(".")) < (3, 9):
-        raise BadSetting("--replace %s: its first line names %s, which is Python %s; Trac 1.6 needs "
+        raise BadInput("--replace %s: its first line names %s, which is Python %s; Trac 1.6 needs "
                          "Python 3.9 or newer (Trac 1.4 on Python 2 is not supported): make a virtualenv "
                          "with python3 -m venv, install Trac 1.6 there, and put its python on that line"
                          % (target, python, lines[0] if lines else "2 or unknown"))
     if probe.returncode or len(lines) < 3:
         missing = (probe.stderr.strip().splitlines() or ["?"])[-1]
-        raise BadSetting("--replace %s: its first line names %s, which cannot import Trac and flup (%s): %s"
+        raise BadInput("--replace %s: its first line names %s, which cannot import Trac and flup (%s): %s"
                          % (target, python, missing, pip))
     if not lines[1].startswith("1.6") or lines[2] != "1.0.3":
-        raise BadSetting("--replace %s: its first line names %s, which has Trac %s and flup %s; this file "
+        raise BadInput("--replace %s: its first line names %s, which has Trac %s and flup %s; this file "
                          "needs Trac 1.6 and flup 1.0.3: %s" % (target, python, lines[1], lines[2], pip))
 
 
@@ -506,7 +519,7 @@ def environment_assignments(text, target):
     try:
         tree = ast.parse(text)
     except SyntaxError:
-        raise BadSetting("--replace %s: it is not Python 3 (Trac 1.4 on Python 2 is not supported); "
+        raise BadInput("--replace %s: it is not Python 3 (Trac 1.4 on Python 2 is not supported); "
                          "give the trac.fcgi that Trac 1.6's trac-admin deploy wrote" % target)
     names = ("TRAC_ENV", "TRAC_ENV_PARENT_DIR")
     found = {}
@@ -536,9 +549,9 @@ def environment_assignments(text, target):
 def replace_command(args):
     try:
         if len(args) != 1:
-            raise BadSetting("--replace takes one path: trac_fcgi.py --replace DIR/cgi-bin/trac.fcgi")
+            raise BadInput("--replace takes one path: trac_fcgi.py --replace DIR/cgi-bin/trac.fcgi")
         return replace_trac_fcgi(args[0])
-    except BadSetting as problem:
+    except BadInput as problem:
         sys.stderr.write("trac-fcgi: %s\n" % problem)
         return 2
 
@@ -801,7 +814,8 @@ def close_trac_databases():
 
 # --------------------------------------------------------------------------
 # --bind: the listening socket, made without destroying anything.
-# Written the same in launcher.py, whose --bind reads the same addresses.
+# Written the same in launcher.py, whose --bind reads the same addresses;
+# tests/test_twins.py holds each pair equal.
 
 def bind_socket(family, host, port):
     if family == socket.AF_UNIX:
@@ -812,7 +826,7 @@ def bind_socket(family, host, port):
         sock.bind((host, port))
     except OSError as error:
         sock.close()
-        raise BadSetting("cannot bind %s port %d: %s; pick a free address"
+        raise BadInput("cannot bind %s port %d: %s; pick a free address"
                          % (host, port, error.strerror or error))
     sock.listen(socket.SOMAXCONN)
     return sock
@@ -820,7 +834,7 @@ def bind_socket(family, host, port):
 
 def bind_unix(path, mode):
     if len(os.fsencode(path)) > 107:  # sun_path holds 108 bytes, and Python keeps one for a NUL
-        raise BadSetting("unix:%s is %d bytes long, more than the 107 a unix socket's path may have; "
+        raise BadInput("unix:%s is %d bytes long, more than the 107 a unix socket's path may have; "
                          "use a shorter path" % (path, len(os.fsencode(path))))
     remove_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -830,7 +844,7 @@ def bind_unix(path, mode):
         sock.bind(path)
     except OSError as error:
         sock.close()
-        raise BadSetting("cannot bind unix:%s as user %s: %s; %s"
+        raise BadInput("cannot bind unix:%s as user %s: %s; %s"
                          % (path, user_name(), error.strerror or error, socket_directory_fix(path, error)))
     finally:
         os.umask(old_umask)
@@ -866,7 +880,7 @@ def remove_stale_socket(path):
     except OSError:
         return  # nothing there, or nothing we may look at: bind() says which
     if not stat.S_ISSOCK(mode):
-        raise BadSetting("unix:%s exists and is not a socket, so it was left as it is; "
+        raise BadInput("unix:%s exists and is not a socket, so it was left as it is; "
                          "give the path where the socket should be, e.g. unix:/run/trac/trac.sock" % path)
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.setblocking(False)  # a listener with a full backlog must not hold us up
@@ -883,11 +897,11 @@ def remove_stale_socket(path):
     except BlockingIOError:
         pass  # listening, with a full backlog
     except OSError as error:
-        raise BadSetting("unix:%s is a socket, and whether anything listens on it cannot be told (%s); "
+        raise BadInput("unix:%s is a socket, and whether anything listens on it cannot be told (%s); "
                          "remove it if it is stale, or pick another path" % (path, error.strerror))
     finally:
         probe.close()
-    raise BadSetting("unix:%s: something is listening there already; stop it or pick another path" % path)
+    raise BadInput("unix:%s: something is listening there already; stop it or pick another path" % path)
 
 
 # --------------------------------------------------------------------------
@@ -1603,8 +1617,8 @@ class RecyclingWSGIServer(WSGIServer):
             # Ours, not flup's: flup unlinks whatever is at a unix path first.
             try:
                 return bind_socket(*self._bindAddress)
-            except BadSetting as problem:
-                raise BadSetting("--bind: %s" % problem)
+            except BadInput as problem:
+                raise BadInput("--bind: %s" % problem)
         if not stat.S_ISSOCK(fd0_mode()):
             # flup tells CGI from FastCGI by wrapping fd 0 as a socket, which
             # Python 3 refuses for a non-socket before flup can look.
@@ -1615,11 +1629,11 @@ class RecyclingWSGIServer(WSGIServer):
         except OSError as error:
             hint = ("raise the open-files limit (ulimit -n)" if error.errno in (errno.EMFILE, errno.ENFILE)
                     else "start me under spawn-fcgi or trac-fcgi-launcher, or use --bind ADDR")
-            raise BadSetting("fd 0 cannot be used as the listening socket: %s; %s"
+            raise BadInput("fd 0 cannot be used as the listening socket: %s; %s"
                              % (error.strerror or error, hint))
         sock.close()
         if not real.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            raise BadSetting("fd 0 is a socket but not a listening one: start me under spawn-fcgi "
+            raise BadInput("fd 0 is a socket but not a listening one: start me under spawn-fcgi "
                              "or trac-fcgi-launcher, or use --bind ADDR")
         return real
 
@@ -1689,7 +1703,7 @@ def fd0_mode():
     try:
         return os.fstat(0).st_mode
     except OSError:
-        raise BadSetting("fd 0 is closed: start me under spawn-fcgi or trac-fcgi-launcher, "
+        raise BadInput("fd 0 is closed: start me under spawn-fcgi or trac-fcgi-launcher, "
                          "or use --bind ADDR")
 
 
@@ -1697,7 +1711,7 @@ def prepare_trac_environment():
     """The environment that Trac's deploy template sets up."""
     for name in ("TRAC_ENV", "TRAC_ENV_PARENT_DIR"):
         if os.environ.get(name) == "":
-            raise BadSetting("%s is set but empty: give it a path, or unset it to use DEFAULT_TRAC_ENV" % name)
+            raise BadInput("%s is set but empty: give it a path, or unset it to use DEFAULT_TRAC_ENV" % name)
     if "TRAC_ENV" not in os.environ and "TRAC_ENV_PARENT_DIR" not in os.environ:
         if DEFAULT_TRAC_ENV_PARENT_DIR:
             os.environ["TRAC_ENV_PARENT_DIR"] = DEFAULT_TRAC_ENV_PARENT_DIR
@@ -1710,14 +1724,14 @@ def prepare_trac_environment():
     try:
         env_path and os.stat(os.path.join(env_path, "VERSION"))
     except PermissionError:
-        raise BadSetting("TRAC_ENV=%r: user %s cannot read it; let that user read and write the "
+        raise BadInput("TRAC_ENV=%r: user %s cannot read it; let that user read and write the "
                          "environment, e.g. chown -R %s %s" % (env_path, user_name(), user_name(), env_path))
     except OSError:
-        raise BadSetting("TRAC_ENV=%r is not a Trac environment (no VERSION file): point it at "
+        raise BadInput("TRAC_ENV=%r is not a Trac environment (no VERSION file): point it at "
                          "one made by trac-admin PATH initenv, or edit DEFAULT_TRAC_ENV" % env_path)
     parent = os.environ.get("TRAC_ENV_PARENT_DIR")
     if not env_path and not os.path.isdir(parent):
-        raise BadSetting("TRAC_ENV_PARENT_DIR=%r is not a directory: point it at the directory "
+        raise BadInput("TRAC_ENV_PARENT_DIR=%r is not a directory: point it at the directory "
                          "that holds your Trac environments" % parent)
 
 
@@ -1729,7 +1743,7 @@ def load_application(spec):
         module = importlib.import_module(module_name)
         application = getattr(module, name)
     except Exception as error:  # an app that fails to import is a setting to fix
-        raise BadSetting("TRAC_FCGI_APP=%s cannot be loaded by %s (%s: %s): install it into that Python "
+        raise BadInput("TRAC_FCGI_APP=%s cannot be loaded by %s (%s: %s): install it into that Python "
                          "or fix the name" % (spec, sys.executable, type(error).__name__, error))
     return application
 
@@ -1786,6 +1800,7 @@ def serve_in_process(application, path):
 
 
 def user_name():
+    """Who the kernel checks file access against: the effective user, the one a message must name."""
     try:
         return pwd.getpwuid(os.geteuid()).pw_name
     except KeyError:
@@ -1860,7 +1875,7 @@ def parse_bind(text):
     try:
         return address(text)
     except ValueError:
-        raise BadSetting("--bind %r is not %s" % (text, address.__doc__))
+        raise BadInput("--bind %r is not %s" % (text, address.__doc__))
 
 
 # --------------------------------------------------------------------------
@@ -1932,14 +1947,14 @@ def check():
             "%.1f MiB (+-%g), stops accepting at %.1f MiB" % (soft / 2**20, limits.jitter, limits.max_rss / 2**20)
             if limits.max_rss else "; no memory limit (TRAC_FCGI_MAX_RSS=0)"))
         if status >= 500:
-            raise BadSetting(explain_failed_warmup(limits.app, error) or "%s answered %d to %s; set [logging] "
+            raise BadInput(explain_failed_warmup(limits.app, error) or "%s answered %d to %s; set [logging] "
                              "log_type = stderr in the environment's trac.ini to see why" % (limits.app, status, path))
         # A page that reads may well work for a user who cannot write; the first edit would not.
         cannot_write = os.environ.get("TRAC_ENV") and unwritable(os.environ["TRAC_ENV"])
         if cannot_write:
-            raise BadSetting(cannot_write)
+            raise BadInput(cannot_write)
         limits.check_headroom(rss)
-    except BadSetting as problem:
+    except BadInput as problem:
         sys.stdout.flush()
         sys.stderr.write("trac-fcgi --check: failed: %s\n" % problem)
         return 1
@@ -2185,7 +2200,7 @@ def main(argv=None):
         if argv[:1] == ["--bind"] and len(argv) == 2:
             bind = parse_bind(argv[1])
         elif argv:
-            raise BadSetting("unknown arguments %s: the options are --check, --bind ADDR, --replace FILE, "
+            raise BadInput("unknown arguments %s: the options are --check, --bind ADDR, --replace FILE, "
                              "--help and --version" % " ".join(argv))
         elif started_by_hand():
             sys.stderr.write(BY_HAND % {"prog": os.path.basename(sys.argv[0]), "version": __version__})
@@ -2204,7 +2219,7 @@ def main(argv=None):
         warm_s, warm_rss = time.monotonic() - started, ResidentMemory.once()
         # Before the warm line: a refusal stays the one line on stderr.
         limits.check_headroom(warm_rss)
-    except BadSetting as problem:
+    except BadInput as problem:
         sys.stderr.write("trac-fcgi: %s\n" % problem)
         return 2
     except OSError as error:
