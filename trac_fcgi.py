@@ -30,6 +30,7 @@ DEFAULT_TRAC_ENV_PARENT_DIR = None
 import ast
 import ctypes
 import errno
+import fcntl
 import gc
 import hashlib
 import importlib
@@ -190,6 +191,11 @@ SETTINGS = [
      "seconds to finish accepted requests once told to go; what is left is abandoned and logged"),
     ("TRAC_FCGI_MAX_THREADS", positive_count, "15",
      "worker threads; a connection is accepted only when one is free, the rest wait in the backlog"),
+    ("TRAC_FCGI_SLOW_REQUEST", seconds, "10",
+     "seconds after which a request still running is logged once, with its thread's stack (event=slow); 0 is off"),
+    ("TRAC_FCGI_REQUEST_TIMEOUT", seconds, "60",
+     "seconds after which a request still running is stuck: logged with its stack (event=stuck), and the worker "
+     "is replaced, its healthy requests finished and only the stuck ones abandoned; 0 is off"),
     ("TRAC_FCGI_IDLE_TIMEOUT", positive_seconds, "60",
      "seconds within which each request must arrive whole; a client silent or trickling longer is closed"),
     ("TRAC_FCGI_WARMUP", warmup_path, "/",
@@ -721,12 +727,12 @@ class Refreezer:
 # --------------------------------------------------------------------------
 # Reloading in place (no launcher): signals held across exec, one process of a pool at a time.
 
-# The signals that stop or reload a worker.  Before its handlers are in, each
-# would have its default effect and kill it; so they stay blocked from just
-# before a re-exec until the new image has installed its handlers.  The mask
-# survives exec, and what arrived meanwhile is acted on once it serves.
-STOP_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
-# The reload turn's socket crosses exec under this fd number, and the stand-in
+# The signals a worker acts on.  Before its handlers are in, each would have
+# its default effect and kill it; so they stay blocked from just before a
+# re-exec (or READY=1) until the new image has installed its handlers.  The
+# mask survives exec, and what arrived meanwhile is acted on once it serves.
+HELD_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR2}
+# The reload turn's file crosses exec under this fd number, and the stand-in
 # serving meanwhile is named by its pid (internal, never settings).
 TURN_FD_VARIABLE = "TRAC_FCGI_RELOAD_TURN_FD"
 STAND_IN_VARIABLE = "TRAC_FCGI_STAND_IN_PID"
@@ -738,58 +744,96 @@ class ReloadTurn:
     mod_fcgid, lighttpd with max-procs above 1, or spawn-fcgi -F N start
     several copies of this script that share no parent of ours; with the same
     limits they would cross them together and all reload at once, leaving
-    nobody to serve.  The turn is an abstract unix socket name, which every
-    process of the same user can see: holding it bound is holding the turn,
-    and the kernel frees it when its holder dies, however it dies.  The
-    holder keeps it across exec and gives it up once its new image serves.
+    nobody to serve.  The turn is an flock on a file in a directory that only
+    this user may write, so only this user's processes can hold it (an
+    abstract socket name, which any local user could bind first, would turn
+    recycling off for the whole pool).  The kernel frees it when its holder
+    dies, however it dies; the holder keeps it across exec and gives it up
+    once its new image serves.  Where no such file can be had, each process
+    reloads without waiting for a turn, and says so once: a pool that may
+    reload together is better than one that never reloads.
     """
 
     def __init__(self, environ):
-        self.name = self.name_for(sys.argv[0], environ)
-        self.sock = None
+        self.file_name = self.file_name_for(sys.argv[0], environ)
+        self.fd = None
+        self.unavailable = False
         fd = environ.pop(TURN_FD_VARIABLE, "")
         if fd.isdigit():
             try:  # handed over by our previous image
-                self.sock = socket.socket(fileno=int(fd))
-                self.sock.set_inheritable(False)
+                os.set_inheritable(int(fd), False)
+                self.fd = int(fd)
             except OSError:
-                self.sock = None
+                pass
 
     @staticmethod
-    def name_for(script, environ):
-        """The same script, user and Trac environment: the processes of one pool."""
+    def directory():
+        """$XDG_RUNTIME_DIR, or /tmp/trac-fcgi-UID as tmux makes its own: ours, and closed to others."""
+        directory = os.environ.get("XDG_RUNTIME_DIR") or "/tmp/trac-fcgi-%d" % os.geteuid()
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+        info = os.lstat(directory)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+            raise PermissionError(errno.EPERM, "not a directory of user %s's alone" % user_name(), directory)
+        return directory
+
+    @staticmethod
+    def file_name_for(script, environ):
+        """The same script and Trac environment: the processes of one pool (the directory is the user's)."""
         site = "\0".join([os.path.realpath(script), environ.get("TRAC_ENV", ""),
                           environ.get("TRAC_ENV_PARENT_DIR", "")])
-        return "\0trac-fcgi-reload-%d-%s" % (os.getuid(), hashlib.sha256(site.encode()).hexdigest()[:24])
+        return "reload-%s.lock" % hashlib.sha256(site.encode()).hexdigest()[:24]
 
     def take(self):
-        """True if we hold the turn (now or already)."""
-        if self.sock is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            try:
-                sock.bind(self.name)
-            except OSError:
-                sock.close()
-                return False  # another process of the pool is reloading
-            self.sock = sock
+        """True if we hold the turn (now or already), or if no turn can be had."""
+        if self.fd is not None or self.unavailable:
+            return True
+        try:
+            path = os.path.join(self.directory(), self.file_name)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as error:
+            self.unavailable = True
+            log("reload-turn-unavailable", path=error.filename, error=error.strerror,
+                hint="each process of the pool reloads without waiting for the others; set XDG_RUNTIME_DIR "
+                     "to a directory only this user may write")
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False  # another process of the pool is reloading
+        self.fd = fd
         return True
 
     def keep_across_exec(self):
-        if self.sock is not None:
-            self.sock.set_inheritable(True)
-            os.environ[TURN_FD_VARIABLE] = str(self.sock.fileno())
+        if self.fd is not None:
+            os.set_inheritable(self.fd, True)
+            os.environ[TURN_FD_VARIABLE] = str(self.fd)
+
+    def forget(self):
+        """In a stand-in: close our copy only.  The lock belongs to the open file, which the parent still holds."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def release(self):
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
+        if self.fd is not None:
+            # Unlocked before closing: a stand-in forked while we held it may
+            # still have its copy of the file open.
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            self.forget()
             return True
         return False
 
 
 def reexec():
-    """Exec ourselves in place: fd 0, the listening socket, survives, and so does the turn."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    """Exec ourselves in place: fd 0, the listening socket, survives, and so does the turn.
+
+    Exec ends every other thread, also one stuck in a request for good.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
     log("re-exec")
     os.execv(sys.executable, [sys.executable] + sys.argv)
 
@@ -941,7 +985,7 @@ class QueueingThreadPool(ThreadPool):
     def _worker(self):
         # Only the main thread takes the stop signals.  A signal that a pool
         # thread took just before a re-exec would be lost with the old image.
-        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
         ThreadPool._worker(self)
 
 
@@ -1034,7 +1078,7 @@ class CountedConnection(fcgi_base.Connection):
     def __init__(self, sock, addr, server, timeout):
         fcgi_base.Connection.__init__(self, DeadlineSocket(sock, server.limits.idle_timeout), addr,
                                       server, timeout)
-        server.connection_opened(self)
+        server.connections.opened(self)
         self.params_bytes = 0
         self.cut_off = False
         self.kept_alive = False  # has served a request and stays open for more
@@ -1055,7 +1099,7 @@ class CountedConnection(fcgi_base.Connection):
             if self._sock.expired:
                 self.server.idle_connection_closed(self._addr)
             self._sock.close()  # again, for a connection that ended in an exception
-            self.server.connection_closed(self)
+            self.server.connections.closed(self)
 
     def report(self, error):
         """One line for a client's malformed records; for a bug of ours, the line and its traceback."""
@@ -1078,7 +1122,7 @@ class CountedConnection(fcgi_base.Connection):
         # it to free its thread for a connection waiting in the backlog.
         between_requests = self.kept_alive and not self._requests
         if between_requests:
-            self.server.connection_idle(self)
+            self.server.connections.now_idle(self)
         try:
             while self._keepGoing:
                 ready, _, _ = select.select([self._sock], [], [], PERIOD_S)
@@ -1090,7 +1134,7 @@ class CountedConnection(fcgi_base.Connection):
                     self._sock.expired = self.cut_off = True
                     raise EOFError
         finally:
-            if between_requests and self.server.connection_busy(self):
+            if between_requests and self.server.connections.now_busy(self):
                 # Whatever nginx may have just written is left unread: nginx
                 # retries it on another connection, and it never runs twice.
                 self.cut_off = True
@@ -1110,6 +1154,7 @@ class CountedConnection(fcgi_base.Connection):
             self.cut_off = True
             raise EOFError
         self.request = req
+        req.thread = threading.get_ident()
         try:
             req.run()
         finally:
@@ -1153,7 +1198,7 @@ class CountedConnection(fcgi_base.Connection):
         # then cut off whatever was running (found by the signal-storm test).
         # For the same reason, a connection gives its thread up here to one
         # waiting in the backlog.
-        if not self._requests and (self.server.draining or self.server.give_thread_up(self)):
+        if not self._requests and (self.server.draining or self.server.connections.give_thread_up(self)):
             self._keepGoing = False
 
     def _cleanupSocket(self):
@@ -1185,6 +1230,8 @@ class CountedRequest(fcgi_base.Request):
     undelivered = False  # a write of its answer failed, and was logged
     bytes_sent = 0       # of its answer (FCGI_STDOUT: headers and body)
     started = None       # when its parameters were in, and it was due to run
+    thread = None        # the thread running it, for its stack
+    late = None          # "slow" or "stuck" once named so (see LateRequests)
     waited_s = None
 
     def arrived(self, waiting_since):
@@ -1222,31 +1269,128 @@ class CountedRequest(fcgi_base.Request):
             self.server.refreezer.request_done(self.server.requests)
 
 
-class RecyclingWSGIServer(WSGIServer):
-    """flup's threaded FastCGI server that replaces itself before it grows too big.
+# --------------------------------------------------------------------------
+# The recycling policy: plain decisions over plain numbers (tests/test_policy.py).
 
-    flup's own main loop (ThreadedServer.run) cannot keep our promises through
-    its hooks, so _serve() below replaces it, and says why at each point.
-    _mainloopPeriodic() is still called on every pass, as in flup.
+HARD_LIMIT = "max_rss"
+
+
+def crossed_limit(limits, rss, requests, age_s, stuck):
+    """The limit this worker has crossed, or None.
+
+    MAX_RSS is the hard one, a promise: past it the worker stops accepting
+    at once.  The others are soft: the worker asks for its replacement and
+    serves on until it comes.  A stuck request (STUCK of them in flight)
+    comes first among those, as the one that holds a thread for good.
+    """
+    if limits.max_rss and rss >= limits.max_rss:
+        return HARD_LIMIT
+    if stuck:
+        return "stuck"
+    if limits.soft_rss and rss >= limits.soft_rss:
+        return "rss"
+    if limits.max_requests and requests >= limits.max_requests:
+        return "requests"
+    if limits.max_lifetime and age_s >= limits.max_lifetime:
+        return "age"
+    return None
+
+
+def lateness(limits, running_s):
+    """'stuck' past TRAC_FCGI_REQUEST_TIMEOUT, 'slow' past TRAC_FCGI_SLOW_REQUEST, else None (0 turns either off)."""
+    if limits.request_timeout and running_s >= limits.request_timeout:
+        return "stuck"
+    if limits.slow_request and running_s >= limits.slow_request:
+        return "slow"
+    return None
+
+
+class LateRequests:
+    """Names each request in flight once as it turns slow and once as it turns stuck, and counts them.
+
+    Run by the main loop alone, over the requests in flight (at most
+    MAX_THREADS of them): it needs no free thread, so a worker whose every
+    thread is stuck still notices.
     """
 
-    request_class = CountedRequest
+    ORDER = (None, "slow", "stuck")
 
-    def __init__(self, application, limits, bindAddress=None):
-        # ThreadedServer.__init__ would start a stock pool's threads only for
-        # us to replace it, so only the FastCGI half is initialised here.
-        fcgi_base.BaseFCGIServer.__init__(self, application, multithreaded=True, multiprocess=True,
-                                          bindAddress=bindAddress, multiplexed=False)
-        # Every thread is started up front and none dies off, so "a thread is
-        # free" is simply "fewer connections than threads".
-        self._threadPool = QueueingThreadPool(minSpare=1, maxSpare=limits.max_threads,
-                                              maxThreads=limits.max_threads)
+    def __init__(self, limits):
         self.limits = limits
-        self.rss = ResidentMemory()
-        self.started = time.monotonic()
-        self.launcher = launcher_pid()
+        self.counts = {"slow": 0, "stuck": 0}  # since start, for the launcher's metrics
+        self.stuck_in_flight = 0
+
+    def check(self, in_flight, now):
+        """The (event, request) pairs newly due, slow before stuck; IN_FLIGHT are requests with .started."""
+        due, stuck = [], 0
+        for request in in_flight:
+            reached = lateness(self.limits, now - request.started)
+            named = getattr(request, "late", None)
+            for event in self.ORDER[self.ORDER.index(named) + 1:self.ORDER.index(reached) + 1]:
+                if event == "slow" and not self.limits.slow_request:
+                    continue  # slow-request entries are off; stuck ones are not
+                self.counts[event] += 1
+                due.append((event, request))
+            request.late = reached if self.ORDER.index(reached) > self.ORDER.index(named) else named
+            stuck += request.late == "stuck"
+        self.stuck_in_flight = stuck
+        return due
+
+
+def thread_stack(thread_id, frames):
+    """The Python stack of one thread, as lines, innermost last (as a traceback reads)."""
+    frame = frames.get(thread_id)
+    if frame is None:
+        return ["(no Python stack)"]
+    return [line for entry in traceback.format_stack(frame) for line in entry.rstrip("\n").split("\n")]
+
+
+class Watchdog:
+    """systemd's watchdog contract (sd_watchdog_enabled): WATCHDOG=1 every quarter of WATCHDOG_USEC.
+
+    Sent from the main loop and the drain, the code that stops when the
+    worker freezes, never from a thread of its own, which would go on
+    beating for a worker that serves nobody.
+    """
+
+    def __init__(self, environ):
+        usec, pid = environ.get("WATCHDOG_USEC", ""), environ.get("WATCHDOG_PID", "")
+        mine = not pid or pid == str(os.getpid())  # set by systemd for its main process alone
+        self.period = int(usec) / 4e6 if usec.isdigit() and int(usec) and mine else None
+        self.last = 0.0
+
+    def with_ready(self):
+        """READY=1, and the first beat with it, so the watching begins as the serving does."""
+        if self.period is None:
+            return "READY=1"
+        self.last = time.monotonic()
+        return "READY=1\nWATCHDOG=1"
+
+    def beat(self, now):
+        if self.period is not None and now - self.last >= self.period:
+            self.last = now
+            sd_notify("WATCHDOG=1")
+
+
+class Connections:
+    """Every accepted connection until it closes (see CountedConnection), and which kept-alive one gives its
+    thread up.
+
+    nginx keeps connections open between requests (fastcgi_keep_conn), and
+    each holds one of our threads while it waits for its next request.  With
+    every thread held so, a connection in the backlog would wait until nginx
+    gave up on it with a 504, however idle the kept ones are.  So when one
+    waits, a kept-alive connection gives its thread up: preferably at the
+    end of its request, where nginx learns of it with the response; else,
+    once it has been idle a while, which nginx's most-recently-used cache
+    makes the least likely to be reused next.  One at a time: each frees a
+    thread.
+    """
+
+    def __init__(self, max_threads, wake):
+        self.max_threads, self.wake = max_threads, wake
         self.lock = threading.Lock()
-        self.open = set()  # every accepted connection not yet closed
+        self.open = set()
         # Kept-alive connections holding a thread while they wait for their
         # next request (oldest first, with when they began to wait); whether
         # a connection waits in the backlog for a thread; and the connection
@@ -1254,54 +1398,29 @@ class RecyclingWSGIServer(WSGIServer):
         self.idle = {}
         self.backlog_waiting = False
         self.releasing = None
-        self.requests = 0
-        self.draining = False
-        self.stop_reason = None      # why we stopped accepting
-        self.reexec = False          # after draining, exec ourselves in place
-        self.stopped_because = None  # what stop_accepting() was told
-        self.replacement_asked = None
-        self.reload_turn = ReloadTurn(os.environ)
-        self.waiting_for_turn = False
-        # A stand-in is a fork of a worker about to re-exec, which serves
-        # while the new image starts, then drains and exits (see fork_stand_in()).
-        self.parent_serving = None   # in a stand-in: the pid it serves for
-        self.stand_ins = [int(pid) for pid in os.environ.pop(STAND_IN_VARIABLE, "").split(",") if pid.isdigit()]
-        self.accept_paused_until = 0.0
-        self.reported = (0, 0.0)     # the request count last told the launcher, and when
-        # Threads and signal handlers wake the main loop through this pipe.
-        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.refreezer = Refreezer(limits.gc_freeze, self.wake)
+        self.draining = False  # set once, as the worker stops accepting
 
-    # -- counting (called from connection threads) -------------------------
-
-    @property
-    def connections(self):
+    def __len__(self):
         return len(self.open)
 
-    def connection_opened(self, connection):
+    def opened(self, connection):
         with self.lock:
             self.open.add(connection)
 
-    def connection_closed(self, connection):
+    def closed(self, connection):
         with self.lock:
             self.open.discard(connection)
-            was_full = self.connections == self.limits.max_threads - 1
+            was_full = len(self.open) == self.max_threads - 1
             if self.releasing is connection:
                 self.releasing = None
             self.backlog_waiting = False  # a thread is free: the main loop accepts again
         if was_full or self.draining:
             self.wake()
 
-    # -- kept-alive connections and the backlog --------------------------------
-    #
-    # nginx keeps connections open between requests (fastcgi_keep_conn), and
-    # each holds one of our threads while it waits for its next request.  With
-    # every thread held so, a connection in the backlog would wait until nginx
-    # gave up on it with a 504, however idle the kept ones are.  So when one
-    # waits, a kept-alive connection gives its thread up: preferably at the end
-    # of its request, where nginx learns of it with the response; else, once
-    # it has been idle a while, which nginx's most-recently-used cache makes
-    # the least likely to be reused next.  One at a time: each frees a thread.
+    def requests(self):
+        """The requests the application is running now."""
+        with self.lock:
+            return [connection.request for connection in self.open if connection.request is not None]
 
     def give_thread_up(self, connection):
         """Called at the end of a request: True if this connection should close."""
@@ -1311,17 +1430,17 @@ class RecyclingWSGIServer(WSGIServer):
             self.releasing = connection
             return True
 
-    def connection_idle(self, connection):
+    def now_idle(self, connection):
         with self.lock:
             self.idle[connection] = time.monotonic()
 
-    def connection_busy(self, connection):
+    def now_busy(self, connection):
         """Called as an idle connection wakes: True if the server released it meanwhile."""
         with self.lock:
             self.idle.pop(connection, None)
             return self.releasing is connection
 
-    def release_idle_connection(self):
+    def release_idle(self):
         with self.lock:
             if not self.backlog_waiting or self.releasing is not None or not self.idle:
                 return
@@ -1334,6 +1453,282 @@ class RecyclingWSGIServer(WSGIServer):
             connection._sock.shutdown(socket.SHUT_RD)  # wakes its thread's select()
         except OSError:
             pass  # the client closed it first: its thread is on its way out
+
+
+# --------------------------------------------------------------------------
+# Succession: how a worker hands over to the one after it, one object per mode.
+#
+# Chosen once at start (succession_for), each answers the same questions,
+# and the server asks them without knowing the mode: a signal came
+# (on_hup, on_stop); may I stop accepting now (may_stop); a soft limit was
+# crossed (limit_crossed); the hard limit was reached (hard_limit); what
+# the launcher's metrics hear (report); I have drained, what next (drained).
+# Each returns the reason to stop accepting now, or None to serve on.
+
+class UnderLauncher:
+    """Started by trac-fcgi-launcher: ask it for a replacement, go when it says (SIGHUP)."""
+
+    def __init__(self, launcher):
+        self.launcher = launcher
+        hup_when_parent_dies()
+        self.told = None           # the signal that told us to go
+        self.asked = None          # when we last asked for a replacement
+
+    def on_hup(self):
+        # The launcher's "go": our replacement serves (or we are being stopped).
+        self.told = self.told or "SIGHUP"
+
+    def on_stop(self, name):
+        self.told = name
+
+    def may_stop(self):
+        if self.told:
+            return self.told
+        if os.getppid() != self.launcher:
+            return "launcher gone"
+        return None
+
+    def hard_limit(self, reason, **facts):
+        return reason  # the promise: stop now, replacement ready or not; connections wait in the backlog
+
+    def limit_crossed(self, reason, requests, **facts):
+        # Standard signals coalesce: two workers asking at once can reach the
+        # launcher as one, so an unanswered ask is repeated every REASK_S.
+        now = time.monotonic()
+        if self.asked is not None and now - self.asked < REASK_S:
+            return None
+        if self.asked is None:
+            pss, private = smaps_rollup()
+            log("recycle", reason=reason, pss=pss, private=private, requests=requests, next="ask launcher",
+                **facts)
+            sd_notify("RECYCLE=%s" % reason)
+        self.asked = now
+        # Only our own launcher, never init or spawn-fcgi (may_stop stops us if it is gone).
+        if os.getppid() == self.launcher:
+            os.kill(self.launcher, signal.SIGUSR1)
+        return None
+
+    def report(self, counts):
+        sd_notify(counts)
+
+    def ready(self):
+        pass  # the launcher saw READY=1 and does the rest
+
+    def drained(self, server, reason, abandoned):
+        if os.getppid() != self.launcher:
+            return  # a launcher that is gone has nobody listening
+        # The final counts and what was abandoned, for the launcher's metrics;
+        # and why we stopped, if the launcher cannot know it (it did not tell us to go).
+        own = "max_rss" if reason == HARD_LIMIT else "signal" if reason.startswith("SIG") else None
+        sd_notify("STOPPING=1\n%s\nABANDONED=%d%s" % (server.counts(), abandoned,
+                                                      "\nRECYCLE=%s" % own if own else ""))
+
+
+class InPlace:
+    """Plain spawn-fcgi, mod_fcgid, lighttpd: nobody to ask.  Drain, then exec in place, while a stand-in serves.
+
+    fd 0 survives exec, so new connections wait in the backlog.  Until our
+    reload turn comes, we keep serving.  With --bind there is nothing to
+    exec onto: the process drains and exits.
+    """
+
+    def __init__(self, environ, can_reexec):
+        self.turn = ReloadTurn(environ)
+        self.can_reexec = can_reexec
+        self.told = None
+        self.reexec = False
+        self.waiting_for_turn = False
+        # Stand-ins that served while this image started (see drained()).
+        self.stand_ins = [int(pid) for pid in environ.pop(STAND_IN_VARIABLE, "").split(",") if pid.isdigit()]
+
+    def on_hup(self):
+        # A graceful reload: drain, then exec.  Never turns a SIGTERM into one.
+        if self.told is None:
+            self.told, self.reexec = "SIGHUP", True
+
+    def on_stop(self, name):
+        self.told, self.reexec = name, False
+
+    def may_stop(self):
+        self.reap_stand_ins()
+        if self.told and (not self.reexec or self.turn_to_reload(self.told)):
+            return self.told
+        return None
+
+    def hard_limit(self, reason, **facts):
+        # Turn or no turn: the limit is a promise.
+        self.reexec = True
+        self.turn.take()
+        return reason
+
+    def limit_crossed(self, reason, requests, **facts):
+        pss, private = smaps_rollup()
+        if self.turn_to_reload(reason, requests=requests, pss=pss, private=private, **facts):
+            self.reexec = True
+            return reason
+        return None
+
+    def turn_to_reload(self, reason, **facts):
+        """True once this process may reload: no other process of its pool is reloading."""
+        if self.turn.take():
+            log("recycle", reason=reason, next="re-exec", **facts)
+            return True
+        if not self.waiting_for_turn:
+            self.waiting_for_turn = True
+            log("recycle", reason=reason, next="wait for turn", **facts)
+        return False
+
+    def report(self, counts):
+        pass  # nobody gathers metrics
+
+    def ready(self):
+        """Our new image serves: the stand-ins that served while it started may go, and so may the turn."""
+        for pid in self.stand_ins:
+            try:
+                os.kill(pid, signal.SIGHUP)
+            except ProcessLookupError:
+                pass
+        if self.turn.release():
+            log("reloaded")  # our pool's next process may take its turn
+
+    def reap_stand_ins(self):
+        for pid in list(self.stand_ins):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                self.stand_ins.remove(pid)
+
+    def drained(self, server, reason, abandoned):
+        sd_notify("STOPPING=1")
+        if not (self.reexec and self.can_reexec):
+            return
+        # Re-executing leaves nobody on the socket while the new image
+        # imports Trac and warms up; under mod_fcgid, which hands each
+        # process its own socket, one request waits that long at every
+        # reload.  So a copy of us serves meanwhile: warm at once (a fork),
+        # it holds the old image's memory only until the new one is ready.
+        # Not when requests were abandoned (stuck, or past the drain
+        # timeout): their threads may hold Trac's environment lock, a
+        # database connection mid-query or a log handler's lock, and a fork
+        # has those locks held by threads it does not have; its first request
+        # could wait on them for good.  The new image comes up from the
+        # backlog instead, and exec ends the stuck threads.  Nor past
+        # MAX_RSS: a copy would be as big, and serve past the promise.
+        if not abandoned and reason != HARD_LIMIT:
+            self.fork_stand_in(server)
+        self.turn.keep_across_exec()
+        reexec()
+
+    def fork_stand_in(self, server):
+        close_trac_databases()  # an SQLite (or any) connection must not be used on both sides of a fork
+        pid = os.fork()
+        if pid:
+            self.stand_ins.append(pid)
+            os.environ[STAND_IN_VARIABLE] = ",".join(map(str, self.stand_ins))
+            return
+        status, abandoned = 1, 0
+        try:
+            parent = os.getppid()
+            hup_when_parent_dies()  # also if the new image dies starting up
+            self.turn.forget()      # our copy only: the parent holds the turn
+            # The fork has only this thread: a fresh server, pool and locks,
+            # as a newly started worker has, and our own /proc/self.
+            stand_in = RecyclingWSGIServer(server.application, server.limits, StandIn(parent))
+            log("stand-in", serves_for=parent, requests=server.requests, rss=stand_in.rss())
+            abandoned = stand_in.run(socket.socket(fileno=os.dup(0)))
+            status = 0
+        finally:
+            leave(status, abandoned=abandoned)
+
+
+class StandIn:
+    """A fork of a worker about to re-exec, serving while the new image starts; it goes when that one serves."""
+
+    def __init__(self, parent):
+        self.parent = parent
+        self.told = None
+
+    def on_hup(self):
+        self.told = self.told or "SIGHUP"  # from our parent's new image: it serves
+
+    def on_stop(self, name):
+        self.told = name
+
+    def may_stop(self):
+        if self.told:
+            return self.told
+        if os.getppid() != self.parent:
+            return "parent gone"
+        return None
+
+    def hard_limit(self, reason, **facts):
+        return reason
+
+    def limit_crossed(self, reason, requests, **facts):
+        return None  # a stand-in never recycles: it goes once its parent's new image serves
+
+    def report(self, counts):
+        pass
+
+    def ready(self):
+        pass
+
+    def drained(self, server, reason, abandoned):
+        pass  # a stand-in's going is no news
+
+
+def succession_for(environ, bind):
+    """The mode, chosen once: under our launcher, or in place (re-exec only where fd 0 is the socket)."""
+    launcher = launcher_pid()
+    return UnderLauncher(launcher) if launcher is not None else InPlace(environ, can_reexec=bind is None)
+
+
+# --------------------------------------------------------------------------
+# The server: connections, accept, signals and the drain; the mode is its succession's.
+
+class RecyclingWSGIServer(WSGIServer):
+    """flup's threaded FastCGI server that replaces itself before it grows too big.
+
+    flup's own main loop (ThreadedServer.run) cannot keep our promises through
+    its hooks, so _serve() below replaces it, and says why at each point.
+    _mainloopPeriodic() is still called on every pass, as in flup.
+    """
+
+    request_class = CountedRequest
+
+    def __init__(self, application, limits, succession, bindAddress=None):
+        # ThreadedServer.__init__ would start a stock pool's threads only for
+        # us to replace it, so only the FastCGI half is initialised here.
+        fcgi_base.BaseFCGIServer.__init__(self, application, multithreaded=True, multiprocess=True,
+                                          bindAddress=bindAddress, multiplexed=False)
+        # Every thread is started up front and none dies off, so "a thread is
+        # free" is simply "fewer connections than threads".
+        self._threadPool = QueueingThreadPool(minSpare=1, maxSpare=limits.max_threads,
+                                              maxThreads=limits.max_threads)
+        self.limits = limits
+        self.succession = succession
+        self.rss = ResidentMemory()
+        self.started = time.monotonic()
+        self.lock = threading.Lock()
+        self.requests = 0
+        self.stopped_because = None  # why we stopped accepting; None while we accept
+        self.stacks_asked = False    # SIGUSR2 came
+        self.accept_paused_until = 0.0
+        self.reported = ("REQUESTS=0", 0.0)  # the counts last told the launcher, and when
+        # Threads and signal handlers wake the main loop through this pipe.
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.connections = Connections(limits.max_threads, self.wake)
+        self.refreezer = Refreezer(limits.gc_freeze, self.wake)
+        self.late = LateRequests(limits)
+        self.watchdog = Watchdog(os.environ)
+
+    @property
+    def draining(self):
+        return self.connections.draining
+
+    # -- called from connection threads ---------------------------------------
 
     def request_finished(self):
         with self.lock:
@@ -1365,8 +1760,8 @@ class RecyclingWSGIServer(WSGIServer):
         while not self.draining:
             watch = [self.wake_r]
             # With every thread busy, the backlog is watched only to learn
-            # that a connection waits there (see give_thread_up).
-            if not self.backlog_waiting and time.monotonic() >= self.accept_paused_until:
+            # that a connection waits there (see Connections).
+            if not self.connections.backlog_waiting and time.monotonic() >= self.accept_paused_until:
                 watch.append(sock)
             ready, _, _ = select.select(watch, [], [], PERIOD_S)
             if self.wake_r in ready:
@@ -1375,11 +1770,11 @@ class RecyclingWSGIServer(WSGIServer):
             # The limits first: a connection is never accepted past MAX_RSS.
             self._mainloopPeriodic()
             if sock in ready and not self.draining:
-                if self.connections < self.limits.max_threads:
+                if len(self.connections) < self.limits.max_threads:
                     self.accept(sock)
                 else:
-                    self.backlog_waiting = True
-            self.release_idle_connection()
+                    self.connections.backlog_waiting = True
+            self.connections.release_idle()
 
     def accept(self, sock):
         try:
@@ -1391,7 +1786,7 @@ class RecyclingWSGIServer(WSGIServer):
                 # The connection stays in the backlog for a worker that can
                 # take it; pausing keeps select() from spinning on it.
                 if time.monotonic() - self.accept_paused_until > 10:
-                    log("accept-failed", error=error.strerror, connections=self.connections,
+                    log("accept-failed", error=error.strerror, connections=len(self.connections),
                         hint="raise the open-files limit (ulimit -n) or lower TRAC_FCGI_MAX_THREADS")
                 self.accept_paused_until = time.monotonic() + ACCEPT_PAUSE_S
                 return
@@ -1418,173 +1813,76 @@ class RecyclingWSGIServer(WSGIServer):
             pass
 
     def _mainloopPeriodic(self):
-        """Called on every pass of the main loop: the whole recycling policy."""
+        """Called on every pass of the main loop: what is due, asked of the policy and the succession."""
+        now = time.monotonic()
+        self.look_after(now)
         if self.draining:
             return
-        self.report_requests()
-        rss = self.rss()
-        age = time.monotonic() - self.started
-        limits = self.limits
-        if self.stop_reason:
-            if self.reexec and not self.turn_to_reload(self.stop_reason):
-                return
-            return self.stop_accepting(self.stop_reason)
-        if self.launcher is not None and os.getppid() != self.launcher:
-            return self.stop_accepting("launcher gone")
-        self.reap_stand_ins()
-        if self.parent_serving is not None:
-            # A stand-in never recycles: it goes once its parent's new image serves.
-            if os.getppid() != self.parent_serving:
-                return self.stop_accepting("parent gone")
-            if limits.max_rss and rss >= limits.max_rss:
-                return self.stop_accepting("max_rss")
-            return
-        if limits.max_rss and rss >= limits.max_rss:
-            # The limit is a promise: stop now, replacement ready or not, and
-            # (without a launcher) turn to reload or not.  Connections wait in
-            # the backlog; none is refused.
-            if self.launcher is None:
-                self.reexec = True
-                self.reload_turn.take()
-            return self.stop_accepting("max_rss")
-        reason = ("rss" if limits.soft_rss and rss >= limits.soft_rss
-                  else "requests" if limits.max_requests and self.requests >= limits.max_requests
-                  else "age" if limits.max_lifetime and age >= limits.max_lifetime
-                  else None)
+        self.report()
+        reason = self.succession.may_stop()
+        if reason is None:
+            rss = self.rss()
+            crossed = crossed_limit(self.limits, rss, self.requests, now - self.started, self.late.stuck_in_flight)
+            if crossed == HARD_LIMIT:
+                reason = self.succession.hard_limit(crossed)
+            elif crossed:
+                reason = self.succession.limit_crossed(crossed, requests=self.requests, rss=rss,
+                                                       age_s=now - self.started)
         if reason:
-            self.ask_for_replacement(reason, rss, age)
-
-    def turn_to_reload(self, reason, **facts):
-        """True once this process may reload: no other process of its pool is reloading."""
-        if self.reload_turn.take():
-            log("recycle", reason=reason, requests=self.requests, next="re-exec", **facts)
-            return True
-        if not self.waiting_for_turn:
-            self.waiting_for_turn = True
-            log("recycle", reason=reason, requests=self.requests, next="wait for turn", **facts)
-        return False
-
-    def ask_for_replacement(self, reason, rss, age):
-        if self.launcher is None:
-            return self.reload_in_place(reason, rss, age)
-        now = time.monotonic()
-        if self.replacement_asked is not None and now - self.replacement_asked < REASK_S:
-            return
-        first = self.replacement_asked is None
-        self.replacement_asked = now
-        if first:
-            pss, private = smaps_rollup()
-            log("recycle", reason=reason, rss=rss, pss=pss, private=private, requests=self.requests,
-                age_s=age, next="ask launcher")
-            self.tell_launcher("RECYCLE=%s" % reason)
-        # Only our own launcher, never init or spawn-fcgi (the pid check above
-        # already stopped us if it is gone).
-        if os.getppid() == self.launcher:
-            os.kill(self.launcher, signal.SIGUSR1)
-
-    def reload_in_place(self, reason, rss, age):
-        # Plain spawn-fcgi, mod_fcgid, lighttpd: nobody to ask.  Drain, then
-        # exec in place; fd 0 survives exec, so new connections wait in the
-        # backlog.  Until our turn comes, we keep serving.
-        pss, private = smaps_rollup()
-        if self.turn_to_reload(reason, rss=rss, pss=pss, private=private, age_s=age):
-            self.reexec = True
             self.stop_accepting(reason)
 
+    def look_after(self, now):
+        """What the main loop does while serving and while draining alike: beat, name late requests, stacks."""
+        self.watchdog.beat(now)
+        frames = None
+        for event, request in self.late.check(self.connections.requests(), now):
+            frames = frames or sys._current_frames()
+            log(event, details=thread_stack(request.thread, frames), running_s=now - request.started,
+                **request.facts())
+        if self.stacks_asked:
+            self.stacks_asked = False
+            self.log_stacks(now)
+
+    def log_stacks(self, now):
+        """SIGUSR2: every thread's stack, each with the request it serves, as one entry."""
+        serving = {request.thread: request for request in self.connections.requests()}
+        lines, frames = [], sys._current_frames()
+        for thread in threading.enumerate():
+            request = serving.get(thread.ident)
+            facts = (" ".join("%s=%s" % (k, v) for k, v in request.facts().items() if v is not None)
+                     + " running_s=%.3f" % (now - request.started)) if request else "idle"
+            lines.append("thread=%s %s" % (thread.name, facts))
+            lines.extend("  " + line for line in thread_stack(thread.ident, frames))
+        log("stacks", details=lines, threads=threading.active_count(), in_flight=len(serving))
+
     def stop_accepting(self, reason):
-        if not self.draining:
-            self.draining = True
-            self.stopped_because = reason
-            self.refreezer.stop()
-            log("drain", reason=reason, connections=self.connections, requests=self.requests, rss=self.rss())
-
-    # -- the stand-in: make before break without a launcher ----------------------
-    #
-    # Re-executing in place leaves nobody on the socket while the new image
-    # imports Trac and warms up; under mod_fcgid, which hands each process
-    # its own socket, one request waits that long at every reload.  So the
-    # drained worker first forks a copy of itself that goes on serving, then
-    # execs.  The copy is warm at once (a fork), holds the old image's memory
-    # only until the new image is ready, and keeps MAX_RSS as a promise.
-
-    def fork_stand_in(self):
-        """In the parent: the stand-in's pid.  In the stand-in: serve, then exit; never returns."""
-        if self.connections:
-            return None  # requests abandoned at the drain timeout: their threads are no state to fork
-        if self.stopped_because == "max_rss":
-            return None  # a copy would be as big, and serve past the promise
-        close_trac_databases()
-        pid = os.fork()
-        if pid:
-            self.stand_ins.append(pid)
-            os.environ[STAND_IN_VARIABLE] = ",".join(map(str, self.stand_ins))
-            return pid
-        status = 1
-        try:
-            status = self.serve_as_stand_in()
-        finally:
-            leave(status, abandoned=self.connections)
-
-    def serve_as_stand_in(self):
-        parent = os.getppid()
-        hup_when_parent_dies()  # also if the new image dies starting up
-        if self.reload_turn.sock is not None:
-            self.reload_turn.sock.close()  # our copy only: the parent holds the turn
-            self.reload_turn.sock = None
-        # The fork has only this thread: a fresh pool, lock and state, as a
-        # newly started worker has, and our own /proc/self.
-        self._threadPool = QueueingThreadPool(minSpare=1, maxSpare=self.limits.max_threads,
-                                              maxThreads=self.limits.max_threads)
-        self.lock = threading.Lock()
-        self.rss = ResidentMemory()
-        self.open, self.idle, self.backlog_waiting, self.releasing = set(), {}, False, None
-        self.draining, self.stop_reason, self.reexec, self.stopped_because = False, None, False, None
-        self.parent_serving, self.stand_ins = parent, []
-        log("stand-in", serves_for=parent, requests=self.requests, rss=self.rss())
-        self.run(socket.socket(fileno=os.dup(0)))
-        return 0
-
-    def stand_in_go(self):
-        """In a new image: the stand-ins that served while it started may go now."""
-        for pid in self.stand_ins:
-            try:
-                os.kill(pid, signal.SIGHUP)
-            except ProcessLookupError:
-                pass
-
-    def reap_stand_ins(self):
-        for pid in list(self.stand_ins):
-            try:
-                done, _ = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                done = pid
-            if done:
-                self.stand_ins.remove(pid)
+        self.stopped_because = reason
+        self.connections.draining = True
+        self.refreezer.stop()
+        log("drain", reason=reason, connections=len(self.connections), requests=self.requests, rss=self.rss())
 
     # -- signals -------------------------------------------------------------
 
     def _hupHandler(self, signum, frame):
-        # Under plain spawn-fcgi, SIGHUP is a graceful reload: drain, then
-        # exec.  A stand-in's SIGHUP comes from its parent's new image: go.
-        if self.launcher is None and self.parent_serving is None:
-            self.reexec = True
-        self.stop_reason = self.stop_reason or "SIGHUP"
+        self.succession.on_hup()
 
     def _intHandler(self, signum, frame):
-        self.reexec = False
-        self.stop_reason = signal.Signals(signum).name
+        self.succession.on_stop(signal.Signals(signum).name)
+
+    def _usr2Handler(self, signum, frame):
+        self.stacks_asked = True  # logged by the main loop: a handler may interrupt a lock's holder
 
     def _installSignalHandlers(self):
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         for signum, handler in ((signal.SIGHUP, self._hupHandler), (signal.SIGTERM, self._intHandler),
-                                (signal.SIGINT, self._intHandler)):
+                                (signal.SIGINT, self._intHandler), (signal.SIGUSR2, self._usr2Handler)):
             signal.signal(signum, handler)
-        # Held since our previous image's exec (see STOP_SIGNALS): what
-        # arrived during our start-up is delivered here, to the handlers.
-        held = sorted(s.name for s in signal.sigpending() & STOP_SIGNALS)
+        # Held since our previous image's exec or READY=1 (see HELD_SIGNALS):
+        # what arrived during our start-up is delivered here, to the handlers.
+        held = sorted(s.name for s in signal.sigpending() & HELD_SIGNALS)
         if held:
             log("held-signals", signals=",".join(held))
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
 
     # -- the request's environment ---------------------------------------------
 
@@ -1630,15 +1928,15 @@ class RecyclingWSGIServer(WSGIServer):
             hint = ("raise the open-files limit (ulimit -n)" if error.errno in (errno.EMFILE, errno.ENFILE)
                     else "start me under spawn-fcgi or trac-fcgi-launcher, or use --bind ADDR")
             raise BadInput("fd 0 cannot be used as the listening socket: %s; %s"
-                             % (error.strerror or error, hint))
+                           % (error.strerror or error, hint))
         sock.close()
         if not real.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             raise BadInput("fd 0 is a socket but not a listening one: start me under spawn-fcgi "
-                             "or trac-fcgi-launcher, or use --bind ADDR")
+                           "or trac-fcgi-launcher, or use --bind ADDR")
         return real
 
     def run(self, sock):
-        """Serve until told to go, drain, and return True to re-exec in place."""
+        """Serve until told to go, drain, and hand over as the succession says; the requests abandoned."""
         self._web_server_addrs = os.environ.get("FCGI_WEB_SERVER_ADDRS")
         if self._web_server_addrs is not None:
             self._web_server_addrs = [a.strip() for a in self._web_server_addrs.split(",")]
@@ -1647,53 +1945,51 @@ class RecyclingWSGIServer(WSGIServer):
         # Stop accepting: close our handle.  fd 0 itself stays open, for the
         # re-exec and because the launcher holds the socket anyway.
         sock.close()
-        self.finish_accepted()
-        return self.reexec
+        abandoned = self.finish_accepted()
+        self.succession.drained(self, self.stopped_because, abandoned)
+        return abandoned
 
     def finish_accepted(self):
-        """Wait, up to the drain timeout, until every accepted connection is closed."""
+        """Wait, up to the drain timeout, until every accepted connection is closed or holds a stuck request.
+
+        A stuck request will not finish in any drain timeout: waiting for it
+        would only keep this worker's memory and its healthy neighbours' exit.
+        """
         started = time.monotonic()
         deadline = started + self.limits.drain_timeout
-        while self.connections and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            self.look_after(time.monotonic())
+            if len(self.connections) <= self.late.stuck_in_flight:
+                break
             select.select([self.wake_r], [], [], min(PERIOD_S, max(0, deadline - time.monotonic())))
             self.drain_pipe()
+        abandoned = len(self.connections)
         self.log_abandoned()
-        log("drained", drain_s=time.monotonic() - started, abandoned=self.connections,
-            requests=self.requests, rss=self.rss())
-        if self.launcher is None and self.parent_serving is None:  # a stand-in's going is no news
-            sd_notify("STOPPING=1")
-        elif os.getppid() == self.launcher:  # a launcher that is gone has nobody listening
-            # The final count and what was abandoned, for the launcher's metrics;
-            # and why we stopped, if the launcher cannot know it (it did not tell us to go).
-            own = ("max_rss" if self.stopped_because == "max_rss"
-                   else "signal" if str(self.stopped_because).startswith("SIG") else None)
-            sd_notify("STOPPING=1\nREQUESTS=%d\nABANDONED=%d%s"
-                      % (self.requests, self.connections, "\nRECYCLE=%s" % own if own else ""))
+        log("drained", drain_s=time.monotonic() - started, abandoned=abandoned, requests=self.requests,
+            rss=self.rss())
+        return abandoned
 
-    # -- reporting to the launcher ---------------------------------------------
+    # -- reporting -------------------------------------------------------------
 
-    def tell_launcher(self, message):
-        """sd_notify lines for our launcher's metrics; nothing without a launcher."""
-        if self.launcher is not None:
-            sd_notify(message)
+    def counts(self):
+        """REQUESTS=, and SLOW= and STUCK= once above 0: this worker's counts since it started."""
+        lines = ["REQUESTS=%d" % self.requests]
+        lines += ["%s=%d" % (event.upper(), n) for event, n in self.late.counts.items() if n]
+        return "\n".join(lines)
 
-    def report_requests(self):
-        """REQUESTS=n when the count changed, at most once every REPORT_EVERY_S."""
-        count, when = self.reported
-        now = time.monotonic()
-        if self.requests != count and now - when >= REPORT_EVERY_S:
-            self.reported = (self.requests, now)
-            self.tell_launcher("REQUESTS=%d" % self.requests)
+    def report(self):
+        """The counts when they changed, at most once every REPORT_EVERY_S (only a launcher listens)."""
+        now, counts = time.monotonic(), self.counts()
+        if counts != self.reported[0] and now - self.reported[1] >= REPORT_EVERY_S:
+            self.reported = (counts, now)
+            self.succession.report(counts)
 
     def log_abandoned(self):
-        """One line for each request still running as the drain times out: what its client loses."""
+        """One line for each request still running as the drain ends: what its client loses."""
         now = time.monotonic()
-        with self.lock:
-            running = [connection.request for connection in self.open]
-        for request in running:
-            if request is not None:
-                log("abandoned", running_s=now - request.started, bytes_sent=request.bytes_sent,
-                    **request.facts())
+        for request in self.connections.requests():
+            log("abandoned", running_s=now - request.started, bytes_sent=request.bytes_sent,
+                stuck=request.late == "stuck" or None, **request.facts())
 
 
 # --------------------------------------------------------------------------
@@ -2183,7 +2479,7 @@ class Mold:
 
 def open_server(application, limits, bind):
     """The server and its listening socket: fd 0, or a new one for --bind."""
-    server = RecyclingWSGIServer(application, limits, bindAddress=bind)
+    server = RecyclingWSGIServer(application, limits, succession_for(os.environ, bind), bindAddress=bind)
     return server, server._setupSocket()
 
 
@@ -2210,8 +2506,6 @@ def main(argv=None):
         mold = Mold.from_environment()
         if mold is None:
             server, sock = open_server(application, limits, bind)
-            if launcher_pid() is not None:
-                hup_when_parent_dies()
         started = time.monotonic()
         status, error = warm_up(application, limits.warmup) if limits.warmup else (None, None)
         # The mold freezes once its database connections are closed (Mold.make_pristine).
@@ -2242,20 +2536,13 @@ def main(argv=None):
         # its own server and threads.
         limits = Limits(os.environ)
         server, sock = open_server(application, limits, None)
-    # Once we have said READY=1, a SIGHUP or SIGTERM is meant for a serving
-    # worker: held until run() has installed the handlers that drain, never
+    # Once we have said READY=1, a SIGHUP, SIGTERM or SIGUSR2 is meant for a
+    # serving worker: held until run() has installed the handlers, never
     # left to the default action, which would end us at once.
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    sd_notify("READY=1")
-    server.stand_in_go()
-    if server.reload_turn.release():
-        log("reloaded")  # our pool's next process may take its turn
-    # Re-exec only where fd 0 is the socket: it survives exec, a --bind one does not.
-    if server.run(sock) and bind is None:
-        server.fork_stand_in()
-        server.reload_turn.keep_across_exec()
-        reexec()
-    leave(0, abandoned=server.connections)
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+    sd_notify(server.watchdog.with_ready())
+    server.succession.ready()
+    leave(0, abandoned=server.run(sock))
 
 
 LEAVE_TIMEOUT_S = 5

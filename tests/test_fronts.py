@@ -9,6 +9,8 @@ only a front without a launcher needs: a self re-exec that a signal cannot
 kill, and a pool of processes that reloads one at a time.
 """
 import base64
+import fcntl
+import os
 import collections
 import http.client
 import re
@@ -402,8 +404,9 @@ def test_a_process_whose_pool_mate_is_reloading_keeps_serving_past_its_limit_and
     hello = WORKERS / "hello.py"
     environ = {"PYTHONPATH": str(WORKERS), "TRAC_FCGI_MAX_REQUESTS": "3", "TRAC_FCGI_JITTER": "0",
                "HELLO_LEAK": str(1 << 20), "TRAC_FCGI_SOFT_RSS": "60M", "TRAC_FCGI_MAX_RSS": "60M"}
-    turn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    turn.bind(trac_fcgi.ReloadTurn.name_for(str(hello), environ))
+    turn = open(os.path.join(trac_fcgi.ReloadTurn.directory(), trac_fcgi.ReloadTurn.file_name_for(str(hello), environ)),
+                "a")
+    fcntl.flock(turn, fcntl.LOCK_EX)
     sock = str(tmp_path / "worker.sock")
     worker = Process([SPAWN_FCGI, "-n", "-s", sock, "--", PYTHON, str(hello)], tmp_path / "worker.log", env=environ)
     try:

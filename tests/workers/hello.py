@@ -76,7 +76,7 @@ def main():
         notify, hup = trac_fcgi.sd_notify, trac_fcgi.RecyclingWSGIServer._hupHandler
 
         def traced_notify(message):
-            if message == "READY=1":
+            if message.startswith("READY=1"):
                 trace("ready")
             notify(message)
 
