@@ -1338,11 +1338,19 @@ class LateRequests:
 
 
 def thread_stack(thread_id, frames):
-    """The Python stack of one thread, as lines, innermost last (as a traceback reads)."""
+    """The Python stack of one thread, as lines, innermost last (as a traceback reads).
+
+    A request's stack starts with a dozen frames of threading, flup and
+    this file, the same for every request: they are left out up to the
+    application's first, so what is read is where it hangs.
+    """
     frame = frames.get(thread_id)
     if frame is None:
         return ["(no Python stack)"]
-    return [line for entry in traceback.format_stack(frame) for line in entry.rstrip("\n").split("\n")]
+    stack = traceback.extract_stack(frame)
+    ours = (threading.__file__, fcgi_base.__file__, sys.modules["flup.server.threadpool"].__file__, __file__)
+    first = next((n for n, entry in enumerate(stack) if entry.filename not in ours), 0)
+    return [line for entry in traceback.format_list(stack[first:]) for line in entry.rstrip("\n").split("\n")]
 
 
 class Watchdog:
@@ -1849,9 +1857,10 @@ class RecyclingWSGIServer(WSGIServer):
         lines, frames = [], sys._current_frames()
         for thread in threading.enumerate():
             request = serving.get(thread.ident)
-            facts = (" ".join("%s=%s" % (k, v) for k, v in request.facts().items() if v is not None)
-                     + " running_s=%.3f" % (now - request.started)) if request else "idle"
-            lines.append("thread=%s %s" % (thread.name, facts))
+            facts = " ".join("%s=%s" % (key, "%.3f" % value if isinstance(value, float) else value)
+                             for key, value in dict(request.facts(), running_s=now - request.started).items()
+                             if value is not None) if request else "idle"
+            lines.append("thread=%s %s" % (thread.name.replace(" ", ""), facts))
             lines.extend("  " + line for line in thread_stack(thread.ident, frames))
         log("stacks", details=lines, threads=threading.active_count(), in_flight=len(serving))
 
