@@ -250,6 +250,8 @@ signals:
            is acted on once it serves
   SIGTERM  stop accepting, finish every accepted request, exit 0
   SIGINT   same as SIGTERM
+  SIGUSR2  log every thread's stack with the request it serves (event=stacks),
+           and serve on
 """
 
 
