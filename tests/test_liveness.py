@@ -9,6 +9,7 @@ Most tests use short timeouts for speed; one runs with the defaults.
 import os
 import re
 import signal
+import socket
 import threading
 import time
 
@@ -144,8 +145,8 @@ def slow_requests_beside_a_stuck_one(get, process, timeout):
 
 def test_healthy_requests_in_flight_on_a_worker_replaced_for_a_stuck_one_all_finish_with_200(tmp_path, started):
     timeout = 8
-    launcher = start_launcher(tmp_path, HELLO, env=hang_app(max_threads=4, slow_request=1,
-                                                              request_timeout=timeout, drain_timeout=60))
+    launcher = start_launcher(tmp_path, HELLO, "--verbose", env=hang_app(max_threads=4, slow_request=1,
+                                                                           request_timeout=timeout, drain_timeout=60))
     started.append(launcher)
     launcher.wait_for("all-ready", timeout=START_TIMEOUT)
     get = lambda path, **kw: fcgi_get(launcher.socket, path, timeout=kw.pop("timeout", 60), **kw)
@@ -159,6 +160,11 @@ def test_healthy_requests_in_flight_on_a_worker_replaced_for_a_stuck_one_all_fin
     drained = launcher.wait_for("drained")[0]
     assert drained["abandoned"] == "1", log
     assert [facts["path"] for facts, details in entries(launcher, "stuck") if names_the_hang(details)] == ["/hang"]
+    # The counts reach the launcher, for its metrics, as they change and with STOPPING=1.
+    old = launcher.events("ready")[0]["pid"]
+    told = [set(n["fields"].split(",")) for n in launcher.events("notify", pid=old)]
+    assert {"REQUESTS", "SLOW", "STUCK"} <= set.union(*told), told
+    assert any({"STOPPING", "REQUESTS", "SLOW", "STUCK", "ABANDONED"} <= fields for fields in told), told
 
 
 def test_under_plain_spawn_fcgi_a_stuck_request_reexecs_the_worker_once_its_healthy_requests_finish(tmp_path):
@@ -227,4 +233,37 @@ def test_a_slow_request_is_logged_once_with_its_stack_and_never_as_stuck(tmp_pat
         assert any('hang.py", line' in line and "in app" in line for line in slow[0][1]), slow
         assert not entries(worker, "stuck")
     finally:
+        worker.stop()
+
+
+def test_a_worker_beats_the_watchdog_with_ready_then_from_its_loop_and_on_while_it_drains(tmp_path):
+    # systemd's contract, which the launcher gives too: WATCHDOG_USEC in the
+    # environment, WATCHDOG=1 at least every quarter of it, the first with READY=1.
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(START_TIMEOUT)
+    sock = str(tmp_path / "worker.sock")
+    worker = Process(["spawn-fcgi", "-n", "-s", sock, "--", *HELLO], tmp_path / "worker.log",
+                     env=dict(hang_app(slow_request=0.5), NOTIFY_SOCKET=str(tmp_path / "notify"), WATCHDOG_USEC="1000000"))
+    try:
+        messages = [notify.recv(4096).decode()]
+        assert messages == ["READY=1\nWATCHDOG=1"], (messages, worker.log())
+        while len(messages) < 3:
+            messages.append(notify.recv(4096).decode())
+        assert messages[1:] == ["WATCHDOG=1"] * 2, messages
+        threads, answers = in_background(lambda path, **kw: fcgi_get(sock, path, **kw), "/slow", 1, query="4")
+        wait_until(lambda: entries(worker, "slow"), 30, "the request in flight")
+        worker.signal(signal.SIGTERM)
+        during_drain = []
+        while True:
+            message = notify.recv(4096).decode()
+            if message.startswith("STOPPING=1"):
+                break
+            during_drain.append(message)
+        threads[0].join(30)
+        assert [a.status for a in answers] == [200], (answers, worker.log())
+        assert worker.events("drain", reason="SIGTERM", connections=1), worker.log()
+        assert len(during_drain) >= 2 and set(during_drain) == {"WATCHDOG=1"}, during_drain
+    finally:
+        notify.close()
         worker.stop()

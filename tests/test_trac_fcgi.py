@@ -7,9 +7,12 @@ import os
 import signal
 import socket
 import sqlite3
+import stat
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -384,6 +387,47 @@ def test_without_a_launcher_it_drains_and_reexecs_in_place_keeping_the_socket(sp
     assert len(worker.events("re-exec")) >= 3
     worker.wait_for("warm", count=4, timeout=60)
     assert alive(worker.pid), "the same process, re-executed, still holds fd 0"
+
+
+def test_the_reload_turn_is_a_lock_only_the_sites_own_user_can_open(tmp_path):
+    # Any local user could bind an abstract socket name first, and so keep a
+    # pool from ever reloading; a 0600 file in a 0700 directory is ours alone.
+    run = tempfile.mkdtemp(prefix="trac-fcgi-test-", dir="/tmp")  # made 0700, under a /tmp anyone can search
+    environ = {"TRAC_ENV": str(tmp_path), "XDG_RUNTIME_DIR": run}
+    saved = os.environ.get("XDG_RUNTIME_DIR")
+    os.environ["XDG_RUNTIME_DIR"] = run
+    try:
+        turn, rival = trac_fcgi.ReloadTurn(dict(environ)), trac_fcgi.ReloadTurn(dict(environ))
+        assert turn.take() and not rival.take(), "one holder at a time"
+        path = os.path.join(run, turn.file_name)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and os.stat(path).st_uid == os.geteuid()
+        if os.geteuid() == 0:
+            # As someone else, even with the directory opened to them, the
+            # file cannot be opened, so it cannot be locked.
+            os.chmod(run, 0o711)
+            other = subprocess.run(["flock", "-n", path, "true"], user=65534, group=65534,
+                                   capture_output=True, text=True)
+            os.chmod(run, 0o700)
+            assert other.returncode != 0 and "Permission denied" in other.stderr, other
+        assert turn.release() and rival.take(), "given up, it is the next one's"
+        rival.release()
+    finally:
+        os.environ.pop("XDG_RUNTIME_DIR") if saved is None else os.environ.update(XDG_RUNTIME_DIR=saved)
+        shutil.rmtree(run)
+
+
+def test_where_the_turns_directory_is_not_the_users_alone_a_worker_says_so_once_and_reloads_all_the_same(
+        spawn, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # others may write here: they could plant or hold the file
+    worker = spawn(HELLO, env={"XDG_RUNTIME_DIR": str(shared)})
+    for reloads in (1, 2):
+        worker.signal(signal.SIGHUP)
+        worker.wait_for("warm", count=reloads + 1, timeout=60)
+    assert len(worker.events("reload-turn-unavailable")) == 2, worker.log()  # once per image
+    assert not list(shared.iterdir())
+    assert fcgi_get(worker.socket).status == 200
 
 
 def test_max_requests_and_lifetime_are_drawn_with_jitter():
