@@ -605,45 +605,17 @@ def freeze_warm_set():
 class Refreezer:
     """Freezes again as the worker warms further, at a moment when no request is in flight.
 
-    Trac keeps making long-lived objects after the warm-up: templates
-    compiled on a page's first view, environments opened on first use under
-    TRAC_ENV_PARENT_DIR, cache entries.  Every one that is not frozen is
-    walked again by each request's collection.
-
-    The policy: freeze again after requests 1, 2, 4, 8 and so on, doubling
-    without end, so a worker freezes about log2(requests) times, 14 by its
-    10,000th request.  Measured in one process on a Trac environment with
-    1,000 requests over 85 pages, Zipf-weighted so that rare pages are first
-    seen late: the objects Trac's collection walked (median), and the CPU
-    time against never freezing (two rounds, policies taking turns):
-
-        never                                    55,700 objects   100%
-        once, after the warm-up                  15,600            41%
-        after requests 1, 2, 4 ... 64, no more   11,800            36%
-        after requests 1, 2, 4, 8 ... (chosen)    1,600            30%
-        when over 2,000 unfrozen objects lived    1,200            27%
-
-    Trac's long-lived set keeps growing well past the first requests (from
-    40,000 to 57,000 objects here), so a cap leaves much of it walked for
-    good.  The threshold did a little better here, with one request at a
-    time; under load the objects of the requests in flight count too, so
-    it would need a moment with none in flight to read it, at every request,
-    and a walk of the young objects each time.  The doubling needs neither.
-    Under TRAC_ENV_PARENT_DIR, with four environments first opened 150
-    requests apart, it left 2,300 objects to walk.
-
-    gc.freeze() is global and the worker is multi-threaded, so a freeze
-    must not catch a request half-way (its objects, garbage soon, would be
-    frozen for good).  When a freeze is due, the gate closes: requests that
-    arrive wait in request_starting() until those in flight have finished;
-    then the main loop, the one thread that runs no request, collects and
-    freezes, and opens the gate.  A request counts as done once its
-    application has returned and flup has dropped its response (see
-    CountedRequest.count), so a freeze catches only flup's own objects for
-    the requests that have just ended or wait at the gate (their FastCGI
-    records are read before it): a few kilobytes each.  (Freezing after
-    every one of 2,000 sequential requests left 8 objects, 1.7 KiB, for
-    each.)
+    Trac keeps making long-lived objects after the warm-up (templates,
+    environments, cache entries), and each one left unfrozen is walked by
+    every request's collection, so the worker freezes again after requests
+    1, 2, 4, 8 and so on, without end: a cap would leave Trac's still
+    growing set walked for good, and a threshold would need the young
+    objects counted at every request (README.md, "Freezing the warm set",
+    has the measurements).  gc.freeze() is global, so a freeze must not
+    catch a request half-way: when one is due the gate closes, arriving
+    requests wait in request_starting() until those in flight are done
+    (see CountedRequest.count), and the main loop, which runs no request,
+    freezes and opens the gate; or, past wait_s, postpones it.
     """
 
     def __init__(self, enabled, wake, wait_s=FREEZE_WAIT_S):
@@ -2562,20 +2534,14 @@ LEAVE_TIMEOUT_S = 5
 def leave(status, abandoned=0):
     """End a worker that has stopped serving, without the interpreter's teardown; never returns.
 
-    Python's own exit frees every object one by one.  In a worker forked from
-    the mold, that writes to nearly every page it still shares with the mold,
-    and the kernel copies each one first: measured on Trac 1.6 after 20
-    requests, about 4,000 page copies and 30 ms of CPU per worker.  What that
-    teardown did that matters is done here: the database connections are
-    closed (a database server sees a clean goodbye), and log handlers and
-    stdio are flushed.  atexit handlers do not run (Trac registers none in a
-    FastCGI worker), nor are files a plugin left open flushed.
-
-    With ABANDONED requests still running (past the drain timeout), their
-    threads may hold a connection mid-query, Trac's environment lock or a log
-    handler's lock, and closing or flushing would wait on them for good: the
-    worker leaves at once, and the database sees their connections drop.
-    Should anything else hold it up, SIGALRM's default action ends it within
+    Python's own exit frees every object one by one, which in a worker
+    forked from the mold writes to nearly every page it still shares, and
+    the kernel copies each one first (README.md, "Forking from a mold").  What that
+    teardown did that matters is done here: database connections closed,
+    log handlers and stdio flushed.  With ABANDONED requests still running,
+    their threads may hold a connection mid-query, Trac's environment lock
+    or a log handler's lock, so the worker leaves at once instead; should
+    anything else hold it up, SIGALRM's default action ends it within
     LEAVE_TIMEOUT_S.
     """
     try:
