@@ -2467,6 +2467,7 @@ def open_server(application, limits, bind):
 
 
 def main(argv=None):
+    """The command line: a tool (--help, --version, --replace, --check), or a FastCGI server until told to go."""
     argv = sys.argv[1:] if argv is None else argv
     if answered_without_serving(argv):
         return 0
@@ -2475,27 +2476,7 @@ def main(argv=None):
     if argv == ["--check"]:
         return check()
     try:
-        bind = None
-        if argv[:1] == ["--bind"] and len(argv) == 2:
-            bind = parse_bind(argv[1])
-        elif argv:
-            raise BadInput("unknown arguments %s: the options are --check, --bind ADDR, --replace FILE, "
-                             "--help and --version" % " ".join(argv))
-        elif started_by_hand():
-            sys.stderr.write(BY_HAND % {"prog": os.path.basename(sys.argv[0]), "version": __version__})
-            return 2
-        limits = Limits(os.environ)
-        application = load_application(limits.app)
-        mold = Mold.from_environment()
-        if mold is None:
-            server, sock = open_server(application, limits, bind)
-        started = time.monotonic()
-        status, error = warm_up(application, limits.warmup) if limits.warmup else (None, None)
-        # The mold freezes once its database connections are closed (Mold.make_pristine).
-        frozen = None if mold is not None else freeze_warm_set() if limits.gc_freeze else 0
-        warm_s, warm_rss = time.monotonic() - started, ResidentMemory.once()
-        # Before the warm line: a refusal stays the one line on stderr.
-        limits.check_headroom(warm_rss)
+        started = start(argv)
     except BadInput as problem:
         sys.stderr.write("trac-fcgi: %s\n" % problem)
         return 2
@@ -2505,12 +2486,12 @@ def main(argv=None):
         sys.stderr.write("trac-fcgi: out of file descriptors while starting (%s): raise the open-files "
                          "limit (ulimit -n)\n" % error.strerror)
         return 2
-
-    if status is not None:
-        log("warm", path=limits.warmup, status=status, warm_s=warm_s, rss=warm_rss, frozen=frozen)
-        if status >= 500:
-            warm_failed(limits, status, error)
-            return 1
+    if started is None:
+        sys.stderr.write(BY_HAND % {"prog": os.path.basename(sys.argv[0]), "version": __version__})
+        return 2
+    limits, application, mold, opened, warm = started
+    if not warmed(limits, *warm):
+        return 1
     if mold is not None:
         exit_status = mold.serve_forks(limits.gc_freeze)
         if exit_status is not None:
@@ -2518,7 +2499,52 @@ def main(argv=None):
         # A worker forked from the mold: its own draw of the jittered limits,
         # its own server and threads.
         limits = Limits(os.environ)
-        server, sock = open_server(application, limits, None)
+        opened = open_server(application, limits, None)
+    serve(*opened)
+
+
+def start(argv):
+    """Everything that can be refused in one line: the arguments, settings, application, socket and warm-up.
+
+    Returns None when a person ran us by hand; else the limits, the
+    application, the mold (or None), the server and its socket (or None in
+    a mold), and the warm-up's (status, error, seconds, rss, objects frozen).
+    """
+    bind = None
+    if argv[:1] == ["--bind"] and len(argv) == 2:
+        bind = parse_bind(argv[1])
+    elif argv:
+        raise BadInput("unknown arguments %s: the options are --check, --bind ADDR, --replace FILE, "
+                       "--help and --version" % " ".join(argv))
+    elif started_by_hand():
+        return None
+    limits = Limits(os.environ)
+    application = load_application(limits.app)
+    mold = Mold.from_environment()
+    opened = open_server(application, limits, bind) if mold is None else None
+    started = time.monotonic()
+    status, error = warm_up(application, limits.warmup) if limits.warmup else (None, None)
+    # The mold freezes once its database connections are closed (Mold.make_pristine).
+    frozen = None if mold is not None else freeze_warm_set() if limits.gc_freeze else 0
+    warm_s, warm_rss = time.monotonic() - started, ResidentMemory.once()
+    # Before the warm line: a refusal stays the one line on stderr.
+    limits.check_headroom(warm_rss)
+    return limits, application, mold, opened, (status, error, warm_s, warm_rss, frozen)
+
+
+def warmed(limits, status, error, warm_s, warm_rss, frozen):
+    """Log the warm-up; False, with why, if it failed: a replacement that fails must not take over."""
+    if status is None:
+        return True  # TRAC_FCGI_WARMUP=off
+    log("warm", path=limits.warmup, status=status, warm_s=warm_s, rss=warm_rss, frozen=frozen)
+    if status >= 500:
+        warm_failed(limits, status, error)
+        return False
+    return True
+
+
+def serve(server, sock):
+    """Say READY=1, serve until told to go, hand over as the succession says, and leave; never returns."""
     # Once we have said READY=1, a SIGHUP, SIGTERM or SIGUSR2 is meant for a
     # serving worker: held until run() has installed the handlers, never
     # left to the default action, which would end us at once.
