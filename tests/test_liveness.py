@@ -140,7 +140,7 @@ def slow_requests_beside_a_stuck_one(get, process, timeout):
     in_background(get, "/hang", 1, timeout=timeout + START_TIMEOUT)
     wait_until(lambda: entries(process, "slow"), START_TIMEOUT, "the hang named slow")
     time.sleep(max(0.0, timeout - 2 - float(entries(process, "slow")[0][0]["running_s"])))
-    return in_background(get, "/slow", 3, query=str(timeout - 2)) if get is not None else None
+    return in_background(get, "/slow", 3, query=str(timeout - 2))
 
 
 def test_healthy_requests_in_flight_on_a_worker_replaced_for_a_stuck_one_all_finish_with_200(tmp_path, started):
@@ -149,7 +149,7 @@ def test_healthy_requests_in_flight_on_a_worker_replaced_for_a_stuck_one_all_fin
                                                                            request_timeout=timeout, drain_timeout=60))
     started.append(launcher)
     launcher.wait_for("all-ready", timeout=START_TIMEOUT)
-    get = lambda path, **kw: fcgi_get(launcher.socket, path, timeout=kw.pop("timeout", 60), **kw)
+    get = lambda path, timeout=60, **kw: fcgi_get(launcher.socket, path, timeout=timeout, **kw)
     threads, answers = slow_requests_beside_a_stuck_one(get, launcher, timeout)
     for thread in threads:
         thread.join(60)
@@ -167,91 +167,86 @@ def test_healthy_requests_in_flight_on_a_worker_replaced_for_a_stuck_one_all_fin
     assert any({"STOPPING", "REQUESTS", "SLOW", "STUCK", "ABANDONED"} <= fields for fields in told), told
 
 
-def test_under_plain_spawn_fcgi_a_stuck_request_reexecs_the_worker_once_its_healthy_requests_finish(tmp_path):
+@pytest.fixture
+def spawned(tmp_path):
+    """A worker serving hang.py under plain spawn-fcgi, once warm; .get(path, ...) asks it over FastCGI."""
+    workers = []
+
+    def spawned(env, wait=True):
+        sock = str(tmp_path / "worker.sock")
+        worker = Process(["spawn-fcgi", "-n", "-s", sock, "--", *HELLO], tmp_path / "worker.log", env=env)
+        workers.append(worker)
+        worker.get = lambda path, timeout=60, **kw: fcgi_get(sock, path, timeout=timeout, **kw)
+        if wait:
+            worker.wait_for("warm", timeout=START_TIMEOUT)
+            wait_until(lambda: os.path.exists(sock), 10)
+        return worker
+    yield spawned
+    for worker in workers:
+        worker.stop()
+
+
+def test_under_plain_spawn_fcgi_a_stuck_request_reexecs_the_worker_once_its_healthy_requests_finish(spawned):
     timeout = 6
-    sock = str(tmp_path / "worker.sock")
-    worker = Process(["spawn-fcgi", "-n", "-s", sock, "--", *HELLO], tmp_path / "worker.log",
-                     env=hang_app(max_threads=4, slow_request=1, request_timeout=timeout, drain_timeout=60))
-    try:
-        worker.wait_for("warm", timeout=START_TIMEOUT)
-        wait_until(lambda: os.path.exists(sock), 10)
-        get = lambda path, **kw: fcgi_get(sock, path, timeout=kw.pop("timeout", 60), **kw)
-        threads, answers = slow_requests_beside_a_stuck_one(get, worker, timeout)
-        worker.wait_for("re-exec", timeout=START_TIMEOUT)
-        for thread in threads:
-            thread.join(60)
-        log = worker.log()
-        assert [a.status for a in answers] == [200] * 3, (answers, log)
-        assert worker.events("recycle", reason="stuck", next="re-exec"), log
-        drained = worker.wait_for("drained")[0]
-        assert drained["abandoned"] == "1", log
-        # Forked from a process whose stuck thread may hold locks, a stand-in
-        # could wait on them for good: the new image comes up from the backlog.
-        assert not worker.events("stand-in"), log
-        worker.wait_for("warm", count=2, timeout=START_TIMEOUT)
-        assert fcgi_get(sock, "/", timeout=START_TIMEOUT).status == 200
-        assert [facts["path"] for facts, details in entries(worker, "stuck") if names_the_hang(details)] == ["/hang"]
-    finally:
-        worker.stop()
+    worker = spawned(hang_app(max_threads=4, slow_request=1, request_timeout=timeout, drain_timeout=60))
+    threads, answers = slow_requests_beside_a_stuck_one(worker.get, worker, timeout)
+    worker.wait_for("re-exec", timeout=START_TIMEOUT)
+    for thread in threads:
+        thread.join(60)
+    log = worker.log()
+    assert [a.status for a in answers] == [200] * 3, (answers, log)
+    assert worker.events("recycle", reason="stuck", next="re-exec"), log
+    drained = worker.wait_for("drained")[0]
+    assert drained["abandoned"] == "1", log
+    # Forked from a process whose stuck thread may hold locks, a stand-in
+    # could wait on them for good: the new image comes up from the backlog.
+    assert not worker.events("stand-in"), log
+    worker.wait_for("warm", count=2, timeout=START_TIMEOUT)
+    assert worker.get("/", timeout=START_TIMEOUT).status == 200
+    assert [facts["path"] for facts, details in entries(worker, "stuck") if names_the_hang(details)] == ["/hang"]
 
 
-def test_sigusr2_logs_every_threads_stack_with_its_request_and_the_worker_serves_on(tmp_path):
-    sock = str(tmp_path / "worker.sock")
-    worker = Process(["spawn-fcgi", "-n", "-s", sock, "--", *HELLO], tmp_path / "worker.log",
-                     env=hang_app(max_threads=3, drain_timeout=1))
-    try:
-        worker.wait_for("warm", timeout=START_TIMEOUT)
-        wait_until(lambda: os.path.exists(sock), 10)
-        threads, _ = in_background(lambda path, **kw: fcgi_get(sock, path, timeout=60), "/hang", 1)
-        wait_until(lambda: os.path.exists(sock), 10)
-        time.sleep(0.5)
-        worker.signal(signal.SIGUSR2)
-        wait_until(lambda: entries(worker, "stacks"), 30, "event=stacks")
-        facts, details = entries(worker, "stacks")[0]
-        # The main thread and the pool's three, each named with what it serves.
-        heads = [line for line in details if line.startswith("  thread=")]
-        assert int(facts["threads"]) == len(heads) >= 2 and facts["in_flight"] == "1", details
-        assert [line for line in heads if "path=/hang" in line and "running_s=" in line], details
-        assert names_the_hang(details) and any("_serve" in line for line in details), details
-        assert fcgi_get(sock, "/", timeout=30).status == 200
-        assert worker.popen.poll() is None
-    finally:
-        worker.stop()
+def test_sigusr2_logs_every_threads_stack_with_its_request_and_the_worker_serves_on(spawned):
+    worker = spawned(hang_app(max_threads=3, slow_request=0.5, drain_timeout=1))
+    in_background(worker.get, "/hang", 1)
+    wait_until(lambda: entries(worker, "slow"), 30, "the request in flight")
+    worker.signal(signal.SIGUSR2)
+    wait_until(lambda: entries(worker, "stacks"), 30, "event=stacks")
+    facts, details = entries(worker, "stacks")[0]
+    # The main thread and the pool's three, each named with what it serves.
+    heads = [line for line in details if line.startswith("  thread=")]
+    assert int(facts["threads"]) == len(heads) >= 2 and facts["in_flight"] == "1", details
+    assert [line for line in heads if "path=/hang" in line and "running_s=" in line], details
+    assert names_the_hang(details) and any("_serve" in line for line in details), details
+    assert worker.get("/", timeout=30).status == 200
+    assert worker.popen.poll() is None
 
 
-def test_a_slow_request_is_logged_once_with_its_stack_and_never_as_stuck(tmp_path):
-    sock = str(tmp_path / "worker.sock")
-    worker = Process(["spawn-fcgi", "-n", "-s", sock, "--", *HELLO], tmp_path / "worker.log",
-                     env=hang_app(slow_request=0.5, request_timeout=30))
-    try:
-        worker.wait_for("warm", timeout=START_TIMEOUT)
-        wait_until(lambda: os.path.exists(sock), 10)
-        assert fcgi_get(sock, "/slow", query="2.5", timeout=30).status == 200
-        assert fcgi_get(sock, "/", timeout=30).status == 200
-        slow = entries(worker, "slow")
-        assert len(slow) == 1 and slow[0][0]["path"] == "/slow", worker.log()
-        assert any('hang.py", line' in line and "in app" in line for line in slow[0][1]), slow
-        assert not entries(worker, "stuck")
-    finally:
-        worker.stop()
+def test_a_slow_request_is_logged_once_with_its_stack_and_never_as_stuck(spawned):
+    worker = spawned(hang_app(slow_request=0.5, request_timeout=30))
+    assert worker.get("/slow", query="2.5").status == 200
+    assert worker.get("/").status == 200
+    slow = entries(worker, "slow")
+    assert len(slow) == 1 and slow[0][0]["path"] == "/slow", worker.log()
+    assert any('hang.py", line' in line and "in app" in line for line in slow[0][1]), slow
+    assert not entries(worker, "stuck")
 
 
-def test_a_worker_beats_the_watchdog_with_ready_then_from_its_loop_and_on_while_it_drains(tmp_path):
+def test_a_worker_beats_the_watchdog_with_ready_then_from_its_loop_and_on_while_it_drains(tmp_path, spawned):
     # systemd's contract, which the launcher gives too: WATCHDOG_USEC in the
     # environment, WATCHDOG=1 at least every quarter of it, the first with READY=1.
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify"))
     notify.settimeout(START_TIMEOUT)
-    sock = str(tmp_path / "worker.sock")
-    worker = Process(["spawn-fcgi", "-n", "-s", sock, "--", *HELLO], tmp_path / "worker.log",
-                     env=dict(hang_app(slow_request=0.5), NOTIFY_SOCKET=str(tmp_path / "notify"), WATCHDOG_USEC="1000000"))
+    worker = spawned(dict(hang_app(slow_request=0.5), NOTIFY_SOCKET=str(tmp_path / "notify"),
+                          WATCHDOG_USEC="1000000"), wait=False)
     try:
         messages = [notify.recv(4096).decode()]
         assert messages == ["READY=1\nWATCHDOG=1"], (messages, worker.log())
         while len(messages) < 3:
             messages.append(notify.recv(4096).decode())
         assert messages[1:] == ["WATCHDOG=1"] * 2, messages
-        threads, answers = in_background(lambda path, **kw: fcgi_get(sock, path, **kw), "/slow", 1, query="4")
+        threads, answers = in_background(worker.get, "/slow", 1, query="4")
         wait_until(lambda: entries(worker, "slow"), 30, "the request in flight")
         worker.signal(signal.SIGTERM)
         during_drain = []
@@ -266,4 +261,3 @@ def test_a_worker_beats_the_watchdog_with_ready_then_from_its_loop_and_on_while_
         assert len(during_drain) >= 2 and set(during_drain) == {"WATCHDOG=1"}, during_drain
     finally:
         notify.close()
-        worker.stop()
