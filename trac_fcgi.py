@@ -1455,6 +1455,7 @@ class UnderLauncher:
         hup_when_parent_dies()
         self.told = None           # the signal that told us to go
         self.asked = None          # when we last asked for a replacement
+        self.asked_for = None      # and for which reason
 
     def on_hup(self):
         # The launcher's "go": our replacement serves (or we are being stopped).
@@ -1477,9 +1478,12 @@ class UnderLauncher:
         # Standard signals coalesce: two workers asking at once can reach the
         # launcher as one, so an unanswered ask is repeated every REASK_S.
         now = time.monotonic()
-        if self.asked is not None and now - self.asked < REASK_S:
+        # Told again only of a request stuck since the first ask: the launcher counts why.
+        news = self.asked_for is None or (reason == "stuck" != self.asked_for)
+        if not news and now - self.asked < REASK_S:
             return None
-        if self.asked is None:
+        if news:
+            self.asked_for = reason
             pss, private = smaps_rollup()
             log("recycle", reason=reason, pss=pss, private=private, requests=requests, next="ask launcher",
                 **facts)
