@@ -354,6 +354,307 @@ def log(event, level=1, details=(), **facts):
 
 
 # --------------------------------------------------------------------------
+# Starting: what a run of this file does, from the command line to the worker's exit.
+
+def main(argv=None):
+    """The command line: a tool (--help, --version, --replace, --check), or a FastCGI server until told to go."""
+    argv = sys.argv[1:] if argv is None else argv
+    if answered_without_serving(argv):
+        return 0
+    if argv[:1] == ["--replace"]:
+        return replace_command(argv[1:])
+    if argv == ["--check"]:
+        return check()
+    try:
+        started = start(argv)
+    except BadInput as problem:
+        sys.stderr.write("trac-fcgi: %s\n" % problem)
+        return 2
+    except OSError as error:
+        if error.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        sys.stderr.write("trac-fcgi: out of file descriptors while starting (%s): raise the open-files "
+                         "limit (ulimit -n)\n" % error.strerror)
+        return 2
+    if started is None:
+        sys.stderr.write(BY_HAND % {"prog": os.path.basename(sys.argv[0]), "version": __version__})
+        return 2
+    limits, application, mold, opened, warm = started
+    if not warmed(limits, *warm):
+        return 1
+    if mold is not None:
+        exit_status = mold.serve_forks(limits.gc_freeze)
+        if exit_status is not None:
+            return exit_status
+        # A worker forked from the mold: its own draw of the jittered limits,
+        # its own server and threads.
+        limits = Limits(os.environ)
+        opened = open_server(application, limits, None)
+    serve(*opened)
+
+
+def start(argv):
+    """Everything that can be refused in one line: the arguments, settings, application, socket and warm-up.
+
+    Returns None when a person ran us by hand; else the limits, the
+    application, the mold (or None), the server and its socket (or None in
+    a mold), and the warm-up's (status, error, seconds, rss, objects frozen).
+    """
+    bind = None
+    if argv[:1] == ["--bind"] and len(argv) == 2:
+        bind = parse_bind(argv[1])
+    elif argv:
+        raise BadInput("unknown arguments %s: the options are --check, --bind ADDR, --replace FILE, "
+                       "--help and --version" % " ".join(argv))
+    elif started_by_hand():
+        return None
+    limits = Limits(os.environ)
+    application = load_application(limits.app)
+    mold = Mold.from_environment()
+    opened = open_server(application, limits, bind) if mold is None else None
+    started = time.monotonic()
+    status, error = warm_up(application, limits.warmup) if limits.warmup else (None, None)
+    # The mold freezes once its database connections are closed (Mold.make_pristine).
+    frozen = None if mold is not None else freeze_warm_set() if limits.gc_freeze else 0
+    warm_s, warm_rss = time.monotonic() - started, ResidentMemory.once()
+    # Before the warm line: a refusal stays the one line on stderr.
+    limits.check_headroom(warm_rss)
+    return limits, application, mold, opened, (status, error, warm_s, warm_rss, frozen)
+
+
+def warmed(limits, status, error, warm_s, warm_rss, frozen):
+    """Log the warm-up; False, with why, if it failed: a replacement that fails must not take over."""
+    if status is None:
+        return True  # TRAC_FCGI_WARMUP=off
+    log("warm", path=limits.warmup, status=status, warm_s=warm_s, rss=warm_rss, frozen=frozen)
+    if status >= 500:
+        warm_failed(limits, status, error)
+        return False
+    return True
+
+
+def serve(server, sock):
+    """Say READY=1, serve until told to go, hand over as the succession says, and leave; never returns."""
+    # Once we have said READY=1, a SIGHUP, SIGTERM or SIGUSR2 is meant for a
+    # serving worker: held until run() has installed the handlers, never
+    # left to the default action, which would end us at once.
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+    sd_notify(server.watchdog.with_ready())
+    server.succession.ready()
+    leave(0, abandoned=server.run(sock))
+
+
+def parse_bind(text):
+    try:
+        return address(text)
+    except ValueError:
+        raise BadInput("--bind %r is not %s" % (text, address.__doc__))
+
+
+def open_server(application, limits, bind):
+    """The server and its listening socket: fd 0, or a new one for --bind."""
+    server = RecyclingWSGIServer(application, limits, succession_for(os.environ, bind), bindAddress=bind)
+    return server, server._setupSocket()
+
+
+LEAVE_TIMEOUT_S = 5
+
+
+def leave(status, abandoned=0):
+    """End a worker that has stopped serving, without the interpreter's teardown; never returns.
+
+    Python's own exit frees every object one by one, which in a worker
+    forked from the mold writes to nearly every page it still shares, and
+    the kernel copies each one first (README.md, "Forking from a mold").  What that
+    teardown did that matters is done here: database connections closed,
+    log handlers and stdio flushed.  With ABANDONED requests still running,
+    their threads may hold a connection mid-query, Trac's environment lock
+    or a log handler's lock, so the worker leaves at once instead; should
+    anything else hold it up, SIGALRM's default action ends it within
+    LEAVE_TIMEOUT_S.
+    """
+    try:
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(LEAVE_TIMEOUT_S)
+        if not abandoned:
+            close_trac_databases()
+            logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+    except Exception:
+        pass  # nothing more to save: leaving is all that is left
+    finally:
+        os._exit(status)
+
+
+# --------------------------------------------------------------------------
+# The application.
+
+def fd0_mode():
+    try:
+        return os.fstat(0).st_mode
+    except OSError:
+        raise BadInput("fd 0 is closed: start me under spawn-fcgi or trac-fcgi-launcher, "
+                         "or use --bind ADDR")
+
+
+def prepare_trac_environment():
+    """The environment that Trac's deploy template sets up."""
+    for name in ("TRAC_ENV", "TRAC_ENV_PARENT_DIR"):
+        if os.environ.get(name) == "":
+            raise BadInput("%s is set but empty: give it a path, or unset it to use DEFAULT_TRAC_ENV" % name)
+    if "TRAC_ENV" not in os.environ and "TRAC_ENV_PARENT_DIR" not in os.environ:
+        if DEFAULT_TRAC_ENV_PARENT_DIR:
+            os.environ["TRAC_ENV_PARENT_DIR"] = DEFAULT_TRAC_ENV_PARENT_DIR
+        else:
+            os.environ["TRAC_ENV"] = DEFAULT_TRAC_ENV
+    if "PYTHON_EGG_CACHE" not in os.environ:
+        base = os.environ.get("TRAC_ENV") or os.environ["TRAC_ENV_PARENT_DIR"]
+        os.environ["PYTHON_EGG_CACHE"] = os.path.join(base, ".egg-cache")
+    env_path = os.environ.get("TRAC_ENV")
+    try:
+        env_path and os.stat(os.path.join(env_path, "VERSION"))
+    except PermissionError:
+        raise BadInput("TRAC_ENV=%r: user %s cannot read it; let that user read and write the "
+                         "environment, e.g. chown -R %s %s" % (env_path, user_name(), user_name(), env_path))
+    except OSError:
+        raise BadInput("TRAC_ENV=%r is not a Trac environment (no VERSION file): point it at "
+                         "one made by trac-admin PATH initenv, or edit DEFAULT_TRAC_ENV" % env_path)
+    parent = os.environ.get("TRAC_ENV_PARENT_DIR")
+    if not env_path and not os.path.isdir(parent):
+        raise BadInput("TRAC_ENV_PARENT_DIR=%r is not a directory: point it at the directory "
+                         "that holds your Trac environments" % parent)
+
+
+def load_application(spec):
+    module_name, _, name = spec.partition(":")
+    if module_name.split(".")[0] == "trac":
+        prepare_trac_environment()
+    try:
+        module = importlib.import_module(module_name)
+        application = getattr(module, name)
+    except Exception as error:  # an app that fails to import is a setting to fix
+        raise BadInput("TRAC_FCGI_APP=%s cannot be loaded by %s (%s: %s): install it into that Python "
+                         "or fix the name" % (spec, sys.executable, type(error).__name__, error))
+    return application
+
+
+def warm_up(application, paths):
+    """Serve one request in-process for each of PATHS (comma-separated), so the first real ones find
+    templates compiled: in a mold, compiled once for every worker forked from it.
+
+    Returns the HTTP status of the first that failed, or of the last.
+    """
+    for path in paths.split(","):
+        status, error = serve_in_process(application, path)
+        if status >= 500:
+            break
+    return status, error
+
+
+def serve_in_process(application, path):
+    """Serve one request in-process.
+
+    Returns the HTTP status and the exception behind a failure, if the app
+    reported one (through start_response's exc_info, as Trac does) or raised
+    one.  A replacement whose warm-up fails with a server error must not take
+    over from a worker that serves.
+    """
+    environ = {
+        "REQUEST_METHOD": "GET", "SCRIPT_NAME": "", "PATH_INFO": path, "QUERY_STRING": "",
+        "SERVER_NAME": "localhost", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": "127.0.0.1", "HTTP_HOST": "localhost",
+        "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(),
+        "wsgi.errors": sys.stderr, "wsgi.multithread": True, "wsgi.multiprocess": True,
+        "wsgi.run_once": False,
+    }
+    status, errors = [], []
+
+    def start_response(line, headers, exc_info=None):
+        status.append(line)
+        if exc_info:
+            errors.append(exc_info[1])
+        return lambda data: None
+
+    try:
+        result = application(environ, start_response)
+        try:
+            for _ in result:
+                pass
+        finally:
+            if hasattr(result, "close"):
+                result.close()
+    except Exception as error:  # the app's own bug: reported below, as flup reports one in a request
+        traceback.print_exc()
+        return 500, error
+    return (int(status[-1].split()[0]) if status else 500), (errors[-1] if errors else None)
+
+
+def unwritable(env_path):
+    """Why this user cannot serve ENV_PATH for long, or None: Trac writes to its database, log and files."""
+    for place in (env_path, os.path.join(env_path, "conf", "trac.ini"), os.path.join(env_path, "db"),
+                  os.path.join(env_path, "db", "trac.db"), os.path.join(env_path, "log"),
+                  os.path.join(env_path, "files")):
+        if os.path.exists(place) and not os.access(place, os.R_OK | os.W_OK):
+            return ("user %s cannot write %s: let it read and write the whole environment, e.g. chown -R %s %s"
+                    % (user_name(), place, user_name(), env_path))
+    return None
+
+
+def explain_failed_warmup(spec, error):
+    """Why a warm-up request failed, in one line, or None when nothing says.
+
+    For Trac, first a part of the environment this user cannot write, naming
+    the user and the chown (Trac's own words name neither).  Then the
+    exception behind the failure, when the app reported or raised one; else
+    what opening the environment raises, in Trac's words.
+    """
+    env_path = os.environ.get("TRAC_ENV")
+    trac = spec.partition(":")[0].split(".")[0] == "trac" and env_path
+    cannot_write = trac and unwritable(env_path)
+    if cannot_write:
+        return cannot_write
+    if error is not None:
+        return " ".join(("%s: %s" % (type(error).__name__, error)).split())
+    if not trac:
+        return None
+    try:
+        from trac.env import open_environment
+        open_environment(env_path, use_cache=True)
+    except Exception as problem:  # Trac's own words are the explanation: a TracError or the OS's
+        return "TRAC_ENV=%s: %s" % (env_path, " ".join(str(problem).split()))
+    return None
+
+
+def others_serving():
+    """How many other workers serve while this one starts: 0 without a launcher, None if it did not say."""
+    if launcher_pid() is None:
+        return 0  # plain spawn-fcgi re-executes this very process: nobody else serves
+    count = os.environ.get("LAUNCHER_READY_WORKERS", "")
+    return int(count) if count.isdigit() else None
+
+
+def warm_failed(limits, status, error):
+    """Log why the warm-up failed, what fixes it, and whether the site is served meanwhile."""
+    reason = explain_failed_warmup(limits.app, error)
+    # Trac refuses to open an environment whose database is older than its
+    # code (after an install pulled in a newer Trac) and names the command.
+    upgrade = re.search(r'trac-admin\s+"([^"]+)"\s+upgrade', reason or "")
+    fix = ('run trac-admin "%s" upgrade' % upgrade.group(1) if upgrade
+           else "fix the app or set TRAC_FCGI_WARMUP")
+    others = others_serving()
+    meanwhile = ("nothing serves this site until then" if others == 0
+                 else "1 other worker serves meanwhile" if others == 1
+                 else "%d other workers serve meanwhile" % others if others
+                 else "the launcher retries with backoff")
+    rest = ("trac.log has the rest" if limits.app.startswith("trac.")
+            else "the traceback is above" if error is not None and error.__traceback__ is not None
+            else None)
+    log("warm-failed", path=limits.warmup, status=status, error=reason, serving=others,
+        hint="; ".join(part for part in (fix, meanwhile, rest) if part))
+
+
+# --------------------------------------------------------------------------
 # Measuring and talking to the launcher.
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -568,358 +869,6 @@ def replace_command(args):
 # that must have flup is the one on the replaced file's first line.
 if __name__ == "__main__" and sys.argv[1:2] == ["--replace"]:
     sys.exit(replace_command(sys.argv[2:]))
-
-
-# Freezing the warm set.
-#
-# Trac ends every request with a full gc.collect() (in the finally of
-# trac.web.main.dispatch_request).  In a warm worker that collection walks
-# some 50,000 objects (Trac's modules, components, caches and compiled
-# templates, which live as long as the worker) to find the few hundred the
-# request left behind: most of a page's CPU time.  gc.freeze() moves every
-# live object into a generation the collector never walks, so that
-# collection walks only what came after.  The cost: cyclic garbage among
-# frozen objects is never collected.  Only what was live at a freeze can
-# leak so, once; recycling bounds it like any other growth.  (The CGI
-# fallback serves its one request inside _setupSocket and exits: it never
-# gets as far as freezing.)
-
-# How long new requests may wait for the requests in flight to finish, so
-# that a freeze finds none.  Past it they go ahead and the freeze waits for
-# the next point of the schedule: a slow report must not stall the site.
-FREEZE_WAIT_S = 1.0
-
-
-def freeze_warm_set():
-    """Collect, then freeze every object still alive; return how many are frozen.
-
-    Collecting first keeps garbage out of the frozen set, where it would
-    never be collected.  Call it only with no request in flight: a request's
-    objects frozen mid-way would leak the same way.
-    """
-    gc.collect()
-    gc.freeze()
-    return gc.get_freeze_count()
-
-
-class Refreezer:
-    """Freezes again as the worker warms further, at a moment when no request is in flight.
-
-    Trac keeps making long-lived objects after the warm-up (templates,
-    environments, cache entries), and each one left unfrozen is walked by
-    every request's collection, so the worker freezes again after requests
-    1, 2, 4, 8 and so on, without end: a cap would leave Trac's still
-    growing set walked for good, and a threshold would need the young
-    objects counted at every request (README.md, "Freezing the warm set",
-    has the measurements).  gc.freeze() is global, so a freeze must not
-    catch a request half-way: when one is due the gate closes, arriving
-    requests wait in request_starting() until those in flight are done
-    (see CountedRequest.count), and the main loop, which runs no request,
-    freezes and opens the gate; or, past wait_s, postpones it.
-    """
-
-    def __init__(self, enabled, wake, wait_s=FREEZE_WAIT_S):
-        self.enabled = enabled
-        self.wake = wake              # wakes the main loop, which polls us
-        self.wait_s = wait_s
-        self.lock = threading.Condition()
-        self.in_flight = 0
-        self.next_at = 1              # the request count at which to freeze next
-        self.closed_at = None         # when the gate closed; None while it is open
-        self.freezing = False
-
-    # -- from connection threads --------------------------------------------
-
-    def request_starting(self):
-        """Called before the application runs: wait while a freeze is due or under way."""
-        with self.lock:
-            while self.freezing or (self.closed_at is not None and not self.slow_in_flight()):
-                self.lock.wait(None if self.freezing or not self.in_flight
-                               else self.closed_at + self.wait_s - time.monotonic())
-            self.in_flight += 1
-
-    def slow_in_flight(self):
-        """Whether requests in flight have kept a due freeze waiting too long: it is postponed (see poll).
-
-        With none in flight the main loop, woken, is about to freeze: wait
-        for it, however slow the machine.  The main loop polls for as long
-        as it serves, and stop() opens the gate when it stops.
-        """
-        return self.in_flight > 0 and time.monotonic() >= self.closed_at + self.wait_s
-
-    def request_done(self, requests):
-        """Called once the application and its response are done; REQUESTS counts this one."""
-        with self.lock:
-            self.in_flight -= 1
-            if self.enabled and self.closed_at is None and requests >= self.next_at:
-                self.closed_at = time.monotonic()
-                while self.next_at <= requests:
-                    self.next_at *= 2
-            ready = self.closed_at is not None and not self.in_flight
-        if ready:
-            self.wake()
-
-    # -- from the main loop ------------------------------------------------------
-
-    def poll(self, requests):
-        """Freeze if the gate is closed and no request is in flight; postpone if they take too long."""
-        with self.lock:
-            if self.closed_at is None or (self.in_flight and not self.slow_in_flight()):
-                return
-            waited, in_flight = time.monotonic() - self.closed_at, self.in_flight
-            postponed = in_flight > 0
-            if postponed:
-                self.closed_at = None
-                self.lock.notify_all()
-            else:
-                self.freezing = True
-        if postponed:
-            log("freeze-postponed", in_flight=in_flight, waited_s=waited, next_at=self.next_at)
-            return
-        try:
-            frozen = freeze_warm_set()
-        finally:
-            with self.lock:
-                self.freezing = False
-                self.closed_at = None
-                # Under load the requests in flight when the gate closed end
-                # before the freeze: the next one is due only at the next
-                # doubling past them, not at once.
-                while self.next_at <= requests:
-                    self.next_at *= 2
-                self.lock.notify_all()
-        log("freeze", frozen=frozen, requests=requests, waited_s=waited)
-
-    def stop(self):
-        """No more freezing: a draining worker only finishes what it has accepted, with no gate."""
-        with self.lock:
-            self.enabled = False
-            self.closed_at = None
-            self.lock.notify_all()
-
-
-# --------------------------------------------------------------------------
-# Reloading in place (no launcher): signals held across exec, one process of a pool at a time.
-
-# The signals a worker acts on.  Before its handlers are in, each would have
-# its default effect and kill it; so they stay blocked from just before a
-# re-exec (or READY=1) until the new image has installed its handlers.  The
-# mask survives exec, and what arrived meanwhile is acted on once it serves.
-HELD_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR2}
-# The reload turn's file crosses exec under this fd number, and the stand-in
-# serving meanwhile is named by its pid (internal, never settings).
-TURN_FD_VARIABLE = "TRAC_FCGI_RELOAD_TURN_FD"
-STAND_IN_VARIABLE = "TRAC_FCGI_STAND_IN_PID"
-
-
-class ReloadTurn:
-    """One re-exec at a time among the processes that serve one site without a launcher.
-
-    mod_fcgid, lighttpd with max-procs above 1, or spawn-fcgi -F N start
-    several copies of this script that share no parent of ours; with the same
-    limits they would cross them together and all reload at once, leaving
-    nobody to serve.  The turn is an flock on a file in a directory that only
-    this user may write, so only this user's processes can hold it (an
-    abstract socket name, which any local user could bind first, would turn
-    recycling off for the whole pool).  The kernel frees it when its holder
-    dies, however it dies; the holder keeps it across exec and gives it up
-    once its new image serves.  Where no such file can be had, each process
-    reloads without waiting for a turn, and says so once: a pool that may
-    reload together is better than one that never reloads.
-    """
-
-    def __init__(self, environ):
-        self.file_name = self.file_name_for(sys.argv[0], environ)
-        self.fd = None
-        self.unavailable = False
-        fd = environ.pop(TURN_FD_VARIABLE, "")
-        if fd.isdigit():
-            try:  # handed over by our previous image
-                os.set_inheritable(int(fd), False)
-                self.fd = int(fd)
-            except OSError:
-                pass
-
-    @staticmethod
-    def directory():
-        """$XDG_RUNTIME_DIR, or /tmp/trac-fcgi-UID as tmux makes its own: ours, and closed to others."""
-        directory = os.environ.get("XDG_RUNTIME_DIR") or "/tmp/trac-fcgi-%d" % os.geteuid()
-        try:
-            os.mkdir(directory, 0o700)
-        except FileExistsError:
-            pass
-        info = os.lstat(directory)
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
-            raise PermissionError(errno.EPERM, "not a directory of user %s's alone" % user_name(), directory)
-        return directory
-
-    @staticmethod
-    def file_name_for(script, environ):
-        """The same script and Trac environment: the processes of one pool (the directory is the user's)."""
-        site = "\0".join([os.path.realpath(script), environ.get("TRAC_ENV", ""),
-                          environ.get("TRAC_ENV_PARENT_DIR", "")])
-        return "reload-%s.lock" % hashlib.sha256(site.encode()).hexdigest()[:24]
-
-    def take(self):
-        """True if we hold the turn (now or already), or if no turn can be had."""
-        if self.fd is not None or self.unavailable:
-            return True
-        try:
-            path = os.path.join(self.directory(), self.file_name)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except OSError as error:
-            self.unavailable = True
-            log("reload-turn-unavailable", path=error.filename, error=error.strerror,
-                hint="each process of the pool reloads without waiting for the others; set XDG_RUNTIME_DIR "
-                     "to a directory only this user may write")
-            return True
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False  # another process of the pool is reloading
-        self.fd = fd
-        return True
-
-    def keep_across_exec(self):
-        if self.fd is not None:
-            os.set_inheritable(self.fd, True)
-            os.environ[TURN_FD_VARIABLE] = str(self.fd)
-
-    def forget(self):
-        """In a stand-in: close our copy only.  The lock belongs to the open file, which the parent still holds."""
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    def release(self):
-        if self.fd is not None:
-            # Unlocked before closing: a stand-in forked while we held it may
-            # still have its copy of the file open.
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            self.forget()
-            return True
-        return False
-
-
-def reexec():
-    """Exec ourselves in place: fd 0, the listening socket, survives, and so does the turn.
-
-    Exec ends every other thread, also one stuck in a request for good.
-    """
-    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
-    log("re-exec")
-    os.execv(sys.executable, [sys.executable] + sys.argv)
-
-
-def close_trac_databases():
-    """Close every Trac environment's pooled database connections: before a fork, and on leaving.
-
-    An SQLite (or any) connection must not be used on both sides of a fork;
-    the process that forks is about to exec, and the stand-in opens its own.
-    """
-    env_module = sys.modules.get("trac.env")
-    if env_module is None:
-        return  # not Trac
-    from trac.db.api import DatabaseManager
-    with env_module.env_cache_lock:
-        for env in list(env_module.env_cache.values()):
-            try:
-                DatabaseManager(env).shutdown()
-            except Exception as error:  # a plugin's database; the stand-in reconnects
-                log("db-shutdown-failed", error=error)
-
-
-# --------------------------------------------------------------------------
-# --bind: the listening socket, made without destroying anything.
-# Written the same in launcher.py, whose --bind reads the same addresses;
-# tests/test_twins.py holds each pair equal.
-
-def bind_socket(family, host, port):
-    if family == socket.AF_UNIX:
-        return bind_unix(host, port)
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as error:
-        sock.close()
-        raise BadInput("cannot bind %s port %d: %s; pick a free address"
-                         % (host, port, error.strerror or error))
-    sock.listen(socket.SOMAXCONN)
-    return sock
-
-
-def bind_unix(path, mode):
-    if len(os.fsencode(path)) > 107:  # sun_path holds 108 bytes, and Python keeps one for a NUL
-        raise BadInput("unix:%s is %d bytes long, more than the 107 a unix socket's path may have; "
-                         "use a shorter path" % (path, len(os.fsencode(path))))
-    remove_stale_socket(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    # Bind under a umask that leaves no window in which the file is world-writable.
-    old_umask = os.umask(0o777 & ~mode)
-    try:
-        sock.bind(path)
-    except OSError as error:
-        sock.close()
-        raise BadInput("cannot bind unix:%s as user %s: %s; %s"
-                         % (path, user_name(), error.strerror or error, socket_directory_fix(path, error)))
-    finally:
-        os.umask(old_umask)
-    os.chmod(path, mode)
-    sock.listen(socket.SOMAXCONN)
-    return sock
-
-
-def socket_directory_fix(path, error):
-    """What to do when a unix socket cannot be made at PATH."""
-    directory, user = os.path.dirname(os.path.abspath(path)), user_name()
-    if directory in ("/run", "/var/run", "/tmp"):
-        # Shared by every service: the socket gets a directory of its own.
-        return "bind in a directory of its own that user %s may write, e.g. /run/trac" % user
-    if error.errno == errno.ENOENT:
-        boot = (" and, as /run is emptied at boot, a tmpfiles.d line 'd %s 0755 %s - -'" % (directory, user)
-                if directory.startswith(("/run/", "/var/run/")) else "")
-        return "make its directory: mkdir -p %s%s" % (directory, boot)
-    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return "let user %s write to %s, e.g. chown %s %s" % (user, directory, user, directory)
-    return "pick another path"
-
-
-def remove_stale_socket(path):
-    """Make room for our socket at PATH: only a socket that nobody listens on is removed.
-
-    Anything else there is refused and left as it was: a typo such as
-    unix:/srv/trac/trac.ini must not cost that file, and a live socket
-    belongs to a server that still answers on it.
-    """
-    try:
-        mode = os.lstat(path).st_mode
-    except OSError:
-        return  # nothing there, or nothing we may look at: bind() says which
-    if not stat.S_ISSOCK(mode):
-        raise BadInput("unix:%s exists and is not a socket, so it was left as it is; "
-                         "give the path where the socket should be, e.g. unix:/run/trac/trac.sock" % path)
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.setblocking(False)  # a listener with a full backlog must not hold us up
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        # Left by a server that is gone.  A server that binds the same path
-        # between this probe and the unlink loses its file: a window of
-        # microseconds, against one that lasts until an admin cleans up.
-        os.unlink(path)
-        return
-    except FileNotFoundError:
-        return
-    except BlockingIOError:
-        pass  # listening, with a full backlog
-    except OSError as error:
-        raise BadInput("unix:%s is a socket, and whether anything listens on it cannot be told (%s); "
-                         "remove it if it is stale, or pick another path" % (path, error.strerror))
-    finally:
-        probe.close()
-    raise BadInput("unix:%s: something is listening there already; stop it or pick another path" % path)
 
 
 # --------------------------------------------------------------------------
@@ -1243,117 +1192,6 @@ class CountedRequest(fcgi_base.Request):
             self.server.refreezer.request_done(self.server.requests)
 
 
-# --------------------------------------------------------------------------
-# The recycling policy: plain decisions over plain numbers (tests/test_policy.py).
-
-HARD_LIMIT = "max_rss"
-
-
-def crossed_limit(limits, rss, requests, age_s, stuck):
-    """The limit this worker has crossed, or None.
-
-    MAX_RSS is the hard one, a promise: past it the worker stops accepting
-    at once.  The others are soft: the worker asks for its replacement and
-    serves on until it comes.  A stuck request (STUCK of them in flight)
-    comes first among those, as the one that holds a thread for good.
-    """
-    if limits.max_rss and rss >= limits.max_rss:
-        return HARD_LIMIT
-    if stuck:
-        return "stuck"
-    if limits.soft_rss and rss >= limits.soft_rss:
-        return "rss"
-    if limits.max_requests and requests >= limits.max_requests:
-        return "requests"
-    if limits.max_lifetime and age_s >= limits.max_lifetime:
-        return "age"
-    return None
-
-
-def lateness(limits, running_s):
-    """'stuck' past TRAC_FCGI_REQUEST_TIMEOUT, 'slow' past TRAC_FCGI_SLOW_REQUEST, else None (0 turns either off)."""
-    if limits.request_timeout and running_s >= limits.request_timeout:
-        return "stuck"
-    if limits.slow_request and running_s >= limits.slow_request:
-        return "slow"
-    return None
-
-
-class LateRequests:
-    """Names each request in flight once as it turns slow and once as it turns stuck, and counts them.
-
-    Run by the main loop alone, over the requests in flight (at most
-    MAX_THREADS of them): it needs no free thread, so a worker whose every
-    thread is stuck still notices.
-    """
-
-    ORDER = (None, "slow", "stuck")
-
-    def __init__(self, limits):
-        self.limits = limits
-        self.counts = {"slow": 0, "stuck": 0}  # since start, for the launcher's metrics
-        self.stuck_in_flight = 0
-
-    def check(self, in_flight, now):
-        """The (event, request) pairs newly due, slow before stuck; IN_FLIGHT are requests with .started."""
-        due, stuck = [], 0
-        for request in in_flight:
-            reached = lateness(self.limits, now - request.started)
-            named = getattr(request, "late", None)
-            for event in self.ORDER[self.ORDER.index(named) + 1:self.ORDER.index(reached) + 1]:
-                if event == "slow" and not self.limits.slow_request:
-                    continue  # slow-request entries are off; stuck ones are not
-                self.counts[event] += 1
-                due.append((event, request))
-            request.late = reached if self.ORDER.index(reached) > self.ORDER.index(named) else named
-            stuck += request.late == "stuck"
-        self.stuck_in_flight = stuck
-        return due
-
-
-def thread_stack(thread_id, frames):
-    """The Python stack of one thread, as lines, innermost last (as a traceback reads).
-
-    A request's stack starts with a dozen frames of threading, flup and
-    this file, the same for every request: they are left out up to the
-    application's first, so what is read is where it hangs.
-    """
-    frame = frames.get(thread_id)
-    if frame is None:
-        return ["(no Python stack)"]
-    stack = traceback.extract_stack(frame)
-    ours = (threading.__file__, fcgi_base.__file__, sys.modules["flup.server.threadpool"].__file__, __file__)
-    first = next((n for n, entry in enumerate(stack) if entry.filename not in ours), 0)
-    return [line for entry in traceback.format_list(stack[first:]) for line in entry.rstrip("\n").split("\n")]
-
-
-class Watchdog:
-    """systemd's watchdog contract (sd_watchdog_enabled): WATCHDOG=1 every quarter of WATCHDOG_USEC.
-
-    Sent from the main loop and the drain, the code that stops when the
-    worker freezes, never from a thread of its own, which would go on
-    beating for a worker that serves nobody.
-    """
-
-    def __init__(self, environ):
-        usec, pid = environ.get("WATCHDOG_USEC", ""), environ.get("WATCHDOG_PID", "")
-        mine = not pid or pid == str(os.getpid())  # set by systemd for its main process alone
-        self.period = int(usec) / 4e6 if usec.isdigit() and int(usec) and mine else None
-        self.last = 0.0
-
-    def with_ready(self):
-        """READY=1, and the first beat with it, so the watching begins as the serving does."""
-        if self.period is None:
-            return "READY=1"
-        self.last = time.monotonic()
-        return "READY=1\nWATCHDOG=1"
-
-    def beat(self, now):
-        if self.period is not None and now - self.last >= self.period:
-            self.last = now
-            sd_notify("WATCHDOG=1")
-
-
 class Connections:
     """Every accepted connection until it closes (see CountedConnection), and which kept-alive one gives its
     thread up.
@@ -1435,240 +1273,6 @@ class Connections:
             connection._sock.shutdown(socket.SHUT_RD)  # wakes its thread's select()
         except OSError:
             pass  # the client closed it first: its thread is on its way out
-
-
-# --------------------------------------------------------------------------
-# Succession: how a worker hands over to the one after it, one object per mode.
-#
-# Chosen once at start (succession_for), each answers the same questions,
-# and the server asks them without knowing the mode: a signal came
-# (on_hup, on_stop); may I stop accepting now (may_stop); a soft limit was
-# crossed (limit_crossed); the hard limit was reached (hard_limit); what
-# the launcher's metrics hear (report); I have drained, what next (drained).
-# Each returns the reason to stop accepting now, or None to serve on.
-
-class UnderLauncher:
-    """Started by trac-fcgi-launcher: ask it for a replacement, go when it says (SIGHUP)."""
-
-    def __init__(self, launcher):
-        self.launcher = launcher
-        hup_when_parent_dies()
-        self.told = None           # the signal that told us to go
-        self.asked = None          # when we last asked for a replacement
-        self.asked_for = None      # and for which reason
-
-    def on_hup(self):
-        # The launcher's "go": our replacement serves (or we are being stopped).
-        self.told = self.told or "SIGHUP"
-
-    def on_stop(self, name):
-        self.told = name
-
-    def may_stop(self):
-        if self.told:
-            return self.told
-        if os.getppid() != self.launcher:
-            return "launcher gone"
-        return None
-
-    def hard_limit(self, reason, **facts):
-        return reason  # the promise: stop now, replacement ready or not; connections wait in the backlog
-
-    def limit_crossed(self, reason, requests, **facts):
-        # Standard signals coalesce: two workers asking at once can reach the
-        # launcher as one, so an unanswered ask is repeated every REASK_S.
-        now = time.monotonic()
-        # Told again only of a request stuck since the first ask: the launcher counts why.
-        news = self.asked_for is None or (reason == "stuck" != self.asked_for)
-        if not news and now - self.asked < REASK_S:
-            return None
-        if news:
-            self.asked_for = reason
-            pss, private = smaps_rollup()
-            log("recycle", reason=reason, pss=pss, private=private, requests=requests, next="ask launcher",
-                **facts)
-            sd_notify("RECYCLE=%s" % reason)
-        self.asked = now
-        # Only our own launcher, never init or spawn-fcgi (may_stop stops us if it is gone).
-        if os.getppid() == self.launcher:
-            os.kill(self.launcher, signal.SIGUSR1)
-        return None
-
-    def report(self, counts):
-        sd_notify(counts)
-
-    def ready(self):
-        pass  # the launcher saw READY=1 and does the rest
-
-    def drained(self, server, reason, abandoned):
-        if os.getppid() != self.launcher:
-            return  # a launcher that is gone has nobody listening
-        # The final counts and what was abandoned, for the launcher's metrics;
-        # and why we stopped, if the launcher cannot know it (it did not tell us to go).
-        own = "max_rss" if reason == HARD_LIMIT else "signal" if reason.startswith("SIG") else None
-        sd_notify("STOPPING=1\n%s\nABANDONED=%d%s" % (server.counts(), abandoned,
-                                                      "\nRECYCLE=%s" % own if own else ""))
-
-
-class InPlace:
-    """Plain spawn-fcgi, mod_fcgid, lighttpd: nobody to ask.  Drain, then exec in place, while a stand-in serves.
-
-    fd 0 survives exec, so new connections wait in the backlog.  Until our
-    reload turn comes, we keep serving.  With --bind there is nothing to
-    exec onto: the process drains and exits.
-    """
-
-    def __init__(self, environ, can_reexec):
-        self.turn = ReloadTurn(environ)
-        self.can_reexec = can_reexec
-        self.told = None
-        self.reexec = False
-        self.waiting_for_turn = False
-        # Stand-ins that served while this image started (see drained()).
-        self.stand_ins = [int(pid) for pid in environ.pop(STAND_IN_VARIABLE, "").split(",") if pid.isdigit()]
-
-    def on_hup(self):
-        # A graceful reload: drain, then exec.  Never turns a SIGTERM into one.
-        if self.told is None:
-            self.told, self.reexec = "SIGHUP", True
-
-    def on_stop(self, name):
-        self.told, self.reexec = name, False
-
-    def may_stop(self):
-        self.reap_stand_ins()
-        if self.told and (not self.reexec or self.turn_to_reload(self.told)):
-            return self.told
-        return None
-
-    def hard_limit(self, reason, **facts):
-        # Turn or no turn: the limit is a promise.
-        self.reexec = True
-        self.turn.take()
-        return reason
-
-    def limit_crossed(self, reason, requests, **facts):
-        pss, private = smaps_rollup()
-        if self.turn_to_reload(reason, requests=requests, pss=pss, private=private, **facts):
-            self.reexec = True
-            return reason
-        return None
-
-    def turn_to_reload(self, reason, **facts):
-        """True once this process may reload: no other process of its pool is reloading."""
-        if self.turn.take():
-            log("recycle", reason=reason, next="re-exec", **facts)
-            return True
-        if not self.waiting_for_turn:
-            self.waiting_for_turn = True
-            log("recycle", reason=reason, next="wait for turn", **facts)
-        return False
-
-    def report(self, counts):
-        pass  # nobody gathers metrics
-
-    def ready(self):
-        """Our new image serves: the stand-ins that served while it started may go, and so may the turn."""
-        for pid in self.stand_ins:
-            try:
-                os.kill(pid, signal.SIGHUP)
-            except ProcessLookupError:
-                pass
-        if self.turn.release():
-            log("reloaded")  # our pool's next process may take its turn
-
-    def reap_stand_ins(self):
-        for pid in list(self.stand_ins):
-            try:
-                done, _ = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                done = pid
-            if done:
-                self.stand_ins.remove(pid)
-
-    def drained(self, server, reason, abandoned):
-        sd_notify("STOPPING=1")
-        if not (self.reexec and self.can_reexec):
-            return
-        # Re-executing leaves nobody on the socket while the new image
-        # imports Trac and warms up; under mod_fcgid, which hands each
-        # process its own socket, one request waits that long at every
-        # reload.  So a copy of us serves meanwhile: warm at once (a fork),
-        # it holds the old image's memory only until the new one is ready.
-        # Not when requests were abandoned (stuck, or past the drain
-        # timeout): their threads may hold Trac's environment lock, a
-        # database connection mid-query or a log handler's lock, and a fork
-        # has those locks held by threads it does not have; its first request
-        # could wait on them for good.  The new image comes up from the
-        # backlog instead, and exec ends the stuck threads.  Nor past
-        # MAX_RSS: a copy would be as big, and serve past the promise.
-        if not abandoned and reason != HARD_LIMIT:
-            self.fork_stand_in(server)
-        self.turn.keep_across_exec()
-        reexec()
-
-    def fork_stand_in(self, server):
-        close_trac_databases()  # an SQLite (or any) connection must not be used on both sides of a fork
-        pid = os.fork()
-        if pid:
-            self.stand_ins.append(pid)
-            os.environ[STAND_IN_VARIABLE] = ",".join(map(str, self.stand_ins))
-            return
-        status, abandoned = 1, 0
-        try:
-            parent = os.getppid()
-            hup_when_parent_dies()  # also if the new image dies starting up
-            self.turn.forget()      # our copy only: the parent holds the turn
-            # The fork has only this thread: a fresh server, pool and locks,
-            # as a newly started worker has, and our own /proc/self.
-            stand_in = RecyclingWSGIServer(server.application, server.limits, StandIn(parent))
-            log("stand-in", serves_for=parent, requests=server.requests, rss=stand_in.rss())
-            abandoned = stand_in.run(socket.socket(fileno=os.dup(0)))
-            status = 0
-        finally:
-            leave(status, abandoned=abandoned)
-
-
-class StandIn:
-    """A fork of a worker about to re-exec, serving while the new image starts; it goes when that one serves."""
-
-    def __init__(self, parent):
-        self.parent = parent
-        self.told = None
-
-    def on_hup(self):
-        self.told = self.told or "SIGHUP"  # from our parent's new image: it serves
-
-    def on_stop(self, name):
-        self.told = name
-
-    def may_stop(self):
-        if self.told:
-            return self.told
-        if os.getppid() != self.parent:
-            return "parent gone"
-        return None
-
-    def hard_limit(self, reason, **facts):
-        return reason
-
-    def limit_crossed(self, reason, requests, **facts):
-        return None  # a stand-in never recycles: it goes once its parent's new image serves
-
-    def report(self, counts):
-        pass
-
-    def ready(self):
-        pass
-
-    def drained(self, server, reason, abandoned):
-        pass  # a stand-in's going is no news
-
-
-def succession_for(environ, bind):
-    """The mode, chosen once: under our launcher, or in place (re-exec only where fd 0 is the socket)."""
-    launcher = launcher_pid()
-    return UnderLauncher(launcher) if launcher is not None else InPlace(environ, can_reexec=bind is None)
 
 
 # --------------------------------------------------------------------------
@@ -1980,185 +1584,710 @@ class RecyclingWSGIServer(WSGIServer):
 
 
 # --------------------------------------------------------------------------
-# The application.
+# The recycling policy: plain decisions over plain numbers (tests/test_policy.py).
 
-def fd0_mode():
-    try:
-        return os.fstat(0).st_mode
-    except OSError:
-        raise BadInput("fd 0 is closed: start me under spawn-fcgi or trac-fcgi-launcher, "
-                         "or use --bind ADDR")
+HARD_LIMIT = "max_rss"
 
 
-def prepare_trac_environment():
-    """The environment that Trac's deploy template sets up."""
-    for name in ("TRAC_ENV", "TRAC_ENV_PARENT_DIR"):
-        if os.environ.get(name) == "":
-            raise BadInput("%s is set but empty: give it a path, or unset it to use DEFAULT_TRAC_ENV" % name)
-    if "TRAC_ENV" not in os.environ and "TRAC_ENV_PARENT_DIR" not in os.environ:
-        if DEFAULT_TRAC_ENV_PARENT_DIR:
-            os.environ["TRAC_ENV_PARENT_DIR"] = DEFAULT_TRAC_ENV_PARENT_DIR
-        else:
-            os.environ["TRAC_ENV"] = DEFAULT_TRAC_ENV
-    if "PYTHON_EGG_CACHE" not in os.environ:
-        base = os.environ.get("TRAC_ENV") or os.environ["TRAC_ENV_PARENT_DIR"]
-        os.environ["PYTHON_EGG_CACHE"] = os.path.join(base, ".egg-cache")
-    env_path = os.environ.get("TRAC_ENV")
-    try:
-        env_path and os.stat(os.path.join(env_path, "VERSION"))
-    except PermissionError:
-        raise BadInput("TRAC_ENV=%r: user %s cannot read it; let that user read and write the "
-                         "environment, e.g. chown -R %s %s" % (env_path, user_name(), user_name(), env_path))
-    except OSError:
-        raise BadInput("TRAC_ENV=%r is not a Trac environment (no VERSION file): point it at "
-                         "one made by trac-admin PATH initenv, or edit DEFAULT_TRAC_ENV" % env_path)
-    parent = os.environ.get("TRAC_ENV_PARENT_DIR")
-    if not env_path and not os.path.isdir(parent):
-        raise BadInput("TRAC_ENV_PARENT_DIR=%r is not a directory: point it at the directory "
-                         "that holds your Trac environments" % parent)
+def crossed_limit(limits, rss, requests, age_s, stuck):
+    """The limit this worker has crossed, or None.
 
-
-def load_application(spec):
-    module_name, _, name = spec.partition(":")
-    if module_name.split(".")[0] == "trac":
-        prepare_trac_environment()
-    try:
-        module = importlib.import_module(module_name)
-        application = getattr(module, name)
-    except Exception as error:  # an app that fails to import is a setting to fix
-        raise BadInput("TRAC_FCGI_APP=%s cannot be loaded by %s (%s: %s): install it into that Python "
-                         "or fix the name" % (spec, sys.executable, type(error).__name__, error))
-    return application
-
-
-def warm_up(application, paths):
-    """Serve one request in-process for each of PATHS (comma-separated), so the first real ones find
-    templates compiled: in a mold, compiled once for every worker forked from it.
-
-    Returns the HTTP status of the first that failed, or of the last.
+    MAX_RSS is the hard one, a promise: past it the worker stops accepting
+    at once.  The others are soft: the worker asks for its replacement and
+    serves on until it comes.  A stuck request (STUCK of them in flight)
+    comes first among those, as the one that holds a thread for good.
     """
-    for path in paths.split(","):
-        status, error = serve_in_process(application, path)
-        if status >= 500:
-            break
-    return status, error
+    if limits.max_rss and rss >= limits.max_rss:
+        return HARD_LIMIT
+    if stuck:
+        return "stuck"
+    if limits.soft_rss and rss >= limits.soft_rss:
+        return "rss"
+    if limits.max_requests and requests >= limits.max_requests:
+        return "requests"
+    if limits.max_lifetime and age_s >= limits.max_lifetime:
+        return "age"
+    return None
 
 
-def serve_in_process(application, path):
-    """Serve one request in-process.
+def lateness(limits, running_s):
+    """'stuck' past TRAC_FCGI_REQUEST_TIMEOUT, 'slow' past TRAC_FCGI_SLOW_REQUEST, else None (0 turns either off)."""
+    if limits.request_timeout and running_s >= limits.request_timeout:
+        return "stuck"
+    if limits.slow_request and running_s >= limits.slow_request:
+        return "slow"
+    return None
 
-    Returns the HTTP status and the exception behind a failure, if the app
-    reported one (through start_response's exc_info, as Trac does) or raised
-    one.  A replacement whose warm-up fails with a server error must not take
-    over from a worker that serves.
+
+class LateRequests:
+    """Names each request in flight once as it turns slow and once as it turns stuck, and counts them.
+
+    Run by the main loop alone, over the requests in flight (at most
+    MAX_THREADS of them): it needs no free thread, so a worker whose every
+    thread is stuck still notices.
     """
-    environ = {
-        "REQUEST_METHOD": "GET", "SCRIPT_NAME": "", "PATH_INFO": path, "QUERY_STRING": "",
-        "SERVER_NAME": "localhost", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1",
-        "REMOTE_ADDR": "127.0.0.1", "HTTP_HOST": "localhost",
-        "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(),
-        "wsgi.errors": sys.stderr, "wsgi.multithread": True, "wsgi.multiprocess": True,
-        "wsgi.run_once": False,
-    }
-    status, errors = [], []
 
-    def start_response(line, headers, exc_info=None):
-        status.append(line)
-        if exc_info:
-            errors.append(exc_info[1])
-        return lambda data: None
+    ORDER = (None, "slow", "stuck")
 
-    try:
-        result = application(environ, start_response)
-        try:
-            for _ in result:
+    def __init__(self, limits):
+        self.limits = limits
+        self.counts = {"slow": 0, "stuck": 0}  # since start, for the launcher's metrics
+        self.stuck_in_flight = 0
+
+    def check(self, in_flight, now):
+        """The (event, request) pairs newly due, slow before stuck; IN_FLIGHT are requests with .started."""
+        due, stuck = [], 0
+        for request in in_flight:
+            reached = lateness(self.limits, now - request.started)
+            named = getattr(request, "late", None)
+            for event in self.ORDER[self.ORDER.index(named) + 1:self.ORDER.index(reached) + 1]:
+                if event == "slow" and not self.limits.slow_request:
+                    continue  # slow-request entries are off; stuck ones are not
+                self.counts[event] += 1
+                due.append((event, request))
+            request.late = reached if self.ORDER.index(reached) > self.ORDER.index(named) else named
+            stuck += request.late == "stuck"
+        self.stuck_in_flight = stuck
+        return due
+
+
+def thread_stack(thread_id, frames):
+    """The Python stack of one thread, as lines, innermost last (as a traceback reads).
+
+    A request's stack starts with a dozen frames of threading, flup and
+    this file, the same for every request: they are left out up to the
+    application's first, so what is read is where it hangs.
+    """
+    frame = frames.get(thread_id)
+    if frame is None:
+        return ["(no Python stack)"]
+    stack = traceback.extract_stack(frame)
+    ours = (threading.__file__, fcgi_base.__file__, sys.modules["flup.server.threadpool"].__file__, __file__)
+    first = next((n for n, entry in enumerate(stack) if entry.filename not in ours), 0)
+    return [line for entry in traceback.format_list(stack[first:]) for line in entry.rstrip("\n").split("\n")]
+
+
+class Watchdog:
+    """systemd's watchdog contract (sd_watchdog_enabled): WATCHDOG=1 every quarter of WATCHDOG_USEC.
+
+    Sent from the main loop and the drain, the code that stops when the
+    worker freezes, never from a thread of its own, which would go on
+    beating for a worker that serves nobody.
+    """
+
+    def __init__(self, environ):
+        usec, pid = environ.get("WATCHDOG_USEC", ""), environ.get("WATCHDOG_PID", "")
+        mine = not pid or pid == str(os.getpid())  # set by systemd for its main process alone
+        self.period = int(usec) / 4e6 if usec.isdigit() and int(usec) and mine else None
+        self.last = 0.0
+
+    def with_ready(self):
+        """READY=1, and the first beat with it, so the watching begins as the serving does."""
+        if self.period is None:
+            return "READY=1"
+        self.last = time.monotonic()
+        return "READY=1\nWATCHDOG=1"
+
+    def beat(self, now):
+        if self.period is not None and now - self.last >= self.period:
+            self.last = now
+            sd_notify("WATCHDOG=1")
+
+
+# --------------------------------------------------------------------------
+# Succession: how a worker hands over to the one after it, one object per mode.
+#
+# Chosen once at start (succession_for), each answers the same questions,
+# and the server asks them without knowing the mode: a signal came
+# (on_hup, on_stop); may I stop accepting now (may_stop); a soft limit was
+# crossed (limit_crossed); the hard limit was reached (hard_limit); what
+# the launcher's metrics hear (report); I have drained, what next (drained).
+# Each returns the reason to stop accepting now, or None to serve on.
+
+class UnderLauncher:
+    """Started by trac-fcgi-launcher: ask it for a replacement, go when it says (SIGHUP)."""
+
+    def __init__(self, launcher):
+        self.launcher = launcher
+        hup_when_parent_dies()
+        self.told = None           # the signal that told us to go
+        self.asked = None          # when we last asked for a replacement
+        self.asked_for = None      # and for which reason
+
+    def on_hup(self):
+        # The launcher's "go": our replacement serves (or we are being stopped).
+        self.told = self.told or "SIGHUP"
+
+    def on_stop(self, name):
+        self.told = name
+
+    def may_stop(self):
+        if self.told:
+            return self.told
+        if os.getppid() != self.launcher:
+            return "launcher gone"
+        return None
+
+    def hard_limit(self, reason, **facts):
+        return reason  # the promise: stop now, replacement ready or not; connections wait in the backlog
+
+    def limit_crossed(self, reason, requests, **facts):
+        # Standard signals coalesce: two workers asking at once can reach the
+        # launcher as one, so an unanswered ask is repeated every REASK_S.
+        now = time.monotonic()
+        # Told again only of a request stuck since the first ask: the launcher counts why.
+        news = self.asked_for is None or (reason == "stuck" != self.asked_for)
+        if not news and now - self.asked < REASK_S:
+            return None
+        if news:
+            self.asked_for = reason
+            pss, private = smaps_rollup()
+            log("recycle", reason=reason, pss=pss, private=private, requests=requests, next="ask launcher",
+                **facts)
+            sd_notify("RECYCLE=%s" % reason)
+        self.asked = now
+        # Only our own launcher, never init or spawn-fcgi (may_stop stops us if it is gone).
+        if os.getppid() == self.launcher:
+            os.kill(self.launcher, signal.SIGUSR1)
+        return None
+
+    def report(self, counts):
+        sd_notify(counts)
+
+    def ready(self):
+        pass  # the launcher saw READY=1 and does the rest
+
+    def drained(self, server, reason, abandoned):
+        if os.getppid() != self.launcher:
+            return  # a launcher that is gone has nobody listening
+        # The final counts and what was abandoned, for the launcher's metrics;
+        # and why we stopped, if the launcher cannot know it (it did not tell us to go).
+        own = "max_rss" if reason == HARD_LIMIT else "signal" if reason.startswith("SIG") else None
+        sd_notify("STOPPING=1\n%s\nABANDONED=%d%s" % (server.counts(), abandoned,
+                                                      "\nRECYCLE=%s" % own if own else ""))
+
+
+class InPlace:
+    """Plain spawn-fcgi, mod_fcgid, lighttpd: nobody to ask.  Drain, then exec in place, while a stand-in serves.
+
+    fd 0 survives exec, so new connections wait in the backlog.  Until our
+    reload turn comes, we keep serving.  With --bind there is nothing to
+    exec onto: the process drains and exits.
+    """
+
+    def __init__(self, environ, can_reexec):
+        self.turn = ReloadTurn(environ)
+        self.can_reexec = can_reexec
+        self.told = None
+        self.reexec = False
+        self.waiting_for_turn = False
+        # Stand-ins that served while this image started (see drained()).
+        self.stand_ins = [int(pid) for pid in environ.pop(STAND_IN_VARIABLE, "").split(",") if pid.isdigit()]
+
+    def on_hup(self):
+        # A graceful reload: drain, then exec.  Never turns a SIGTERM into one.
+        if self.told is None:
+            self.told, self.reexec = "SIGHUP", True
+
+    def on_stop(self, name):
+        self.told, self.reexec = name, False
+
+    def may_stop(self):
+        self.reap_stand_ins()
+        if self.told and (not self.reexec or self.turn_to_reload(self.told)):
+            return self.told
+        return None
+
+    def hard_limit(self, reason, **facts):
+        # Turn or no turn: the limit is a promise.
+        self.reexec = True
+        self.turn.take()
+        return reason
+
+    def limit_crossed(self, reason, requests, **facts):
+        pss, private = smaps_rollup()
+        if self.turn_to_reload(reason, requests=requests, pss=pss, private=private, **facts):
+            self.reexec = True
+            return reason
+        return None
+
+    def turn_to_reload(self, reason, **facts):
+        """True once this process may reload: no other process of its pool is reloading."""
+        if self.turn.take():
+            log("recycle", reason=reason, next="re-exec", **facts)
+            return True
+        if not self.waiting_for_turn:
+            self.waiting_for_turn = True
+            log("recycle", reason=reason, next="wait for turn", **facts)
+        return False
+
+    def report(self, counts):
+        pass  # nobody gathers metrics
+
+    def ready(self):
+        """Our new image serves: the stand-ins that served while it started may go, and so may the turn."""
+        for pid in self.stand_ins:
+            try:
+                os.kill(pid, signal.SIGHUP)
+            except ProcessLookupError:
                 pass
+        if self.turn.release():
+            log("reloaded")  # our pool's next process may take its turn
+
+    def reap_stand_ins(self):
+        for pid in list(self.stand_ins):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                self.stand_ins.remove(pid)
+
+    def drained(self, server, reason, abandoned):
+        sd_notify("STOPPING=1")
+        if not (self.reexec and self.can_reexec):
+            return
+        # Re-executing leaves nobody on the socket while the new image
+        # imports Trac and warms up; under mod_fcgid, which hands each
+        # process its own socket, one request waits that long at every
+        # reload.  So a copy of us serves meanwhile: warm at once (a fork),
+        # it holds the old image's memory only until the new one is ready.
+        # Not when requests were abandoned (stuck, or past the drain
+        # timeout): their threads may hold Trac's environment lock, a
+        # database connection mid-query or a log handler's lock, and a fork
+        # has those locks held by threads it does not have; its first request
+        # could wait on them for good.  The new image comes up from the
+        # backlog instead, and exec ends the stuck threads.  Nor past
+        # MAX_RSS: a copy would be as big, and serve past the promise.
+        if not abandoned and reason != HARD_LIMIT:
+            self.fork_stand_in(server)
+        self.turn.keep_across_exec()
+        reexec()
+
+    def fork_stand_in(self, server):
+        close_trac_databases()  # an SQLite (or any) connection must not be used on both sides of a fork
+        pid = os.fork()
+        if pid:
+            self.stand_ins.append(pid)
+            os.environ[STAND_IN_VARIABLE] = ",".join(map(str, self.stand_ins))
+            return
+        status, abandoned = 1, 0
+        try:
+            parent = os.getppid()
+            hup_when_parent_dies()  # also if the new image dies starting up
+            self.turn.forget()      # our copy only: the parent holds the turn
+            # The fork has only this thread: a fresh server, pool and locks,
+            # as a newly started worker has, and our own /proc/self.
+            stand_in = RecyclingWSGIServer(server.application, server.limits, StandIn(parent))
+            log("stand-in", serves_for=parent, requests=server.requests, rss=stand_in.rss())
+            abandoned = stand_in.run(socket.socket(fileno=os.dup(0)))
+            status = 0
         finally:
-            if hasattr(result, "close"):
-                result.close()
-    except Exception as error:  # the app's own bug: reported below, as flup reports one in a request
-        traceback.print_exc()
-        return 500, error
-    return (int(status[-1].split()[0]) if status else 500), (errors[-1] if errors else None)
+            leave(status, abandoned=abandoned)
 
 
+class StandIn:
+    """A fork of a worker about to re-exec, serving while the new image starts; it goes when that one serves."""
+
+    def __init__(self, parent):
+        self.parent = parent
+        self.told = None
+
+    def on_hup(self):
+        self.told = self.told or "SIGHUP"  # from our parent's new image: it serves
+
+    def on_stop(self, name):
+        self.told = name
+
+    def may_stop(self):
+        if self.told:
+            return self.told
+        if os.getppid() != self.parent:
+            return "parent gone"
+        return None
+
+    def hard_limit(self, reason, **facts):
+        return reason
+
+    def limit_crossed(self, reason, requests, **facts):
+        return None  # a stand-in never recycles: it goes once its parent's new image serves
+
+    def report(self, counts):
+        pass
+
+    def ready(self):
+        pass
+
+    def drained(self, server, reason, abandoned):
+        pass  # a stand-in's going is no news
+
+
+def succession_for(environ, bind):
+    """The mode, chosen once: under our launcher, or in place (re-exec only where fd 0 is the socket)."""
+    launcher = launcher_pid()
+    return UnderLauncher(launcher) if launcher is not None else InPlace(environ, can_reexec=bind is None)
+
+
+# --------------------------------------------------------------------------
+# Reloading in place (no launcher): signals held across exec, one process of a pool at a time.
+
+# The signals a worker acts on.  Before its handlers are in, each would have
+# its default effect and kill it; so they stay blocked from just before a
+# re-exec (or READY=1) until the new image has installed its handlers.  The
+# mask survives exec, and what arrived meanwhile is acted on once it serves.
+HELD_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR2}
+# The reload turn's file crosses exec under this fd number, and the stand-in
+# serving meanwhile is named by its pid (internal, never settings).
+TURN_FD_VARIABLE = "TRAC_FCGI_RELOAD_TURN_FD"
+STAND_IN_VARIABLE = "TRAC_FCGI_STAND_IN_PID"
+
+
+class ReloadTurn:
+    """One re-exec at a time among the processes that serve one site without a launcher.
+
+    mod_fcgid, lighttpd with max-procs above 1, or spawn-fcgi -F N start
+    several copies of this script that share no parent of ours; with the same
+    limits they would cross them together and all reload at once, leaving
+    nobody to serve.  The turn is an flock on a file in a directory that only
+    this user may write, so only this user's processes can hold it (an
+    abstract socket name, which any local user could bind first, would turn
+    recycling off for the whole pool).  The kernel frees it when its holder
+    dies, however it dies; the holder keeps it across exec and gives it up
+    once its new image serves.  Where no such file can be had, each process
+    reloads without waiting for a turn, and says so once: a pool that may
+    reload together is better than one that never reloads.
+    """
+
+    def __init__(self, environ):
+        self.file_name = self.file_name_for(sys.argv[0], environ)
+        self.fd = None
+        self.unavailable = False
+        fd = environ.pop(TURN_FD_VARIABLE, "")
+        if fd.isdigit():
+            try:  # handed over by our previous image
+                os.set_inheritable(int(fd), False)
+                self.fd = int(fd)
+            except OSError:
+                pass
+
+    @staticmethod
+    def directory():
+        """$XDG_RUNTIME_DIR, or /tmp/trac-fcgi-UID as tmux makes its own: ours, and closed to others."""
+        directory = os.environ.get("XDG_RUNTIME_DIR") or "/tmp/trac-fcgi-%d" % os.geteuid()
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+        info = os.lstat(directory)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+            raise PermissionError(errno.EPERM, "not a directory of user %s's alone" % user_name(), directory)
+        return directory
+
+    @staticmethod
+    def file_name_for(script, environ):
+        """The same script and Trac environment: the processes of one pool (the directory is the user's)."""
+        site = "\0".join([os.path.realpath(script), environ.get("TRAC_ENV", ""),
+                          environ.get("TRAC_ENV_PARENT_DIR", "")])
+        return "reload-%s.lock" % hashlib.sha256(site.encode()).hexdigest()[:24]
+
+    def take(self):
+        """True if we hold the turn (now or already), or if no turn can be had."""
+        if self.fd is not None or self.unavailable:
+            return True
+        try:
+            path = os.path.join(self.directory(), self.file_name)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as error:
+            self.unavailable = True
+            log("reload-turn-unavailable", path=error.filename, error=error.strerror,
+                hint="each process of the pool reloads without waiting for the others; set XDG_RUNTIME_DIR "
+                     "to a directory only this user may write")
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False  # another process of the pool is reloading
+        self.fd = fd
+        return True
+
+    def keep_across_exec(self):
+        if self.fd is not None:
+            os.set_inheritable(self.fd, True)
+            os.environ[TURN_FD_VARIABLE] = str(self.fd)
+
+    def forget(self):
+        """In a stand-in: close our copy only.  The lock belongs to the open file, which the parent still holds."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def release(self):
+        if self.fd is not None:
+            # Unlocked before closing: a stand-in forked while we held it may
+            # still have its copy of the file open.
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            self.forget()
+            return True
+        return False
+
+
+def reexec():
+    """Exec ourselves in place: fd 0, the listening socket, survives, and so does the turn.
+
+    Exec ends every other thread, also one stuck in a request for good.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+    log("re-exec")
+    os.execv(sys.executable, [sys.executable] + sys.argv)
+
+
+def close_trac_databases():
+    """Close every Trac environment's pooled database connections: before a fork, and on leaving.
+
+    An SQLite (or any) connection must not be used on both sides of a fork;
+    the process that forks is about to exec, and the stand-in opens its own.
+    """
+    env_module = sys.modules.get("trac.env")
+    if env_module is None:
+        return  # not Trac
+    from trac.db.api import DatabaseManager
+    with env_module.env_cache_lock:
+        for env in list(env_module.env_cache.values()):
+            try:
+                DatabaseManager(env).shutdown()
+            except Exception as error:  # a plugin's database; the stand-in reconnects
+                log("db-shutdown-failed", error=error)
+
+
+# --------------------------------------------------------------------------
+# Freezing the warm set.
+#
+# Trac ends every request with a full gc.collect() (in the finally of
+# trac.web.main.dispatch_request).  In a warm worker that collection walks
+# some 50,000 objects (Trac's modules, components, caches and compiled
+# templates, which live as long as the worker) to find the few hundred the
+# request left behind: most of a page's CPU time.  gc.freeze() moves every
+# live object into a generation the collector never walks, so that
+# collection walks only what came after.  The cost: cyclic garbage among
+# frozen objects is never collected.  Only what was live at a freeze can
+# leak so, once; recycling bounds it like any other growth.  (The CGI
+# fallback serves its one request inside _setupSocket and exits: it never
+# gets as far as freezing.)
+
+# How long new requests may wait for the requests in flight to finish, so
+# that a freeze finds none.  Past it they go ahead and the freeze waits for
+# the next point of the schedule: a slow report must not stall the site.
+FREEZE_WAIT_S = 1.0
+
+
+def freeze_warm_set():
+    """Collect, then freeze every object still alive; return how many are frozen.
+
+    Collecting first keeps garbage out of the frozen set, where it would
+    never be collected.  Call it only with no request in flight: a request's
+    objects frozen mid-way would leak the same way.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
+class Refreezer:
+    """Freezes again as the worker warms further, at a moment when no request is in flight.
+
+    Trac keeps making long-lived objects after the warm-up (templates,
+    environments, cache entries), and each one left unfrozen is walked by
+    every request's collection, so the worker freezes again after requests
+    1, 2, 4, 8 and so on, without end: a cap would leave Trac's still
+    growing set walked for good, and a threshold would need the young
+    objects counted at every request (README.md, "Freezing the warm set",
+    has the measurements).  gc.freeze() is global, so a freeze must not
+    catch a request half-way: when one is due the gate closes, arriving
+    requests wait in request_starting() until those in flight are done
+    (see CountedRequest.count), and the main loop, which runs no request,
+    freezes and opens the gate; or, past wait_s, postpones it.
+    """
+
+    def __init__(self, enabled, wake, wait_s=FREEZE_WAIT_S):
+        self.enabled = enabled
+        self.wake = wake              # wakes the main loop, which polls us
+        self.wait_s = wait_s
+        self.lock = threading.Condition()
+        self.in_flight = 0
+        self.next_at = 1              # the request count at which to freeze next
+        self.closed_at = None         # when the gate closed; None while it is open
+        self.freezing = False
+
+    # -- from connection threads --------------------------------------------
+
+    def request_starting(self):
+        """Called before the application runs: wait while a freeze is due or under way."""
+        with self.lock:
+            while self.freezing or (self.closed_at is not None and not self.slow_in_flight()):
+                self.lock.wait(None if self.freezing or not self.in_flight
+                               else self.closed_at + self.wait_s - time.monotonic())
+            self.in_flight += 1
+
+    def slow_in_flight(self):
+        """Whether requests in flight have kept a due freeze waiting too long: it is postponed (see poll).
+
+        With none in flight the main loop, woken, is about to freeze: wait
+        for it, however slow the machine.  The main loop polls for as long
+        as it serves, and stop() opens the gate when it stops.
+        """
+        return self.in_flight > 0 and time.monotonic() >= self.closed_at + self.wait_s
+
+    def request_done(self, requests):
+        """Called once the application and its response are done; REQUESTS counts this one."""
+        with self.lock:
+            self.in_flight -= 1
+            if self.enabled and self.closed_at is None and requests >= self.next_at:
+                self.closed_at = time.monotonic()
+                while self.next_at <= requests:
+                    self.next_at *= 2
+            ready = self.closed_at is not None and not self.in_flight
+        if ready:
+            self.wake()
+
+    # -- from the main loop ------------------------------------------------------
+
+    def poll(self, requests):
+        """Freeze if the gate is closed and no request is in flight; postpone if they take too long."""
+        with self.lock:
+            if self.closed_at is None or (self.in_flight and not self.slow_in_flight()):
+                return
+            waited, in_flight = time.monotonic() - self.closed_at, self.in_flight
+            postponed = in_flight > 0
+            if postponed:
+                self.closed_at = None
+                self.lock.notify_all()
+            else:
+                self.freezing = True
+        if postponed:
+            log("freeze-postponed", in_flight=in_flight, waited_s=waited, next_at=self.next_at)
+            return
+        try:
+            frozen = freeze_warm_set()
+        finally:
+            with self.lock:
+                self.freezing = False
+                self.closed_at = None
+                # Under load the requests in flight when the gate closed end
+                # before the freeze: the next one is due only at the next
+                # doubling past them, not at once.
+                while self.next_at <= requests:
+                    self.next_at *= 2
+                self.lock.notify_all()
+        log("freeze", frozen=frozen, requests=requests, waited_s=waited)
+
+    def stop(self):
+        """No more freezing: a draining worker only finishes what it has accepted, with no gate."""
+        with self.lock:
+            self.enabled = False
+            self.closed_at = None
+            self.lock.notify_all()
+
+
+# --------------------------------------------------------------------------
+# --bind: the listening socket, made without destroying anything.
+# Written the same in launcher.py, whose --bind reads the same addresses;
+# tests/test_twins.py holds each pair equal.
+
+def bind_socket(family, host, port):
+    if family == socket.AF_UNIX:
+        return bind_unix(host, port)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise BadInput("cannot bind %s port %d: %s; pick a free address"
+                         % (host, port, error.strerror or error))
+    sock.listen(socket.SOMAXCONN)
+    return sock
+
+
+def bind_unix(path, mode):
+    if len(os.fsencode(path)) > 107:  # sun_path holds 108 bytes, and Python keeps one for a NUL
+        raise BadInput("unix:%s is %d bytes long, more than the 107 a unix socket's path may have; "
+                         "use a shorter path" % (path, len(os.fsencode(path))))
+    remove_stale_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Bind under a umask that leaves no window in which the file is world-writable.
+    old_umask = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(path)
+    except OSError as error:
+        sock.close()
+        raise BadInput("cannot bind unix:%s as user %s: %s; %s"
+                         % (path, user_name(), error.strerror or error, socket_directory_fix(path, error)))
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, mode)
+    sock.listen(socket.SOMAXCONN)
+    return sock
+
+
+def socket_directory_fix(path, error):
+    """What to do when a unix socket cannot be made at PATH."""
+    directory, user = os.path.dirname(os.path.abspath(path)), user_name()
+    if directory in ("/run", "/var/run", "/tmp"):
+        # Shared by every service: the socket gets a directory of its own.
+        return "bind in a directory of its own that user %s may write, e.g. /run/trac" % user
+    if error.errno == errno.ENOENT:
+        boot = (" and, as /run is emptied at boot, a tmpfiles.d line 'd %s 0755 %s - -'" % (directory, user)
+                if directory.startswith(("/run/", "/var/run/")) else "")
+        return "make its directory: mkdir -p %s%s" % (directory, boot)
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "let user %s write to %s, e.g. chown %s %s" % (user, directory, user, directory)
+    return "pick another path"
+
+
+def remove_stale_socket(path):
+    """Make room for our socket at PATH: only a socket that nobody listens on is removed.
+
+    Anything else there is refused and left as it was: a typo such as
+    unix:/srv/trac/trac.ini must not cost that file, and a live socket
+    belongs to a server that still answers on it.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return  # nothing there, or nothing we may look at: bind() says which
+    if not stat.S_ISSOCK(mode):
+        raise BadInput("unix:%s exists and is not a socket, so it was left as it is; "
+                         "give the path where the socket should be, e.g. unix:/run/trac/trac.sock" % path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)  # a listener with a full backlog must not hold us up
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        # Left by a server that is gone.  A server that binds the same path
+        # between this probe and the unlink loses its file: a window of
+        # microseconds, against one that lasts until an admin cleans up.
+        os.unlink(path)
+        return
+    except FileNotFoundError:
+        return
+    except BlockingIOError:
+        pass  # listening, with a full backlog
+    except OSError as error:
+        raise BadInput("unix:%s is a socket, and whether anything listens on it cannot be told (%s); "
+                         "remove it if it is stale, or pick another path" % (path, error.strerror))
+    finally:
+        probe.close()
+    raise BadInput("unix:%s: something is listening there already; stop it or pick another path" % path)
+
+
+# Written the same in launcher.py too.
 def user_name():
     """Who the kernel checks file access against: the effective user, the one a message must name."""
     try:
         return pwd.getpwuid(os.geteuid()).pw_name
     except KeyError:
         return "uid %d" % os.geteuid()
-
-
-def unwritable(env_path):
-    """Why this user cannot serve ENV_PATH for long, or None: Trac writes to its database, log and files."""
-    for place in (env_path, os.path.join(env_path, "conf", "trac.ini"), os.path.join(env_path, "db"),
-                  os.path.join(env_path, "db", "trac.db"), os.path.join(env_path, "log"),
-                  os.path.join(env_path, "files")):
-        if os.path.exists(place) and not os.access(place, os.R_OK | os.W_OK):
-            return ("user %s cannot write %s: let it read and write the whole environment, e.g. chown -R %s %s"
-                    % (user_name(), place, user_name(), env_path))
-    return None
-
-
-def explain_failed_warmup(spec, error):
-    """Why a warm-up request failed, in one line, or None when nothing says.
-
-    For Trac, first a part of the environment this user cannot write, naming
-    the user and the chown (Trac's own words name neither).  Then the
-    exception behind the failure, when the app reported or raised one; else
-    what opening the environment raises, in Trac's words.
-    """
-    env_path = os.environ.get("TRAC_ENV")
-    trac = spec.partition(":")[0].split(".")[0] == "trac" and env_path
-    cannot_write = trac and unwritable(env_path)
-    if cannot_write:
-        return cannot_write
-    if error is not None:
-        return " ".join(("%s: %s" % (type(error).__name__, error)).split())
-    if not trac:
-        return None
-    try:
-        from trac.env import open_environment
-        open_environment(env_path, use_cache=True)
-    except Exception as problem:  # Trac's own words are the explanation: a TracError or the OS's
-        return "TRAC_ENV=%s: %s" % (env_path, " ".join(str(problem).split()))
-    return None
-
-
-def others_serving():
-    """How many other workers serve while this one starts: 0 without a launcher, None if it did not say."""
-    if launcher_pid() is None:
-        return 0  # plain spawn-fcgi re-executes this very process: nobody else serves
-    count = os.environ.get("LAUNCHER_READY_WORKERS", "")
-    return int(count) if count.isdigit() else None
-
-
-def warm_failed(limits, status, error):
-    """Log why the warm-up failed, what fixes it, and whether the site is served meanwhile."""
-    reason = explain_failed_warmup(limits.app, error)
-    # Trac refuses to open an environment whose database is older than its
-    # code (after an install pulled in a newer Trac) and names the command.
-    upgrade = re.search(r'trac-admin\s+"([^"]+)"\s+upgrade', reason or "")
-    fix = ('run trac-admin "%s" upgrade' % upgrade.group(1) if upgrade
-           else "fix the app or set TRAC_FCGI_WARMUP")
-    others = others_serving()
-    meanwhile = ("nothing serves this site until then" if others == 0
-                 else "1 other worker serves meanwhile" if others == 1
-                 else "%d other workers serve meanwhile" % others if others
-                 else "the launcher retries with backoff")
-    rest = ("trac.log has the rest" if limits.app.startswith("trac.")
-            else "the traceback is above" if error is not None and error.__traceback__ is not None
-            else None)
-    log("warm-failed", path=limits.warmup, status=status, error=reason, serving=others,
-        hint="; ".join(part for part in (fix, meanwhile, rest) if part))
-
-
-def parse_bind(text):
-    try:
-        return address(text)
-    except ValueError:
-        raise BadInput("--bind %r is not %s" % (text, address.__doc__))
 
 
 # --------------------------------------------------------------------------
@@ -2462,130 +2591,6 @@ class Mold:
         # (O_APPEND), so each write lands whole at the end, as it does for
         # cold workers that each opened the file themselves.
         signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-def open_server(application, limits, bind):
-    """The server and its listening socket: fd 0, or a new one for --bind."""
-    server = RecyclingWSGIServer(application, limits, succession_for(os.environ, bind), bindAddress=bind)
-    return server, server._setupSocket()
-
-
-def main(argv=None):
-    """The command line: a tool (--help, --version, --replace, --check), or a FastCGI server until told to go."""
-    argv = sys.argv[1:] if argv is None else argv
-    if answered_without_serving(argv):
-        return 0
-    if argv[:1] == ["--replace"]:
-        return replace_command(argv[1:])
-    if argv == ["--check"]:
-        return check()
-    try:
-        started = start(argv)
-    except BadInput as problem:
-        sys.stderr.write("trac-fcgi: %s\n" % problem)
-        return 2
-    except OSError as error:
-        if error.errno not in (errno.EMFILE, errno.ENFILE):
-            raise
-        sys.stderr.write("trac-fcgi: out of file descriptors while starting (%s): raise the open-files "
-                         "limit (ulimit -n)\n" % error.strerror)
-        return 2
-    if started is None:
-        sys.stderr.write(BY_HAND % {"prog": os.path.basename(sys.argv[0]), "version": __version__})
-        return 2
-    limits, application, mold, opened, warm = started
-    if not warmed(limits, *warm):
-        return 1
-    if mold is not None:
-        exit_status = mold.serve_forks(limits.gc_freeze)
-        if exit_status is not None:
-            return exit_status
-        # A worker forked from the mold: its own draw of the jittered limits,
-        # its own server and threads.
-        limits = Limits(os.environ)
-        opened = open_server(application, limits, None)
-    serve(*opened)
-
-
-def start(argv):
-    """Everything that can be refused in one line: the arguments, settings, application, socket and warm-up.
-
-    Returns None when a person ran us by hand; else the limits, the
-    application, the mold (or None), the server and its socket (or None in
-    a mold), and the warm-up's (status, error, seconds, rss, objects frozen).
-    """
-    bind = None
-    if argv[:1] == ["--bind"] and len(argv) == 2:
-        bind = parse_bind(argv[1])
-    elif argv:
-        raise BadInput("unknown arguments %s: the options are --check, --bind ADDR, --replace FILE, "
-                       "--help and --version" % " ".join(argv))
-    elif started_by_hand():
-        return None
-    limits = Limits(os.environ)
-    application = load_application(limits.app)
-    mold = Mold.from_environment()
-    opened = open_server(application, limits, bind) if mold is None else None
-    started = time.monotonic()
-    status, error = warm_up(application, limits.warmup) if limits.warmup else (None, None)
-    # The mold freezes once its database connections are closed (Mold.make_pristine).
-    frozen = None if mold is not None else freeze_warm_set() if limits.gc_freeze else 0
-    warm_s, warm_rss = time.monotonic() - started, ResidentMemory.once()
-    # Before the warm line: a refusal stays the one line on stderr.
-    limits.check_headroom(warm_rss)
-    return limits, application, mold, opened, (status, error, warm_s, warm_rss, frozen)
-
-
-def warmed(limits, status, error, warm_s, warm_rss, frozen):
-    """Log the warm-up; False, with why, if it failed: a replacement that fails must not take over."""
-    if status is None:
-        return True  # TRAC_FCGI_WARMUP=off
-    log("warm", path=limits.warmup, status=status, warm_s=warm_s, rss=warm_rss, frozen=frozen)
-    if status >= 500:
-        warm_failed(limits, status, error)
-        return False
-    return True
-
-
-def serve(server, sock):
-    """Say READY=1, serve until told to go, hand over as the succession says, and leave; never returns."""
-    # Once we have said READY=1, a SIGHUP, SIGTERM or SIGUSR2 is meant for a
-    # serving worker: held until run() has installed the handlers, never
-    # left to the default action, which would end us at once.
-    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
-    sd_notify(server.watchdog.with_ready())
-    server.succession.ready()
-    leave(0, abandoned=server.run(sock))
-
-
-LEAVE_TIMEOUT_S = 5
-
-
-def leave(status, abandoned=0):
-    """End a worker that has stopped serving, without the interpreter's teardown; never returns.
-
-    Python's own exit frees every object one by one, which in a worker
-    forked from the mold writes to nearly every page it still shares, and
-    the kernel copies each one first (README.md, "Forking from a mold").  What that
-    teardown did that matters is done here: database connections closed,
-    log handlers and stdio flushed.  With ABANDONED requests still running,
-    their threads may hold a connection mid-query, Trac's environment lock
-    or a log handler's lock, so the worker leaves at once instead; should
-    anything else hold it up, SIGALRM's default action ends it within
-    LEAVE_TIMEOUT_S.
-    """
-    try:
-        signal.signal(signal.SIGALRM, signal.SIG_DFL)
-        signal.alarm(LEAVE_TIMEOUT_S)
-        if not abandoned:
-            close_trac_databases()
-            logging.shutdown()
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-    except Exception:
-        pass  # nothing more to save: leaving is all that is left
-    finally:
-        os._exit(status)
 
 
 if __name__ == "__main__":
