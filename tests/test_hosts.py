@@ -58,10 +58,25 @@ def recipe_blocks():
     return [(language, textwrap.dedent(text).replace("\\\n", " ")) for language, text in found]
 
 
+# Words that tell each block of the recipe from the others: the tests below
+# run each block, so one added to the recipe must get its words here, and a test.
+BLOCKS = {"initenv": "sh", "--bind 10.0.0.11:9000": "sh", "down;|'": "sh", "slots ready": "sh",
+          "down;|server": "sh", "scrape_configs": "yaml"}
+
+
 def block(words):
     """The one block of the recipe that holds WORDS."""
     [text] = [text for _, text in recipe_blocks() if words in text]
     return text
+
+
+def test_every_block_of_the_recipe_is_one_these_tests_run():
+    blocks = recipe_blocks()
+    assert sorted(BLOCKS.values()) == sorted(language for language, _ in blocks), blocks
+    for language, text in blocks:
+        assert len([words for words in BLOCKS if words in text and BLOCKS[words] == language]) == 1, text
+    for words in BLOCKS:
+        block(words)  # in exactly one
 
 
 # --------------------------------------------------------------------------
@@ -84,8 +99,11 @@ class Network:
         self.subnet = self.unused_subnet()
         self.front = str(self.subnet.network_address + 1)
         self.bridge = "tfb" + self.tag
-        self.namespaces, self.links = [], [self.bridge]
+        self.namespaces, self.links = [], []
+
+    def make_bridge(self):
         ip("link", "add", self.bridge, "type", "bridge")
+        self.links.append(self.bridge)
         ip("addr", "add", "%s/%d" % (self.front, self.subnet.prefixlen), "dev", self.bridge)
         ip("link", "set", self.bridge, "up")
 
@@ -121,8 +139,9 @@ class Network:
             for pid in ip("netns", "pids", namespace, check=False).split():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid), signal.SIGKILL)
-            wait_until(lambda: not ip("netns", "pids", namespace, check=False).split(), 30,
-                       "the processes in %s to go" % namespace)
+            with contextlib.suppress(AssertionError):  # the namespace goes anyway, once they do
+                wait_until(lambda: not ip("netns", "pids", namespace, check=False).split(), 30,
+                           "the processes in %s to go" % namespace)
             ip("netns", "del", namespace, check=False)
         for link in self.links:
             ip("link", "del", link, check=False)  # a veth goes with its namespace; the bridge does not
@@ -147,6 +166,7 @@ def network():
         pytest.skip("several hosts are network namespaces, and " + refused)
     made = Network()
     try:
+        made.make_bridge()
         yield made
     finally:
         made.remove()
@@ -167,8 +187,8 @@ class Host:
         self.launchers = []
 
     def put_in(self, text):
-        """TEXT with this host's address and paths, and the other host's address, for the recipe's."""
-        other = next(h for h in self.site.hosts.values() if h is not self) if len(self.site.hosts) > 1 else self
+        """TEXT with the recipe's first host (10.0.0.11) this one, its second the other, /run/trac this one's."""
+        [other] = [h for h in self.site.hosts.values() if h is not self]
         return self.site.put_in(text).replace("10.0.0.11", self.address).replace(
             "10.0.0.12", other.address).replace("/run/trac", str(self.run_dir))
 
@@ -213,6 +233,8 @@ def run_shell(argv, timeout=120):
 
 
 class Site:
+    """What the hosts share: nginx in front, PostgreSQL, the Trac environment's path; and the hosts."""
+
     def __init__(self, directory, network):
         self.directory, self.network = directory, network
         self.hosts = {}
@@ -431,12 +453,11 @@ def worker_pids_served(text):
 
 def test_each_hosts_node_exporter_serves_that_hosts_metrics_file_on_its_own_target(site):
     site.every_host_serving()
-    [scrape_config] = [text for language, text in recipe_blocks() if language == "yaml"]
-    targets = re.findall(r"'([\d.]+:\d+)'", scrape_config)
-    assert len(targets) == len(site.hosts)
+    # The recipe's targets, 10.0.0.11 and 10.0.0.12, are hosts a and b.
+    targets = re.findall(r"'([\d.]+:\d+)'", site.hosts["a"].put_in(block("scrape_configs")))
+    assert [target.split(":")[0] for target in targets] == [h.address for h in site.hosts.values()], targets
     by_target = {}
     for host, target in zip(site.hosts.values(), targets):
-        target = host.put_in(target.replace("10.0.0.12", "10.0.0.11"))  # each target is its host's own
         exporter = Process(host.in_namespace([NODE_EXPORTER, "--collector.disable-defaults", "--collector.textfile",
                                               "--collector.textfile.directory=%s" % host.run_dir,
                                               "--web.listen-address=%s" % target]),
