@@ -195,8 +195,8 @@ class Host:
     def in_namespace(self, argv):
         return [IP, "netns", "exec", self.namespace, *argv]
 
-    def start(self):
-        """Step 2 as written, in this host's namespace; returns once every slot has a ready worker."""
+    def start(self, ready=True):
+        """Step 2 as written, in this host's namespace; with READY, returns once every slot has a ready worker."""
         words = shlex.split(self.put_in(block("--bind 10.0.0.11:9000")))
         environ = {}
         while re.match(r"^[A-Z_]+=", words[0]):
@@ -205,7 +205,8 @@ class Host:
         log = self.site.directory / self.name / ("launcher-%d.log" % len(self.launchers))
         self.launcher = Process(self.in_namespace(words), log, env=environ)
         self.launchers.append(self.launcher)
-        self.launcher.wait_for("all-ready", timeout=START_TIMEOUT)
+        if ready:
+            self.launcher.wait_for("all-ready", timeout=START_TIMEOUT)
         return self.launcher
 
     def run(self, text):
@@ -357,6 +358,7 @@ def described(load):
 
 
 def figures(site, load, **more):
+    """What a test prints for the README: requests, failures, tickets and duplicates, with MORE."""
     in_db = site.tickets()
     failed_posts = [summary for summary, answer in load.posts() if not answered(answer)]
     facts = dict(requests=len(load.answers), failed=sum(1 for a in load.answers if not answered(a)),
@@ -400,8 +402,9 @@ def test_a_host_taken_out_and_put_back_by_the_recipe_fails_no_request(site):
         assert host.launcher.wait(60) == 0, host.launcher.log()[-3000:]
         more_answers(load, 20)  # only the other host serves
         out_until = len(site.nginx.access_log())
-        host.start()  # step 6: the launcher again, every slot ready, then nginx
+        host.start(ready=False)  # step 6: the launcher again, the recipe's wait for every slot, then nginx
         host.run(block("slots ready"))
+        assert host.launcher.events("all-ready"), "the recipe's wait ended before the host served"
         site.run(host.put_in(block("down;|server")))
         wait_until(lambda: host.server in served_by(site.nginx.access_log()[out_until:]), 60,
                    "host a to serve again")
