@@ -36,7 +36,8 @@ serve-debs:
 # systemd-socket-activate and systemd-analyze, which the recipe tests run;
 # lighttpd, apache2 and mod_fcgid are the other fronts tests/test_fronts.py runs.
 # prometheus-node-exporter reads the launcher's metrics file in its tests;
-# postgresql, the server the fork-safety tests run Trac on.
+# postgresql, the server the fork-safety tests run Trac on; iproute2 (ip, ss),
+# the network namespaces tests/test_hosts.py makes its hosts of.
 debs:
 	@missing=""; \
 	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$$missing nginx-light"; \
@@ -49,6 +50,7 @@ debs:
 	[ -e /usr/lib/apache2/modules/mod_fcgid.so ] || missing="$$missing libapache2-mod-fcgid"; \
 	command -v htpasswd >/dev/null || missing="$$missing apache2-utils"; \
 	command -v prometheus-node-exporter >/dev/null || missing="$$missing prometheus-node-exporter"; \
+	command -v ip >/dev/null || [ -x /usr/sbin/ip ] || missing="$$missing iproute2"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	$(APT_GET_MISSING)
 

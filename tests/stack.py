@@ -271,10 +271,12 @@ class Postgres:
 
     initdb refuses to run as root: under root the cluster belongs to nobody,
     in a directory of its own under /tmp (pytest's are root's alone).  Its
-    log is kept for the tests that look for errors in every log.
+    log is kept for the tests that look for errors in every log.  A cluster
+    that other machines reach (tests/test_hosts.py) also listens on
+    ADDRESSES and trusts the NETWORKS (CIDR) they connect from.
     """
 
-    def __init__(self):
+    def __init__(self, addresses=(), networks=()):
         assert PG_BIN, "PostgreSQL is not installed: make debs installs it"
         self.directory = Path(tempfile.mkdtemp(prefix="trac-fcgi-pg-"))
         self.directory.chmod(0o755)
@@ -284,12 +286,14 @@ class Postgres:
             shutil.chown(self.directory, "nobody", "nogroup")
         self.data, self.log_path = self.directory / "data", self.directory / "postgres.log"
         self.run("initdb", "-D", self.data, "-U", "trac", "--auth=trust", "-E", "UTF8", "--no-locale")
+        with open(self.data / "pg_hba.conf", "a") as hba:
+            hba.writelines("host all all %s trust\n" % network for network in networks)
         for attempt in range(5):
             self.port = free_port()
             try:
                 self.run("pg_ctl", "-D", self.data, "-l", self.log_path, "-w", "-t", "120", "start", "-o",
-                         "-c listen_addresses=127.0.0.1 -p %d -k '' -c fsync=off -c max_connections=200"
-                         % self.port)
+                         "-c listen_addresses=%s -p %d -k '' -c fsync=off -c max_connections=200"
+                         % (",".join(("127.0.0.1",) + tuple(addresses)), self.port))
                 return
             except subprocess.CalledProcessError as failed:
                 if "already in use" not in self.log():
@@ -302,8 +306,8 @@ class Postgres:
             raise subprocess.CalledProcessError(done.returncode, program, done.stdout, done.stderr)
         return done.stdout
 
-    def url(self, database):
-        return "postgres://trac@127.0.0.1:%d/%s" % (self.port, database)
+    def url(self, database, host="127.0.0.1"):
+        return "postgres://trac@%s:%d/%s" % (host, self.port, database)
 
     def create_database(self, name):
         self.run("createdb", "-h", "127.0.0.1", "-p", self.port, "-U", "trac", name)
