@@ -60,6 +60,12 @@ METRICS_COALESCE_S = 1.0
 # After an unexpected exception in the loop, wait at least this long for the
 # next event, so that a bug that recurs on every pass cannot become a spin.
 LOOP_ERROR_PAUSE_S = 1.0
+# A stale mold (MOLD_STALE=reason: trac.ini, plugins/ or the database changed
+# under it) is replaced by at most one new mold in this long.  A plugin that
+# rewrites trac.ini on every request would otherwise cost a mold's warm-up
+# (about a second of CPU) per request; at this bound it costs at most two a
+# minute, and forks come from a mold at most this much out of date.
+MOLD_REFRESH_MIN_S = 30.0
 
 SIGNALS = {
     # signal: (effect, for --help and the README's signals table)
@@ -71,8 +77,8 @@ SIGNALS = {
     signal.SIGTERM: "graceful stop: SIGHUP every worker, wait --stop-timeout for them to drain, SIGKILL the rest, exit 0",
     signal.SIGINT: "same as SIGTERM",
     signal.SIGQUIT: "immediate stop: SIGKILL every worker, exit 0",
-    signal.SIGUSR2: "ignored and logged: unicorn and gunicorn upgrade on it; here SIGHUP already loads new code, "
-                    "make-before-break",
+    signal.SIGUSR2: "log what every worker is doing: passed to each worker that said READY=1 by notify, "
+                    "which logs every thread's stack with its request; never to the mold",
 }
 # Faults of the launcher's own code keep their default action: blocking them
 # would hide a crash, not prevent it.
@@ -117,6 +123,13 @@ def positive_seconds(text):
     if not value > 0 or value == float("inf"):
         raise ValueError
     return value
+
+
+def seconds_or_off(text):
+    """a number of seconds above 0, or 0 or off for none, e.g. 20"""
+    if text in ("0", "off"):
+        return None
+    return positive_seconds(text)
 
 
 def size_bytes(text):
@@ -175,10 +188,15 @@ SETTINGS = [
      "speaks the notify protocol counts as ready once this passes and it is alive"),
     ("--stop-timeout", "LAUNCHER_STOP_TIMEOUT", positive_seconds, 30.0, "SECONDS",
      "how long SIGTERM waits for workers to drain before SIGKILL"),
+    ("--watchdog-timeout", "LAUNCHER_WATCHDOG_TIMEOUT", seconds_or_off, 20.0, "SECONDS",
+     "a worker or mold that has sent WATCHDOG=1 and then stays silent this long "
+     "is unresponsive: it is replaced, and SIGKILLed once its replacement is ready "
+     "(or after as long again without one); 0 or off: no watchdog"),
     ("--memory-reserve", "LAUNCHER_MEMORY_RESERVE", size_bytes, 0, "SIZE",
-     "memory (K, M, G) to keep available; when MemAvailable minus one worker's "
-     "RSS would fall below it, a handoff stops the old worker before starting "
-     "the new one"),
+     "memory (K, M, G) to keep available; when the memory left (MemAvailable, or "
+     "the launcher's cgroup limit minus its usage, whichever is less) minus one "
+     "worker's RSS would fall below it, a handoff stops the old worker before "
+     "starting the new one"),
     ("--mold", "LAUNCHER_MOLD", on_off, "on", "on|off",
      "on: start WORKER_PATH once as a warm mold and fork every worker from it, "
      "in milliseconds and sharing its memory; a worker command that does not "
@@ -605,6 +623,10 @@ METRICS = [
     ("trac_fcgi_worker_requests", "gauge", "slot, pid",
      "requests the worker has finished, as it last reported (at most once a second)"),
     ("trac_fcgi_requests_total", "counter", "", "requests finished by every worker, past and present"),
+    ("trac_fcgi_slow_requests_total", "counter", "",
+     "requests that ran past TRAC_FCGI_SLOW_REQUEST, as every worker past and present reported them (SLOW=n)"),
+    ("trac_fcgi_stuck_requests_total", "counter", "",
+     "requests that ran past TRAC_FCGI_REQUEST_TIMEOUT, as every worker past and present reported them (STUCK=n)"),
     ("trac_fcgi_recycles_total", "counter", "reason",
      "serving workers that left their slot, by reason (every reason is listed, from 0)"),
     ("trac_fcgi_crashes_total", "counter", "",
@@ -616,6 +638,16 @@ METRICS = [
      "replacements killed for staying silent past --ready-timeout (the old worker kept serving)"),
     ("trac_fcgi_stop_then_start_total", "counter", "",
      "handoffs made break-before-make, because --memory-reserve left no room for two workers"),
+    ("trac_fcgi_unresponsive_kills_total", "counter", "",
+     "workers and molds SIGKILLed for staying silent past --watchdog-timeout after a WATCHDOG=1"),
+    ("trac_fcgi_stale_molds_total", "counter", "",
+     "molds replaced because what they warmed no longer matched the disk (MOLD_STALE: trac.ini, plugins, upgrade)"),
+    ("trac_fcgi_memory_available_bytes", "gauge", "",
+     "MemAvailable from /proc/meminfo, when the file was written"),
+    ("trac_fcgi_cgroup_memory_limit_bytes", "gauge", "",
+     "the memory limit of the launcher's cgroup (v2 memory.max, v1 memory.limit_in_bytes); absent if none"),
+    ("trac_fcgi_cgroup_memory_usage_bytes", "gauge", "",
+     "the memory its cgroup uses (v2 memory.current, v1 memory.usage_in_bytes); absent if no limit"),
     ("trac_fcgi_handoff_seconds", "histogram", "",
      "from a replacement asked for to the old worker told to go (make before break: mostly the warm-up)"),
     ("trac_fcgi_drain_seconds", "histogram", "", "from a worker told to go to its exit"),
@@ -626,12 +658,14 @@ METRICS = [
 ]
 
 # Why a serving worker left its slot: the values of trac_fcgi_recycles_total's
-# reason label.  Workers name the first four in RECYCLE=reason notify lines.
+# reason label.  Workers name the first five in RECYCLE=reason notify lines.
 RECYCLE_REASONS = {
     "requests": "it reached TRAC_FCGI_MAX_REQUESTS and asked for its replacement",
     "rss": "it reached its soft memory mark (TRAC_FCGI_SOFT_RSS) and asked for its replacement",
     "age": "it reached TRAC_FCGI_MAX_LIFETIME and asked for its replacement",
     "max_rss": "it reached TRAC_FCGI_MAX_RSS before its replacement was ready, and stopped accepting at once",
+    "stuck": "a request of its ran past TRAC_FCGI_REQUEST_TIMEOUT, and it asked for its replacement",
+    "unresponsive": "it sent no WATCHDOG=1 for --watchdog-timeout: replaced, and SIGKILLed as it cannot drain",
     "asked": "it sent SIGUSR1 without saying why (a worker other than trac_fcgi.py)",
     "rolling": "a rolling restart: SIGHUP, or SIGUSR1 from a process that is not a worker",
     "slot-removed": "SIGTTOU removed its slot",
@@ -681,7 +715,11 @@ class Tally:
         self.abandoned = 0
         self.ready_timeouts = 0
         self.stop_then_start = 0
+        self.unresponsive_kills = 0
+        self.stale_molds = 0
         self.requests_of_past_workers = 0
+        self.slow_of_past_workers = 0
+        self.stuck_of_past_workers = 0
         self.histograms = {name: Histogram(bounds) for name, bounds in HISTOGRAM_BUCKETS.items()}
 
     def recycled(self, reason):
@@ -757,13 +795,22 @@ def write_atomically(path, text):
         raise
 
 
-def metrics_values(tally, slots, ready, workers, listener):
-    """The figures for one write.  WORKERS: (slot, pid, role, age_s, requests) of each live worker.
+def metrics_values(tally, slots, ready, workers, listener, slow=0, stuck=0):
+    """The figures for one write.  WORKERS: (slot, pid, role, age_s, requests) of each live worker;
+    SLOW and STUCK: the live workers' own counts, summed.
 
     Memory and the backlog are read now, from /proc and the kernel.
     """
+    limit = cgroup_memory()
     values = {"trac_fcgi_slots": slots, "trac_fcgi_workers": ready,
               "trac_fcgi_requests_total": tally.requests_of_past_workers + sum(w[4] for w in workers),
+              "trac_fcgi_slow_requests_total": tally.slow_of_past_workers + slow,
+              "trac_fcgi_stuck_requests_total": tally.stuck_of_past_workers + stuck,
+              "trac_fcgi_unresponsive_kills_total": tally.unresponsive_kills,
+              "trac_fcgi_stale_molds_total": tally.stale_molds,
+              "trac_fcgi_memory_available_bytes": memory_available(),
+              "trac_fcgi_cgroup_memory_limit_bytes": limit and limit[0],
+              "trac_fcgi_cgroup_memory_usage_bytes": limit and limit[1],
               "trac_fcgi_recycles_total": {(reason,): count for reason, count in tally.recycles.items()},
               "trac_fcgi_crashes_total": tally.crashes,
               "trac_fcgi_abandoned_requests_total": tally.abandoned,
@@ -919,6 +966,13 @@ def status_table(text, written_s_ago):
         one("trac_fcgi_requests_total") or 0, one("trac_fcgi_crashes_total") or 0,
         one("trac_fcgi_abandoned_requests_total") or 0,
         "unknown" if backlog is None else "%d of %d" % (backlog, one("trac_fcgi_listen_backlog_limit") or 0)))
+    lines.append("%d slow requests; %d stuck requests; %d unresponsive kills; %d stale molds replaced" % (
+        one("trac_fcgi_slow_requests_total") or 0, one("trac_fcgi_stuck_requests_total") or 0,
+        one("trac_fcgi_unresponsive_kills_total") or 0, one("trac_fcgi_stale_molds_total") or 0))
+    limit = one("trac_fcgi_cgroup_memory_limit_bytes")
+    if limit is not None:
+        lines.append("cgroup memory: %s used of %s" % (mebibytes(one("trac_fcgi_cgroup_memory_usage_bytes")),
+                                                       mebibytes(limit)))
     recycles = {dict(pairs)["reason"]: value for pairs, value in metrics.get("trac_fcgi_recycles_total", {}).items()}
     lines.append("recycles: " + (", ".join("%s %d" % (reason, count) for reason, count in
                                            sorted(recycles.items(), key=lambda item: -item[1]) if count)
@@ -998,7 +1052,11 @@ class Worker:
         self.said_stopping = False  # sent STOPPING=1: it exits of its own accord
         self.memory = (None, None)  # (PSS, private) when told to go: a dead process has none
         self.requests = 0           # finished requests, as it last reported (REQUESTS=n)
+        self.slow = self.stuck = 0  # its slow and stuck requests so far (SLOW=n, STUCK=n)
         self.recycle_reason = None  # why it leaves its slot, once known: a RECYCLE_REASONS key
+        self.speaks_notify = False  # said READY=1 by notify: ours, so SIGUSR2 logs its stacks
+        self.heard = None           # its last WATCHDOG=1; None: never sent one, the watchdog leaves it be
+        self.unresponsive = None    # when the watchdog found it silent, until it speaks again
 
     def age(self, now):
         return now - self.started
@@ -1010,6 +1068,9 @@ class MoldProcess:
     def __init__(self, pid, now):
         self.pid, self.started = pid, now
         self.ready = False
+        self.heard = None   # its last WATCHDOG=1, as a worker's
+        self.stale = None   # MOLD_STALE's reason: what it warmed no longer matches the disk
+        self.refresh_deferred = False  # its refresh waits for MOLD_REFRESH_MIN_S, as logged once
 
 
 class Slot:
@@ -1027,9 +1088,10 @@ class Slot:
 
 class LauncherCore:
     def __init__(self, slots, ready_timeout, stop_timeout, log=log, memory_shortage=lambda pid: None,
-                 mold=False, memory_of=lambda pid: (None, None)):
+                 mold=False, memory_of=lambda pid: (None, None), watchdog_timeout=None):
         self.slots = [Slot(number) for number in range(slots)]
         self.ready_timeout, self.stop_timeout = ready_timeout, stop_timeout
+        self.watchdog_timeout = watchdog_timeout  # None: no watchdog
         self.log = log
         # None if a replacement fits in memory beside worker PID, else the facts of why not.
         self.memory_shortage = memory_shortage
@@ -1054,6 +1116,8 @@ class LauncherCore:
         self.mold_not_before = 0.0
         self.slots_wait_for_mold = mold   # at start, slots wait for the first mold's answer
         self.restart_after_mold = None    # a SIGHUP's rolling restart, waiting for its new mold
+        self.next_mold = None             # warming to replace a stale mold, which forks meanwhile
+        self.mold_refreshed = None        # when a stale mold last had a new one started
 
     # -- what the state says, derived where it is needed --------------------
 
@@ -1084,6 +1148,7 @@ class LauncherCore:
             signal.SIGTERM: self.on_term,
             signal.SIGINT: self.on_term,
             signal.SIGQUIT: self.on_quit,
+            signal.SIGUSR2: self.on_usr2,
         }.get(signum)
         if policy is None:
             return self.log("ignored", signal=signal_name(signum), sender=sender)
@@ -1099,8 +1164,9 @@ class LauncherCore:
         self.back_off(slot, now)
 
     def notified(self, pid, fields, now):
-        if self.mold is not None and pid == self.mold.pid:
-            return self.mold_said(fields, now)
+        for mold in (self.mold, self.next_mold):
+            if mold is not None and pid == mold.pid:
+                return self.mold_said(mold, fields, now)
         worker = self.workers.get(pid)
         if worker is None:
             if fields.get("READY") == "1" and self.mold_on:
@@ -1108,15 +1174,21 @@ class LauncherCore:
                 # is our child, and would serve outside any slot.
                 self.actions.append((STRAY, pid))
             return  # else not one of ours: the kernel vouches for the pid
+        if fields.get("WATCHDOG") == "1":
+            self.heard_from(worker, now)
         if fields.get("READY") == "1":
-            self.workers_speak_notify = True
+            self.workers_speak_notify = worker.speaks_notify = True
             self.became_ready(worker, "notify", now)
         if fields.get("STOPPING") == "1":
             worker.said_stopping = True
-        # For the metrics: a worker's own word on its count, on what it gave
+        # For the metrics: a worker's own word on its counts, on what it gave
         # up when it drained, and on why it asked to go (the latest wins).
         if fields.get("REQUESTS", "").isdigit():
             worker.requests = int(fields["REQUESTS"])
+        if fields.get("SLOW", "").isdigit():
+            worker.slow = int(fields["SLOW"])
+        if fields.get("STUCK", "").isdigit():
+            worker.stuck = int(fields["STUCK"])
         if fields.get("ABANDONED", "").isdigit():
             self.tally.abandoned += int(fields["ABANDONED"])
         if "RECYCLE" in fields:
@@ -1137,6 +1209,8 @@ class LauncherCore:
                  pss=pss, private=private, **how)
         planned = worker.told_to_go is not None or (worker.said_stopping and code == 0)
         self.tally.requests_of_past_workers += worker.requests
+        self.tally.slow_of_past_workers += worker.slow
+        self.tally.stuck_of_past_workers += worker.stuck
         if drain_s is not None:
             self.tally.observe("trac_fcgi_drain_seconds", drain_s)
         if not planned and self.stopping_since is None:
@@ -1171,6 +1245,8 @@ class LauncherCore:
             # New code or configuration: a new mold first (tick() starts it),
             # then every worker from it, make-before-break; the old mold goes last.
             self.log("new-mold", reason="SIGHUP", old=self.mold and self.mold.pid)
+            # A mold warming to replace a stale one may have imported the old code.
+            self.drop_next_mold("SIGHUP", now)
             self.old_mold, self.mold = self.mold, None
             self.mold_unavailable, self.mold_not_before = False, 0.0
             self.restart_after_mold = "SIGHUP"
@@ -1199,10 +1275,10 @@ class LauncherCore:
             self.log("stopping", workers=len(self.workers), timeout_s=self.stop_timeout)
             for worker in list(self.workers.values()):
                 self.tell_to_go(worker, "launcher stopping", now)
-            for mold in (self.mold, self.old_mold):
+            for mold in (self.mold, self.old_mold, self.next_mold):
                 if mold is not None:
                     self.actions.append((RETIRE_MOLD, mold.pid))
-            self.mold = self.old_mold = None
+            self.mold = self.old_mold = self.next_mold = None
 
     def on_quit(self, sender, now):
         if self.stopping_since is None:
@@ -1211,6 +1287,14 @@ class LauncherCore:
         for worker in list(self.workers.values()):
             self.kill(worker, "SIGQUIT")
         self.kill_molds("SIGQUIT")
+
+    def on_usr2(self, sender, now):
+        # Only ours handle it: a stock trac.fcgi would die of SIGUSR2, and the
+        # mold, which serves nobody, has no requests to show.
+        asked = sorted(pid for pid, worker in self.workers.items() if worker.speaks_notify and not worker.killed)
+        self.log("stacks-asked", workers=len(asked))
+        for pid in asked:
+            self.actions.append((SIGNAL, pid, signal.SIGUSR2))
 
     # -- the handoff ------------------------------------------------------------
 
@@ -1289,6 +1373,10 @@ class LauncherCore:
             worker.told_to_go = now
             worker.role = "draining"
             worker.memory = self.memory_of(worker.pid)
+            if self.silent(worker, now):
+                # Its loop does not run, so a SIGHUP would wait for a handler
+                # that never comes: it cannot drain, and only SIGKILL frees its slot.
+                return self.kill_unresponsive(worker, reason)
             self.log("hup", slot=worker.slot.number, pid=worker.pid, reason=reason, handoff_s=handoff_s)
             self.actions.append((SIGNAL, worker.pid, signal.SIGHUP))
 
@@ -1307,6 +1395,68 @@ class LauncherCore:
             worker.killed = True
             self.log("kill", slot=worker.slot.number, pid=worker.pid, reason=reason)
             self.actions.append((SIGNAL, worker.pid, signal.SIGKILL))
+
+    # -- the watchdog -------------------------------------------------------------
+    #
+    # A worker that has sent WATCHDOG=1 promises one every quarter of
+    # --watchdog-timeout (systemd's contract); one that never did (a stock
+    # trac.fcgi) is left be.  Silent past the timeout, it is unresponsive:
+    # frozen (SIGSTOP), deadlocked, or held by a C call that keeps the GIL.
+    # Its slot is replaced make-before-break, and the silent one is SIGKILLed
+    # once the replacement is ready; if none is ready after as long again
+    # (its replacement keeps failing), it is SIGKILLed anyway so that the slot
+    # can respawn.  Requests it held are lost either way: it was not serving them.
+
+    def heard_from(self, worker, now):
+        worker.heard = now
+        if worker.unresponsive is not None:
+            # Its replacement, asked for already, goes on; it drains as any worker would.
+            self.log("responsive", slot=worker.slot.number, pid=worker.pid, silent_s=now - worker.unresponsive)
+            worker.unresponsive = None
+
+    def silent(self, process, now):
+        """Whether PROCESS (a worker or a mold) has broken its WATCHDOG=1 promise by NOW."""
+        return (self.watchdog_timeout is not None and process.heard is not None
+                and now - process.heard >= self.watchdog_timeout)
+
+    def watch(self, now):
+        """Find the workers that went silent, and act on them; return the deadlines."""
+        if self.watchdog_timeout is None:
+            return []
+        deadlines = []
+        for worker in list(self.workers.values()):
+            if worker.heard is None or worker.killed:
+                continue
+            if not self.silent(worker, now):
+                deadlines.append(worker.heard + self.watchdog_timeout)
+                continue
+            if worker.unresponsive is None:
+                worker.unresponsive = now
+                self.log("unresponsive", level=0, slot=worker.slot.number, pid=worker.pid, role=worker.role,
+                         silent_s=now - worker.heard)
+                if worker.role != "serving":
+                    # Draining, or a replacement that went quiet: nothing waits for it.
+                    self.tell_to_go(worker, "unresponsive", now)
+                    self.kill_unresponsive(worker, "unresponsive while %s" % worker.role)
+                    continue
+                worker.recycle_reason = "unresponsive"
+                self.ask_for_handoff(worker.slot, "unresponsive", now)
+            if worker.role == "serving":
+                give_up = worker.unresponsive + self.watchdog_timeout
+                if now < give_up:
+                    deadlines.append(give_up)
+                    continue
+                # No replacement got ready in as long again: free the slot, so it can respawn.
+                slot = worker.slot
+                asked, slot.handoff_asked = slot.handoff_asked, None
+                self.tell_to_go(worker, "no replacement ready within --watchdog-timeout", now,
+                                handoff_s=None if asked is None else now - asked)
+        return deadlines
+
+    def kill_unresponsive(self, worker, reason):
+        if not worker.killed:
+            self.tally.unresponsive_kills += 1
+            self.kill(worker, reason)
 
     # -- births and deaths --------------------------------------------------------
 
@@ -1331,25 +1481,48 @@ class LauncherCore:
     # past --ready-timeout without ever having said MOLD=1 does not speak the
     # mold protocol (a stock trac.fcgi): it is killed (it never had the
     # socket, so it served nobody) and every worker is exec'd until a SIGHUP,
-    # new code, tries again.  A mold that did say MOLD=1 and then dies or
-    # does not answer is restarted with a backoff.
+    # new code, tries again.  A mold that did say MOLD=1 and then dies, does
+    # not answer or goes silent past --watchdog-timeout is restarted with a
+    # backoff.
+    #
+    # A mold that says MOLD_STALE=reason (trac.ini, plugins/ or the database
+    # changed under what it warmed) is refreshed make-before-break: a new mold
+    # warms while the stale one goes on forking, and takes over once it says
+    # MOLD=1.  Serving workers reload their environment themselves; only new
+    # forks need a fresh mold, so this is no rolling restart.
 
     def mold_started(self, pid, now):
-        self.mold = MoldProcess(pid, now)
+        # A mold is started only when there is none, or to refresh a stale one.
+        if self.mold is None:
+            self.mold = MoldProcess(pid, now)
+        else:
+            self.next_mold = MoldProcess(pid, now)
         self.molds.add(pid)
         self.log("mold-start", pid=pid)
 
     def mold_start_failed(self, error, now):
         self.log("mold-spawn-failed", level=0, error=error)
+        if self.mold is not None:
+            return self.log("mold-refresh-failed", level=0, pid=self.mold.pid, reason="cannot start: %s" % error)
         self.mold_gone(None, "cannot start: %s" % error, True, now)
 
-    def mold_said(self, fields, now):
-        if fields.get("MOLD") == "1" and not self.mold.ready:
-            self.mold.ready = True
-            self.log("mold-ready", pid=self.mold.pid, ready_s=now - self.mold.started)
-            self.mold_answered(now)
-        elif fields.get("READY") == "1" and not self.mold.ready:
-            self.mold_gone(self.mold, "said READY=1, not MOLD=1", True, now)
+    def mold_said(self, mold, fields, now):
+        if fields.get("WATCHDOG") == "1":
+            mold.heard = now
+        if fields.get("MOLD") == "1" and not mold.ready:
+            mold.ready = True
+            self.log("mold-ready", pid=mold.pid, ready_s=now - mold.started)
+            if mold is self.next_mold:
+                self.log("mold-refreshed", pid=mold.pid, old=self.mold.pid, reason=self.mold.stale)
+                self.actions.append((RETIRE_MOLD, self.mold.pid))
+                self.mold, self.next_mold = mold, None
+            else:
+                self.mold_answered(now)
+        elif fields.get("READY") == "1" and not mold.ready:
+            self.mold_gone(mold, "said READY=1, not MOLD=1", True, now)
+        if fields.get("MOLD_STALE") and mold is self.mold and mold.ready and mold.stale is None:
+            mold.stale = fields["MOLD_STALE"]
+            self.log("mold-stale", pid=mold.pid, reason=mold.stale)
 
     def mold_to_fork_from(self):
         """The pid of the mold to ask for a worker, or None: exec it."""
@@ -1363,19 +1536,34 @@ class LauncherCore:
         self.molds.discard(pid)
         self.molds_killed.discard(pid)
         self.log("mold-exit", pid=pid, **how)
-        if self.mold is not None and pid == self.mold.pid:
-            self.mold_gone(self.mold, "exited", not self.mold.ready, now)
+        for mold in (self.mold, self.next_mold):
+            if mold is not None and pid == mold.pid:
+                self.mold_gone(mold, "exited", not mold.ready, now)
+
+    def drop_next_mold(self, reason, now):
+        """Give up on the mold warming to replace a stale one: the stale one goes on forking."""
+        mold, self.next_mold = self.next_mold, None
+        if mold is not None:
+            self.log("mold-refresh-failed", level=0, pid=mold.pid, reason=reason)
+            self.end_mold(mold)
+
+    def end_mold(self, mold):
+        self.actions.append((RETIRE_MOLD, mold.pid))
+        if mold.pid in self.molds and mold.pid not in self.molds_killed:
+            self.molds_killed.add(mold.pid)
+            self.actions.append((SIGNAL, mold.pid, signal.SIGKILL))
 
     def mold_gone(self, mold, reason, unavailable, now):
         """MOLD is no more use (None: it never started); UNAVAILABLE: it never answered as a mold."""
+        if mold is not None and mold is self.next_mold:
+            # Its stale predecessor forks until the next try (see tend_mold).
+            return self.drop_next_mold(reason, now)
         if mold is not None:
             if now - mold.started >= DEATH_WINDOW_S:
                 self.mold_crashes = 0
-            self.actions.append((RETIRE_MOLD, mold.pid))
-            if mold.pid in self.molds and mold.pid not in self.molds_killed:
-                self.molds_killed.add(mold.pid)
-                self.actions.append((SIGNAL, mold.pid, signal.SIGKILL))
-        self.mold = None
+            self.end_mold(mold)
+        # A mold warming to refresh this one takes its place, ready or not.
+        self.mold, self.next_mold = self.next_mold, None
         if unavailable:
             self.mold_unavailable = True
             self.log("mold-unavailable", level=0, pid=mold and mold.pid, reason=reason,
@@ -1396,16 +1584,49 @@ class LauncherCore:
             self.rolling_restart(reason, now)
 
     def tend_mold(self, now):
-        """Start a mold when one is due, give up on a silent one; return the deadlines."""
+        """Start a mold when one is due, give up on a silent one, refresh a stale one; return the deadlines."""
+        deadlines = []
+        if self.next_mold is not None and not self.next_mold.ready:
+            deadline = self.next_mold.started + self.ready_timeout
+            if now < deadline:
+                deadlines.append(deadline)
+            else:
+                self.drop_next_mold("silent past --ready-timeout", now)
+        if self.mold is not None and self.mold.ready and self.watchdog_timeout is not None:
+            if self.silent(self.mold, now):
+                self.log("unresponsive", level=0, pid=self.mold.pid, role="mold", silent_s=now - self.mold.heard)
+                self.tally.unresponsive_kills += 1
+                self.mold_gone(self.mold, "unresponsive", False, now)
+            elif self.mold.heard is not None:
+                deadlines.append(self.mold.heard + self.watchdog_timeout)
         if self.mold is not None and not self.mold.ready:
             deadline = self.mold.started + self.ready_timeout
             if now < deadline:
-                return [deadline]
+                return deadlines + [deadline]
             self.mold_gone(self.mold, "silent past --ready-timeout", True, now)
         if self.mold is None and not self.mold_unavailable:
             if now < self.mold_not_before:
-                return [self.mold_not_before]
+                return deadlines + [self.mold_not_before]
             self.actions.append((START_MOLD,))
+            return deadlines
+        return deadlines + self.refresh_mold(now)
+
+    def refresh_mold(self, now):
+        """Start a new mold for a stale one, at most one per MOLD_REFRESH_MIN_S; return the deadlines."""
+        mold = self.mold
+        if (mold is None or mold.stale is None or self.next_mold is not None or self.restart_after_mold
+                or self.stopping_since is not None):
+            return []
+        due = -float("inf") if self.mold_refreshed is None else self.mold_refreshed + MOLD_REFRESH_MIN_S
+        if now < due:
+            if not mold.refresh_deferred:
+                mold.refresh_deferred = True
+                self.log("mold-refresh-deferred", pid=mold.pid, reason=mold.stale, wait_s=due - now)
+            return [due]
+        self.mold_refreshed = now
+        self.tally.stale_molds += 1
+        self.log("new-mold", reason=mold.stale, old=mold.pid)
+        self.actions.append((START_MOLD,))
         return []
 
     def kill_molds(self, reason):
@@ -1446,6 +1667,7 @@ class LauncherCore:
                     self.ready_timed_out(worker, now)
                 else:
                     wake.append(deadline)
+        wake += self.watch(now)
         wake += self.start_next_handoff(now)
         if self.rolling and all(slot.handoff_asked is None for slot in self.slots):
             self.rolling = False
@@ -1494,7 +1716,7 @@ class Launcher:
         self.path, self.argv = path, argv
         self.core = LauncherCore(settings.workers, settings.ready_timeout, settings.stop_timeout,
                                  memory_shortage=self.memory_shortage, mold=settings.mold and can_adopt(),
-                                 memory_of=shared_memory)
+                                 memory_of=shared_memory, watchdog_timeout=settings.watchdog_timeout)
         self.molds = {}              # pid -> Mold, each mold's socket pair until it is retired
         self.notify = open_notify_socket()
         self.systemd = Systemd(os.environ.get("NOTIFY_SOCKET"))
@@ -1506,8 +1728,12 @@ class Launcher:
 
     def worker_environment(self):
         environ = dict(os.environ)
-        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        # WATCHDOG_PID was systemd's, for us: a worker must not think it is watched by pid.
+        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "WATCHDOG_PID", "WATCHDOG_USEC"):
             environ.pop(name, None)
+        if self.settings.watchdog_timeout is not None:
+            # systemd's own contract (sd_watchdog_enabled): WATCHDOG=1 every quarter of this.
+            environ["WATCHDOG_USEC"] = str(int(self.settings.watchdog_timeout * 1e6))
         environ["LAUNCHER_PID"] = str(os.getpid())
         # Ours, never systemd's: the workers report to us, and we to systemd.
         environ["NOTIFY_SOCKET"] = "@" + NOTIFY_NAME % os.getpid()
@@ -1644,9 +1870,11 @@ class Launcher:
         self.metrics_written, self.metrics_changed = now, False
         core = self.core
         workers = [(w.slot.number, w.pid, w.role, w.age(now), w.requests) for w in core.workers.values()]
+        slow, stuck = (sum(getattr(w, name) for w in core.workers.values()) for name in ("slow", "stuck"))
         try:
             write_atomically(self.settings.metrics_file, render_metrics(
-                metrics_values(core.tally, len(core.slots), core.ready_workers(), workers, self.listener)))
+                metrics_values(core.tally, len(core.slots), core.ready_workers(), workers, self.listener,
+                               slow=slow, stuck=stuck)))
         except OSError as error:
             if error.strerror != self.metrics_failure:
                 log("metrics-write-failed", level=0, path=self.settings.metrics_file, error=error.strerror)
@@ -1658,13 +1886,18 @@ class Launcher:
         return now + METRICS_EVERY_S
 
     def memory_shortage(self, pid):
+        """None if a replacement fits beside worker PID, else the facts of why not, and which limit decided."""
         reserve = self.settings.memory_reserve
         if not reserve:
             return None
-        rss, available = resident_bytes(pid), memory_available()
-        if available - rss >= reserve:
+        rss, available, cgroup = resident_bytes(pid), memory_available(), cgroup_memory()
+        left, limit = available, "MemAvailable"
+        if cgroup and cgroup[0] - cgroup[1] < available:
+            left, limit = cgroup[0] - cgroup[1], "cgroup"
+        if left - rss >= reserve:
             return None
-        return {"rss": rss, "mem_available": available, "reserve": reserve}
+        return {"limit": limit, "rss": rss, "mem_available": available, "cgroup_limit": cgroup and cgroup[0],
+                "cgroup_usage": cgroup and cgroup[1], "reserve": reserve}
 
     def loop_error(self, error):
         # The traceback once per place it comes from; after that, one line.
@@ -1703,6 +1936,80 @@ def memory_available():
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+# cgroup v1 writes "no limit" as the largest multiple of the page size below 2**63.
+CGROUP_NO_LIMIT = 1 << 60
+
+
+def cgroup_memory():
+    """(limit, usage) bytes of the tightest memory-limited cgroup we are in, or None if none limits us.
+
+    The kernel enforces the cgroup's limit, not the host's MemAvailable: under
+    systemd's MemoryMax= or in a container a handoff that fits the host can
+    still meet the cgroup's OOM killer.  Each level from ours up to the
+    hierarchy's root may have a limit, and the one with the least room left
+    decides.  Usage leaves out the inactive file cache (memory.stat), which
+    the kernel reclaims before it kills: the "working set" that kubelet and
+    docker compare with the limit too.
+    """
+    try:
+        with open("/proc/self/cgroup") as lines:
+            memberships = [line.rstrip("\n").split(":", 2) for line in lines]
+        with open("/proc/self/mountinfo") as lines:
+            mounts = [line.split() for line in lines]
+    except OSError:
+        return None
+    v1 = [path for _, controllers, path in memberships if "memory" in controllers.split(",")]
+    v2 = [path for hierarchy, controllers, path in memberships if hierarchy == "0" and not controllers]
+    for fstype, path, limit_name, usage_name, cache_name in (
+            ("cgroup", v1, "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+            ("cgroup2", v2, "memory.max", "memory.current", "inactive_file")):
+        if not path:
+            continue
+        for fields in mounts:
+            # mountinfo: ID PARENT DEV ROOT MOUNTPOINT OPTIONS... - FSTYPE SOURCE SUPEROPTIONS
+            dash = fields.index("-") if "-" in fields else len(fields)
+            if dash + 1 >= len(fields) or fields[dash + 1] != fstype:
+                continue
+            if fstype == "cgroup" and "memory" not in fields[-1].split(","):
+                continue
+            root, mountpoint = fields[3], fields[4]
+            relative = os.path.relpath(path[0], root)
+            if relative.startswith(".."):
+                continue  # our cgroup is not under what this mount shows
+            tightest = None
+            directory = os.path.normpath(os.path.join(mountpoint, relative))
+            while True:
+                room = cgroup_level(directory, limit_name, usage_name, cache_name)
+                if room and (tightest is None or room[0] - room[1] < tightest[0] - tightest[1]):
+                    tightest = room
+                if directory == mountpoint or len(directory) <= len(mountpoint):
+                    break
+                directory = os.path.dirname(directory)
+            if tightest:
+                return tightest
+    return None
+
+
+def cgroup_level(directory, limit_name, usage_name, cache_name):
+    """(limit, usage) of one cgroup directory, or None if it sets no limit or cannot be read."""
+    try:
+        with open(os.path.join(directory, limit_name)) as source:
+            text = source.read().strip()
+        if text == "max" or int(text) >= CGROUP_NO_LIMIT:
+            return None
+        with open(os.path.join(directory, usage_name)) as source:
+            usage = int(source.read())
+        cache = 0
+        with open(os.path.join(directory, "memory.stat")) as stat_lines:
+            for line in stat_lines:
+                key, _, value = line.partition(" ")
+                if key == cache_name:
+                    cache = int(value)
+        return int(text), max(0, usage - cache)
+    except (OSError, ValueError):
+        return None
 
 
 def close_inherited_fds(keep):
