@@ -1086,6 +1086,238 @@ class Slot:
         self.deaths = []            # when its ready workers died unplanned, within DEATH_WINDOW_S
 
 
+class Molds:
+    """The mold's life: every mold process, which one workers are forked from, and when to start another.
+
+    Pure, as LauncherCore is: events come in with the time, actions go out
+    through ACT, and tend() does what is due and returns its deadlines.  At
+    most three molds live at once, each for a reason of its own: `current`,
+    the one workers are forked from once it is ready; `retiring`, the one a
+    SIGHUP replaced, kept until the rolling restart from the new one is done;
+    and `next`, warming to replace a stale `current`, which forks meanwhile.
+
+    Workers are forked from `current` while it is ready and exec'd otherwise,
+    so no slot waits on a mold, but at start for the first one's answer.  A
+    process started as the mold that exits, says READY=1 or stays silent past
+    --ready-timeout without ever having said MOLD=1 does not speak the mold
+    protocol (a stock trac.fcgi): it is killed (it never had the socket, so
+    it served nobody) and every worker is exec'd until a SIGHUP, new code,
+    tries again.  A mold that did say MOLD=1 and then dies, does not answer
+    or goes silent past --watchdog-timeout is restarted with a backoff.
+
+    A mold that says MOLD_STALE=reason (trac.ini, plugins/ or the database
+    changed under what it warmed) is refreshed make-before-break, at most
+    once per MOLD_REFRESH_MIN_S.  Serving workers reload their environment
+    themselves; only new forks need a fresh mold, so this is no rolling restart.
+    """
+
+    def __init__(self, enabled, ready_timeout, watchdog_timeout, log, act, tally, answered):
+        self.enabled = enabled                # --mold on, and we can adopt forked workers
+        self.ready_timeout, self.watchdog_timeout = ready_timeout, watchdog_timeout
+        self.log, self.act, self.tally = log, act, tally
+        self.answered_hook = answered         # called with a SIGHUP's reason once its new mold answered
+        self.current = self.retiring = self.next = None
+        self.pids = set()                     # every mold process not reaped yet
+        self.killed = set()                   # SIGKILL is sent once
+        self.unavailable = not enabled        # the worker command does not answer as a mold
+        self.crashes = 0
+        self.not_before = 0.0
+        self.slots_wait = enabled             # at start, slots wait for the first mold's answer
+        self.restart_after = None             # a SIGHUP's rolling restart, waiting for its new mold
+        self.refreshed = None                 # when a stale mold last had a new one started
+        self.stopping = False
+
+    # -- what the state says ----------------------------------------------------
+
+    def fork_from(self):
+        """The pid of the mold to ask for a worker, or None: exec it."""
+        ready = self.current is not None and self.current.ready and not self.stopping
+        return self.current.pid if ready else None
+
+    def owns(self, pid):
+        return pid in self.pids
+
+    def speaking(self, pid):
+        """The mold whose notify messages count, if PID is one: the current one or the next."""
+        return next((m for m in (self.current, self.next) if m is not None and m.pid == pid), None)
+
+    def silent(self, mold, now):
+        return (self.watchdog_timeout is not None and mold.heard is not None
+                and now - mold.heard >= self.watchdog_timeout)
+
+    # -- events -------------------------------------------------------------------
+
+    def started(self, pid, now):
+        # A mold is started only when there is none, or to refresh a stale one.
+        if self.current is None:
+            self.current = MoldProcess(pid, now)
+        else:
+            self.next = MoldProcess(pid, now)
+        self.pids.add(pid)
+        self.log("mold-start", pid=pid)
+
+    def start_failed(self, error, now):
+        self.log("mold-spawn-failed", level=0, error=error)
+        if self.current is not None:
+            return self.log("mold-refresh-failed", level=0, pid=self.current.pid, reason="cannot start: %s" % error)
+        self.gone(None, "cannot start: %s" % error, True, now)
+
+    def said(self, mold, fields, now):
+        if fields.get("WATCHDOG") == "1":
+            mold.heard = now
+        if fields.get("MOLD") == "1" and not mold.ready:
+            mold.ready = True
+            self.log("mold-ready", pid=mold.pid, ready_s=now - mold.started)
+            if mold is self.next:
+                self.log("mold-refreshed", pid=mold.pid, old=self.current.pid, reason=self.current.stale)
+                self.act((RETIRE_MOLD, self.current.pid))
+                self.current, self.next = mold, None
+            else:
+                self.answered(now)
+        elif fields.get("READY") == "1" and not mold.ready:
+            self.gone(mold, "said READY=1, not MOLD=1", True, now)
+        if fields.get("MOLD_STALE") and mold is self.current and mold.ready and mold.stale is None:
+            mold.stale = fields["MOLD_STALE"]
+            self.log("mold-stale", pid=mold.pid, reason=mold.stale)
+
+    def did_not_answer(self, now):
+        self.gone(self.current, "no answer to a fork request", False, now)
+
+    def exited(self, pid, how, now):
+        self.pids.discard(pid)
+        self.killed.discard(pid)
+        self.log("mold-exit", pid=pid, **how)
+        for mold in (self.current, self.next):
+            if mold is not None and pid == mold.pid:
+                self.gone(mold, "exited", not mold.ready, now)
+
+    # -- policy ---------------------------------------------------------------------
+
+    def hup(self, now):
+        """SIGHUP: a new mold first, if there are molds; True if the rolling restart waits for it."""
+        if not self.enabled or self.stopping or self.restart_after:
+            return False
+        # New code or configuration: a new mold first (tend() starts it),
+        # then every worker from it, make-before-break; the old mold goes last.
+        self.log("new-mold", reason="SIGHUP", old=self.current and self.current.pid)
+        # A mold warming to replace a stale one may have imported the old code.
+        self.drop_next("SIGHUP")
+        self.retiring, self.current = self.current, None
+        self.unavailable, self.not_before = False, 0.0
+        self.restart_after = "SIGHUP"
+        return True
+
+    def rolling_done(self):
+        if self.retiring is not None:
+            self.act((RETIRE_MOLD, self.retiring.pid))
+            self.retiring = None
+
+    def stop(self):
+        """A graceful stop: every mold is retired (it exits when its socket pair closes)."""
+        self.stopping = True
+        for mold in (self.current, self.retiring, self.next):
+            if mold is not None:
+                self.act((RETIRE_MOLD, mold.pid))
+        self.current = self.retiring = self.next = None
+
+    def kill_all(self, reason):
+        self.stopping = True
+        for pid in sorted(self.pids - self.killed):
+            self.killed.add(pid)
+            self.log("mold-kill", pid=pid, reason=reason)
+            self.act((SIGNAL, pid, signal.SIGKILL))
+
+    def drop_next(self, reason):
+        """Give up on the mold warming to replace a stale one: the stale one goes on forking."""
+        mold, self.next = self.next, None
+        if mold is not None:
+            self.log("mold-refresh-failed", level=0, pid=mold.pid, reason=reason)
+            self.end(mold)
+
+    def end(self, mold):
+        self.act((RETIRE_MOLD, mold.pid))
+        if mold.pid in self.pids and mold.pid not in self.killed:
+            self.killed.add(mold.pid)
+            self.act((SIGNAL, mold.pid, signal.SIGKILL))
+
+    def gone(self, mold, reason, unavailable, now):
+        """MOLD is no more use (None: it never started); UNAVAILABLE: it never answered as a mold."""
+        if mold is not None and mold is self.next:
+            # Its stale predecessor forks until the next try (see refresh()).
+            return self.drop_next(reason)
+        if mold is not None:
+            if now - mold.started >= DEATH_WINDOW_S:
+                self.crashes = 0
+            self.end(mold)
+        # A mold warming to refresh this one takes its place, ready or not.
+        self.current, self.next = self.next, None
+        if unavailable:
+            self.unavailable = True
+            self.log("mold-unavailable", level=0, pid=mold and mold.pid, reason=reason,
+                     hint="workers are exec'd; a worker command that is trac-fcgi answers as a mold")
+        elif not self.stopping:
+            delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** self.crashes)
+            self.crashes += 1
+            self.not_before = now + delay
+            self.log("mold-failed", level=0, pid=mold and mold.pid, reason=reason, crashes=self.crashes,
+                     delay_s=delay)
+        self.answered(now)
+
+    def answered(self, now):
+        """The mold that slots or a SIGHUP waited for is ready, or there is none: go on."""
+        self.slots_wait = False
+        if self.restart_after:
+            reason, self.restart_after = self.restart_after, None
+            self.answered_hook(reason, now)
+
+    # -- time -------------------------------------------------------------------------
+
+    def tend(self, now):
+        """Start a mold when one is due, give up on a silent one, refresh a stale one; return the deadlines."""
+        deadlines = []
+        if self.next is not None and not self.next.ready:
+            deadline = self.next.started + self.ready_timeout
+            if now < deadline:
+                deadlines.append(deadline)
+            else:
+                self.drop_next("silent past --ready-timeout")
+        current = self.current
+        if current is not None and current.ready and self.silent(current, now):
+            self.log("unresponsive", level=0, pid=current.pid, role="mold", silent_s=now - current.heard)
+            self.tally.unresponsive_kills += 1
+            self.gone(current, "unresponsive", False, now)
+        elif current is not None and current.ready and self.watchdog_timeout and current.heard is not None:
+            deadlines.append(current.heard + self.watchdog_timeout)
+        if self.current is not None and not self.current.ready:
+            deadline = self.current.started + self.ready_timeout
+            if now < deadline:
+                return deadlines + [deadline]
+            self.gone(self.current, "silent past --ready-timeout", True, now)
+        if self.current is None and not self.unavailable and not self.stopping:
+            if now < self.not_before:
+                return deadlines + [self.not_before]
+            self.act((START_MOLD,))
+            return deadlines
+        return deadlines + self.refresh(now)
+
+    def refresh(self, now):
+        """Start a new mold for a stale one, at most one per MOLD_REFRESH_MIN_S; return the deadlines."""
+        mold = self.current
+        if mold is None or mold.stale is None or self.next is not None or self.restart_after or self.stopping:
+            return []
+        due = -float("inf") if self.refreshed is None else self.refreshed + MOLD_REFRESH_MIN_S
+        if now < due:
+            if not mold.refresh_deferred:
+                mold.refresh_deferred = True
+                self.log("mold-refresh-deferred", pid=mold.pid, reason=mold.stale, wait_s=due - now)
+            return [due]
+        self.refreshed = now
+        self.tally.stale_molds += 1
+        self.log("new-mold", reason=mold.stale, old=mold.pid)
+        self.act((START_MOLD,))
+        return []
+
+
 class LauncherCore:
     def __init__(self, slots, ready_timeout, stop_timeout, log=log, memory_shortage=lambda pid: None,
                  mold=False, memory_of=lambda pid: (None, None), watchdog_timeout=None):
@@ -1104,20 +1336,11 @@ class LauncherCore:
         self.told_systemd_ready = False
         self.status = None
         self.tally = Tally()         # what --metrics-file counts over the launcher's life
-        # The mold (see "the mold" below): the one workers are forked from,
-        # the one a SIGHUP replaced, every mold process not reaped yet.
-        self.mold_on = mold               # --mold on
-        self.mold = None
-        self.old_mold = None
-        self.molds = set()
-        self.molds_killed = set()         # SIGKILL is sent once
-        self.mold_unavailable = not mold  # the worker command does not answer as a mold
-        self.mold_crashes = 0
-        self.mold_not_before = 0.0
-        self.slots_wait_for_mold = mold   # at start, slots wait for the first mold's answer
-        self.restart_after_mold = None    # a SIGHUP's rolling restart, waiting for its new mold
-        self.next_mold = None             # warming to replace a stale mold, which forks meanwhile
-        self.mold_refreshed = None        # when a stale mold last had a new one started
+        self.molds = Molds(mold, ready_timeout, watchdog_timeout, log, self.actions_append, self.tally,
+                           answered=self.rolling_restart)
+
+    def actions_append(self, action):
+        self.actions.append(action)  # looked up on each call: the shell takes the list and leaves a new one
 
     # -- what the state says, derived where it is needed --------------------
 
@@ -1134,7 +1357,7 @@ class LauncherCore:
 
     @property
     def finished(self):
-        return self.stopping_since is not None and not self.workers and not self.molds
+        return self.stopping_since is not None and not self.workers and not self.molds.pids
 
     # -- events ---------------------------------------------------------------
 
@@ -1164,12 +1387,12 @@ class LauncherCore:
         self.back_off(slot, now)
 
     def notified(self, pid, fields, now):
-        for mold in (self.mold, self.next_mold):
-            if mold is not None and pid == mold.pid:
-                return self.mold_said(mold, fields, now)
+        mold = self.molds.speaking(pid)
+        if mold is not None:
+            return self.molds.said(mold, fields, now)
         worker = self.workers.get(pid)
         if worker is None:
-            if fields.get("READY") == "1" and self.mold_on:
+            if fields.get("READY") == "1" and self.molds.enabled:
                 # A worker forked by a mold we gave up on while it forked: it
                 # is our child, and would serve outside any slot.
                 self.actions.append((STRAY, pid))
@@ -1197,8 +1420,8 @@ class LauncherCore:
     def exited(self, pid, code, now):
         """CODE is the exit status, or minus the signal number (os.waitstatus_to_exitcode)."""
         how = {"status": code} if code >= 0 else {"signal": signal_name(-code)}
-        if pid in self.molds:
-            return self.mold_exited(pid, how, now)
+        if self.molds.owns(pid):
+            return self.molds.exited(pid, how, now)
         worker = self.workers.pop(pid, None)
         if worker is None:
             return
@@ -1241,16 +1464,8 @@ class LauncherCore:
             self.ask_for_handoff(worker.slot, "worker asked", now)
 
     def on_hup(self, sender, now):
-        if self.mold_on and self.stopping_since is None and not self.rolling and not self.restart_after_mold:
-            # New code or configuration: a new mold first (tick() starts it),
-            # then every worker from it, make-before-break; the old mold goes last.
-            self.log("new-mold", reason="SIGHUP", old=self.mold and self.mold.pid)
-            # A mold warming to replace a stale one may have imported the old code.
-            self.drop_next_mold("SIGHUP", now)
-            self.old_mold, self.mold = self.mold, None
-            self.mold_unavailable, self.mold_not_before = False, 0.0
-            self.restart_after_mold = "SIGHUP"
-        else:
+        # With molds, the rolling restart waits for a new one (Molds.hup).
+        if self.stopping_since is not None or self.rolling or not self.molds.hup(now):
             self.rolling_restart("SIGHUP", now)
 
     def on_ttin(self, sender, now):
@@ -1275,10 +1490,7 @@ class LauncherCore:
             self.log("stopping", workers=len(self.workers), timeout_s=self.stop_timeout)
             for worker in list(self.workers.values()):
                 self.tell_to_go(worker, "launcher stopping", now)
-            for mold in (self.mold, self.old_mold, self.next_mold):
-                if mold is not None:
-                    self.actions.append((RETIRE_MOLD, mold.pid))
-            self.mold = self.old_mold = self.next_mold = None
+            self.molds.stop()
 
     def on_quit(self, sender, now):
         if self.stopping_since is None:
@@ -1286,7 +1498,7 @@ class LauncherCore:
             self.actions.append((SYSTEMD, ("STOPPING=1",)))
         for worker in list(self.workers.values()):
             self.kill(worker, "SIGQUIT")
-        self.kill_molds("SIGQUIT")
+        self.molds.kill_all("SIGQUIT")
 
     def on_usr2(self, sender, now):
         # Only ours handle it: a stock trac.fcgi would die of SIGUSR2, and the
@@ -1473,168 +1685,6 @@ class LauncherCore:
         slot.not_before = now + delay
         self.log("backoff", level=0, slot=slot.number, crashes=slot.crashes, delay_s=delay)
 
-    # -- the mold -------------------------------------------------------------------
-    #
-    # Workers are forked from the mold while it is ready and exec'd otherwise,
-    # so no slot waits on a mold, but at start for the first one's answer.
-    # A process started as the mold that exits, says READY=1 or stays silent
-    # past --ready-timeout without ever having said MOLD=1 does not speak the
-    # mold protocol (a stock trac.fcgi): it is killed (it never had the
-    # socket, so it served nobody) and every worker is exec'd until a SIGHUP,
-    # new code, tries again.  A mold that did say MOLD=1 and then dies, does
-    # not answer or goes silent past --watchdog-timeout is restarted with a
-    # backoff.
-    #
-    # A mold that says MOLD_STALE=reason (trac.ini, plugins/ or the database
-    # changed under what it warmed) is refreshed make-before-break: a new mold
-    # warms while the stale one goes on forking, and takes over once it says
-    # MOLD=1.  Serving workers reload their environment themselves; only new
-    # forks need a fresh mold, so this is no rolling restart.
-
-    def mold_started(self, pid, now):
-        # A mold is started only when there is none, or to refresh a stale one.
-        if self.mold is None:
-            self.mold = MoldProcess(pid, now)
-        else:
-            self.next_mold = MoldProcess(pid, now)
-        self.molds.add(pid)
-        self.log("mold-start", pid=pid)
-
-    def mold_start_failed(self, error, now):
-        self.log("mold-spawn-failed", level=0, error=error)
-        if self.mold is not None:
-            return self.log("mold-refresh-failed", level=0, pid=self.mold.pid, reason="cannot start: %s" % error)
-        self.mold_gone(None, "cannot start: %s" % error, True, now)
-
-    def mold_said(self, mold, fields, now):
-        if fields.get("WATCHDOG") == "1":
-            mold.heard = now
-        if fields.get("MOLD") == "1" and not mold.ready:
-            mold.ready = True
-            self.log("mold-ready", pid=mold.pid, ready_s=now - mold.started)
-            if mold is self.next_mold:
-                self.log("mold-refreshed", pid=mold.pid, old=self.mold.pid, reason=self.mold.stale)
-                self.actions.append((RETIRE_MOLD, self.mold.pid))
-                self.mold, self.next_mold = mold, None
-            else:
-                self.mold_answered(now)
-        elif fields.get("READY") == "1" and not mold.ready:
-            self.mold_gone(mold, "said READY=1, not MOLD=1", True, now)
-        if fields.get("MOLD_STALE") and mold is self.mold and mold.ready and mold.stale is None:
-            mold.stale = fields["MOLD_STALE"]
-            self.log("mold-stale", pid=mold.pid, reason=mold.stale)
-
-    def mold_to_fork_from(self):
-        """The pid of the mold to ask for a worker, or None: exec it."""
-        ready = self.mold is not None and self.mold.ready and self.stopping_since is None
-        return self.mold.pid if ready else None
-
-    def mold_did_not_answer(self, now):
-        self.mold_gone(self.mold, "no answer to a fork request", False, now)
-
-    def mold_exited(self, pid, how, now):
-        self.molds.discard(pid)
-        self.molds_killed.discard(pid)
-        self.log("mold-exit", pid=pid, **how)
-        for mold in (self.mold, self.next_mold):
-            if mold is not None and pid == mold.pid:
-                self.mold_gone(mold, "exited", not mold.ready, now)
-
-    def drop_next_mold(self, reason, now):
-        """Give up on the mold warming to replace a stale one: the stale one goes on forking."""
-        mold, self.next_mold = self.next_mold, None
-        if mold is not None:
-            self.log("mold-refresh-failed", level=0, pid=mold.pid, reason=reason)
-            self.end_mold(mold)
-
-    def end_mold(self, mold):
-        self.actions.append((RETIRE_MOLD, mold.pid))
-        if mold.pid in self.molds and mold.pid not in self.molds_killed:
-            self.molds_killed.add(mold.pid)
-            self.actions.append((SIGNAL, mold.pid, signal.SIGKILL))
-
-    def mold_gone(self, mold, reason, unavailable, now):
-        """MOLD is no more use (None: it never started); UNAVAILABLE: it never answered as a mold."""
-        if mold is not None and mold is self.next_mold:
-            # Its stale predecessor forks until the next try (see tend_mold).
-            return self.drop_next_mold(reason, now)
-        if mold is not None:
-            if now - mold.started >= DEATH_WINDOW_S:
-                self.mold_crashes = 0
-            self.end_mold(mold)
-        # A mold warming to refresh this one takes its place, ready or not.
-        self.mold, self.next_mold = self.next_mold, None
-        if unavailable:
-            self.mold_unavailable = True
-            self.log("mold-unavailable", level=0, pid=mold and mold.pid, reason=reason,
-                     hint="workers are exec'd; a worker command that is trac-fcgi answers as a mold")
-        elif self.stopping_since is None:
-            delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** self.mold_crashes)
-            self.mold_crashes += 1
-            self.mold_not_before = now + delay
-            self.log("mold-failed", level=0, pid=mold and mold.pid, reason=reason, crashes=self.mold_crashes,
-                     delay_s=delay)
-        self.mold_answered(now)
-
-    def mold_answered(self, now):
-        """The mold that slots or a SIGHUP waited for is ready, or there is none: go on."""
-        self.slots_wait_for_mold = False
-        if self.restart_after_mold:
-            reason, self.restart_after_mold = self.restart_after_mold, None
-            self.rolling_restart(reason, now)
-
-    def tend_mold(self, now):
-        """Start a mold when one is due, give up on a silent one, refresh a stale one; return the deadlines."""
-        deadlines = []
-        if self.next_mold is not None and not self.next_mold.ready:
-            deadline = self.next_mold.started + self.ready_timeout
-            if now < deadline:
-                deadlines.append(deadline)
-            else:
-                self.drop_next_mold("silent past --ready-timeout", now)
-        if self.mold is not None and self.mold.ready and self.watchdog_timeout is not None:
-            if self.silent(self.mold, now):
-                self.log("unresponsive", level=0, pid=self.mold.pid, role="mold", silent_s=now - self.mold.heard)
-                self.tally.unresponsive_kills += 1
-                self.mold_gone(self.mold, "unresponsive", False, now)
-            elif self.mold.heard is not None:
-                deadlines.append(self.mold.heard + self.watchdog_timeout)
-        if self.mold is not None and not self.mold.ready:
-            deadline = self.mold.started + self.ready_timeout
-            if now < deadline:
-                return deadlines + [deadline]
-            self.mold_gone(self.mold, "silent past --ready-timeout", True, now)
-        if self.mold is None and not self.mold_unavailable:
-            if now < self.mold_not_before:
-                return deadlines + [self.mold_not_before]
-            self.actions.append((START_MOLD,))
-            return deadlines
-        return deadlines + self.refresh_mold(now)
-
-    def refresh_mold(self, now):
-        """Start a new mold for a stale one, at most one per MOLD_REFRESH_MIN_S; return the deadlines."""
-        mold = self.mold
-        if (mold is None or mold.stale is None or self.next_mold is not None or self.restart_after_mold
-                or self.stopping_since is not None):
-            return []
-        due = -float("inf") if self.mold_refreshed is None else self.mold_refreshed + MOLD_REFRESH_MIN_S
-        if now < due:
-            if not mold.refresh_deferred:
-                mold.refresh_deferred = True
-                self.log("mold-refresh-deferred", pid=mold.pid, reason=mold.stale, wait_s=due - now)
-            return [due]
-        self.mold_refreshed = now
-        self.tally.stale_molds += 1
-        self.log("new-mold", reason=mold.stale, old=mold.pid)
-        self.actions.append((START_MOLD,))
-        return []
-
-    def kill_molds(self, reason):
-        for pid in sorted(self.molds - self.molds_killed):
-            self.molds_killed.add(pid)
-            self.log("mold-kill", pid=pid, reason=reason)
-            self.actions.append((SIGNAL, pid, signal.SIGKILL))
-
     # -- time ---------------------------------------------------------------------
 
     def tick(self, now):
@@ -1649,13 +1699,13 @@ class LauncherCore:
                 return min(deadline, now + IDLE_WAKE_S)
             for worker in list(self.workers.values()):
                 self.kill(worker, "stop timeout")
-            self.kill_molds("stop timeout")
+            self.molds.kill_all("stop timeout")
             return min(wake)
-        wake += self.tend_mold(now)
+        wake += self.molds.tend(now)
         for slot in self.slots:
             if self.worker_of(slot, "serving") is None and self.worker_of(slot, "warming") is None:
-                if self.slots_wait_for_mold:
-                    pass  # tend_mold() wakes us when the mold is due to have answered
+                if self.molds.slots_wait:
+                    pass  # Molds.tend() wakes us when the mold is due to have answered
                 elif slot.not_before <= now:
                     self.actions.append((SPAWN, slot, "serving"))
                 else:
@@ -1673,9 +1723,7 @@ class LauncherCore:
             self.rolling = False
             self.told_systemd_ready = False
             self.log("rolling-restart-done", workers=len(self.slots))
-            if self.old_mold is not None:
-                self.actions.append((RETIRE_MOLD, self.old_mold.pid))
-                self.old_mold = None
+            self.molds.rolling_done()
         self.report_status()
         return min(wake)
 
@@ -1717,7 +1765,7 @@ class Launcher:
         self.core = LauncherCore(settings.workers, settings.ready_timeout, settings.stop_timeout,
                                  memory_shortage=self.memory_shortage, mold=settings.mold and can_adopt(),
                                  memory_of=shared_memory, watchdog_timeout=settings.watchdog_timeout)
-        self.molds = {}              # pid -> Mold, each mold's socket pair until it is retired
+        self.channels = {}           # pid -> Mold, each mold's socket pair until it is retired
         self.notify = open_notify_socket()
         self.systemd = Systemd(os.environ.get("NOTIFY_SOCKET"))
         self.environ = self.worker_environment()
@@ -1743,7 +1791,7 @@ class Launcher:
         signal.pthread_sigmask(signal.SIG_BLOCK, WAITED)
         close_inherited_fds(keep={self.listener.fileno(), self.notify.fileno()})
         log("start", workers=len(self.core.slots), socket=describe(self.listener), worker=" ".join(self.argv),
-            mold="on" if self.core.mold_on else "off")
+            mold="on" if self.core.molds.enabled else "off")
         pause = 0.0
         while True:
             try:
@@ -1791,7 +1839,7 @@ class Launcher:
         elif kind == START_MOLD:
             self.start_mold(now)
         elif kind == RETIRE_MOLD:
-            mold = self.molds.pop(args[0], None)
+            mold = self.channels.pop(args[0], None)
             if mold is not None:
                 mold.retire()
         elif kind == STRAY and parent_of(args[0]) == os.getpid():
@@ -1830,12 +1878,12 @@ class Launcher:
 
     def spawn(self, slot, role, now):
         told = {"LAUNCHER_READY_WORKERS": str(self.core.ready_workers())}
-        mold = self.core.mold_to_fork_from()
+        mold = self.core.molds.fork_from()
         if mold is not None:
-            pid = self.molds[mold].fork(self.listener, told)
+            pid = self.channels[mold].fork(self.listener, told)
             if pid is not None:
                 return self.core.spawned(slot, pid, role, now, how="fork")
-            self.core.mold_did_not_answer(now)
+            self.core.molds.did_not_answer(now)
         environ = dict(self.environ, **told)
         try:
             pid = os.posix_spawn(
@@ -1855,9 +1903,9 @@ class Launcher:
         try:
             mold = Mold(self.path, self.argv, dict(self.environ, **told))
         except OSError as error:
-            return self.core.mold_start_failed(error.strerror, now)
-        self.molds[mold.pid] = mold
-        self.core.mold_started(mold.pid, now)
+            return self.core.molds.start_failed(error.strerror, now)
+        self.channels[mold.pid] = mold
+        self.core.molds.started(mold.pid, now)
 
     def write_metrics(self, now, final=False):
         """Write --metrics-file if it is due (see METRICS_EVERY_S); return when it next will be."""

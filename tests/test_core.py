@@ -107,7 +107,7 @@ class Site:
     def spawn(self, slot, role):
         pid = next(self.pids)
         self.alive.add(pid)
-        forked = self.core.mold_to_fork_from() is not None
+        forked = self.core.molds.fork_from() is not None
         self.core.spawned(slot, pid, role, self.now, how="fork" if forked else "exec")
         behaviour = self.behaviour.get(slot.number, "ok")
         if behaviour == "crash":
@@ -125,7 +125,7 @@ class Site:
     def start_mold(self):
         pid = self.mold_pid = next(self.pids)
         self.alive.add(pid)
-        self.core.mold_started(pid, self.now)
+        self.core.molds.started(pid, self.now)
         if self.mold_behaviour == "mold":
             self.at(self.warm_s, lambda: self.say(pid, {"MOLD": "1"}))
         elif self.mold_behaviour == "stock":
@@ -562,7 +562,7 @@ def test_an_unresponsive_mold_is_killed_and_restarted_like_a_dead_one_and_worker
     assert site.logged("unresponsive", pid=mold, role="mold")
     assert (mold, signal.SIGKILL) in site.sent and site.logged("mold-failed", pid=mold, reason="unresponsive")
     site.run_until(site.now + launcher.BACKOFF_FIRST_S + WARM_S + 0.1)
-    assert site.mold_pid != mold and site.core.mold_to_fork_from() == site.mold_pid
+    assert site.mold_pid != mold and site.core.molds.fork_from() == site.mold_pid
     assert site.serving() == worker and site.core.tally.unresponsive_kills == 1
 
 
@@ -610,9 +610,9 @@ def test_a_stale_mold_is_replaced_make_before_break_with_no_rolling_restart():
     stale(site)
     assert site.logged("mold-stale", pid=old_mold, reason="trac.ini") and site.mold_pid != old_mold
     site.run_until(site.now + WARM_S / 2)
-    assert site.core.mold_to_fork_from() == old_mold, "the stale mold forks until its successor is ready"
+    assert site.core.molds.fork_from() == old_mold, "the stale mold forks until its successor is ready"
     site.run_until(site.now + WARM_S)
-    assert site.core.mold_to_fork_from() == site.mold_pid
+    assert site.core.molds.fork_from() == site.mold_pid
     assert site.logged("mold-refreshed", old=old_mold) and site.logged("mold-exit", pid=old_mold)
     assert {site.serving(0), site.serving(1)} == workers and not site.logged("rolling-restart")
     assert site.core.tally.stale_molds == 1
@@ -623,13 +623,13 @@ def test_a_mold_stale_again_and_again_is_refreshed_at_most_once_per_refresh_inte
     minutes = 10
     end = site.now + minutes * 60
     while site.now < end:
-        if site.core.mold and site.core.mold.ready and site.core.mold.stale is None:
+        if site.core.molds.current and site.core.molds.current.ready and site.core.molds.current.stale is None:
             stale(site)  # a plugin that rewrites trac.ini on every request
         site.run_until(site.now + 0.5)
     refreshes = len(site.logged("mold-refreshed"))
     assert minutes * 60 / launcher.MOLD_REFRESH_MIN_S - 1 <= refreshes <= minutes * 60 / launcher.MOLD_REFRESH_MIN_S + 1
     assert site.logged("mold-refresh-deferred")
-    assert site.core.ready_workers() == 1 and site.core.mold_to_fork_from() is not None
+    assert site.core.ready_workers() == 1 and site.core.molds.fork_from() is not None
 
 
 def test_a_refresh_whose_new_mold_dies_leaves_the_stale_one_forking_and_is_tried_again_later():
@@ -638,9 +638,9 @@ def test_a_refresh_whose_new_mold_dies_leaves_the_stale_one_forking_and_is_tried
     stale(site)
     site.kill(site.mold_pid)
     site.run_until(site.now + 0.1)
-    assert site.logged("mold-refresh-failed") and site.core.mold_to_fork_from() == old_mold
+    assert site.logged("mold-refresh-failed") and site.core.molds.fork_from() == old_mold
     site.run_until(site.now + launcher.MOLD_REFRESH_MIN_S + WARM_S)
-    assert site.core.mold_to_fork_from() not in (None, old_mold)
+    assert site.core.molds.fork_from() not in (None, old_mold)
 
 
 def test_sighup_while_a_stale_mold_is_refreshed_gives_up_the_refresh_for_a_mold_of_the_new_code():
@@ -650,4 +650,4 @@ def test_sighup_while_a_stale_mold_is_refreshed_gives_up_the_refresh_for_a_mold_
     site.signal_launcher(signal.SIGHUP)
     assert (refresh, signal.SIGKILL) in site.sent
     site.run_until(site.now + 60)
-    assert site.core.mold_to_fork_from() not in (None, refresh) and site.logged("rolling-restart-done")
+    assert site.core.molds.fork_from() not in (None, refresh) and site.logged("rolling-restart-done")
