@@ -602,9 +602,12 @@ class Mold:
     def retire(self):
         """The mold exits when its end of the pair closes."""
         self.channel.close()
-# Metrics: a file in Prometheus' text format, for node_exporter's textfile
-# collector and for `trac-fcgi-launcher status`.  Each metric is declared once,
-# below; the writer, `status` and the README's table all come from METRICS.
+
+
+# --------------------------------------------------------------------------
+# Metrics: what the core counts.  Each metric is declared once, below; the
+# metrics file, `trac-fcgi-launcher status` and the README's table all come
+# from METRICS.  The file itself is written by the shell (see "The metrics file").
 
 # (name, type, labels, meaning)
 METRICS = [
@@ -727,298 +730,6 @@ class Tally:
 
     def observe(self, name, seconds):
         self.histograms[name].observe(seconds)
-
-
-def render_metrics(values):
-    """Prometheus text exposition of VALUES: {metric name: figure}.
-
-    A figure is a number; {label values tuple: number} for a labelled metric;
-    a Histogram; or None for a metric that cannot be read here (left out).
-    """
-    out = []
-    for name, kind, labels, meaning in METRICS:
-        figure = values.get(name)
-        if figure is None:
-            continue
-        out.append("# HELP %s %s\n# TYPE %s %s\n" % (name, meaning.replace("\\", r"\\"), name, kind))
-        if kind == "histogram":
-            cumulative = 0
-            for bound, count in zip(figure.bounds, figure.counts):
-                cumulative += count
-                out.append('%s_bucket{le="%s"} %d\n' % (name, bound, cumulative))
-            out.append('%s_bucket{le="+Inf"} %d\n' % (name, figure.count))
-            out.append("%s_sum %s\n%s_count %d\n" % (name, number(figure.sum), name, figure.count))
-        elif labels:
-            names = labels.split(", ")
-            for label_values, value in figure.items():
-                pairs = ",".join('%s="%s"' % (label, escape_label(str(v))) for label, v in zip(names, label_values))
-                out.append("%s{%s} %s\n" % (name, pairs, number(value)))
-        else:
-            out.append("%s %s\n" % (name, number(figure)))
-    return "".join(out)
-
-
-def number(value):
-    return "%d" % value if isinstance(value, int) else "%.6f" % value
-
-
-def escape_label(text):
-    return text.replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n")
-
-
-def write_atomically(path, text):
-    """Replace PATH by TEXT so that a reader sees the old file or the new one, never half of either.
-
-    The temporary name does not end in .prom, so node_exporter never reads it.
-    It is made afresh (O_EXCL, O_NOFOLLOW): a symlink planted under that name
-    in a shared directory is removed, never written through.  Mode 0644
-    whatever the umask: node_exporter runs as another user, and there is
-    nothing secret here.  No fsync: after a power cut a stale or empty
-    metrics file is harmless and the next write mends it.
-    """
-    temporary = "%s.%d.tmp" % (path, os.getpid())
-    try:
-        try:
-            os.unlink(temporary)  # left by a launcher that died mid-write
-        except FileNotFoundError:
-            pass
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        with open(fd, "w") as out:
-            os.fchmod(fd, 0o644)
-            out.write(text)
-        os.rename(temporary, path)
-    except OSError:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
-
-
-def metrics_values(tally, slots, ready, workers, listener, slow=0, stuck=0):
-    """The figures for one write.  WORKERS: (slot, pid, role, age_s, requests) of each live worker;
-    SLOW and STUCK: the live workers' own counts, summed.
-
-    Memory and the backlog are read now, from /proc and the kernel.
-    """
-    limit = cgroup_memory()
-    values = {"trac_fcgi_slots": slots, "trac_fcgi_workers": ready,
-              "trac_fcgi_requests_total": tally.requests_of_past_workers + sum(w[4] for w in workers),
-              "trac_fcgi_slow_requests_total": tally.slow_of_past_workers + slow,
-              "trac_fcgi_stuck_requests_total": tally.stuck_of_past_workers + stuck,
-              "trac_fcgi_unresponsive_kills_total": tally.unresponsive_kills,
-              "trac_fcgi_stale_molds_total": tally.stale_molds,
-              "trac_fcgi_memory_available_bytes": memory_available(),
-              "trac_fcgi_cgroup_memory_limit_bytes": limit and limit[0],
-              "trac_fcgi_cgroup_memory_usage_bytes": limit and limit[1],
-              "trac_fcgi_recycles_total": {(reason,): count for reason, count in tally.recycles.items()},
-              "trac_fcgi_crashes_total": tally.crashes,
-              "trac_fcgi_abandoned_requests_total": tally.abandoned,
-              "trac_fcgi_ready_timeouts_total": tally.ready_timeouts,
-              "trac_fcgi_stop_then_start_total": tally.stop_then_start}
-    values.update(tally.histograms)
-    per_worker = {name: {} for name in ("trac_fcgi_worker_info", "trac_fcgi_worker_resident_bytes",
-                                        "trac_fcgi_worker_pss_bytes", "trac_fcgi_worker_private_bytes",
-                                        "trac_fcgi_worker_age_seconds", "trac_fcgi_worker_requests")}
-    for slot, pid, role, age, requests in sorted(workers):
-        pss, private = shared_memory(pid)
-        per_worker["trac_fcgi_worker_info"][(slot, pid, role)] = 1
-        for name, value in (("trac_fcgi_worker_resident_bytes", resident_bytes(pid)),
-                            ("trac_fcgi_worker_pss_bytes", pss), ("trac_fcgi_worker_private_bytes", private),
-                            ("trac_fcgi_worker_age_seconds", age), ("trac_fcgi_worker_requests", requests)):
-            if value is not None:
-                per_worker[name][(slot, pid)] = value
-    values.update(per_worker)
-    values["trac_fcgi_listen_backlog"], values["trac_fcgi_listen_backlog_limit"] = listen_backlog(listener)
-    return values
-
-
-# -- reading what the kernel knows -------------------------------------------
-
-def shared_memory(pid):
-    """(PSS, private) bytes of PID from /proc/PID/smaps_rollup, or (None, None) if it cannot be read.
-
-    smaps_rollup walks the page tables once (about a millisecond for a Trac
-    worker); the per-mapping /proc/PID/smaps costs many times that.
-    """
-    fields = {}
-    try:
-        with open("/proc/%d/smaps_rollup" % pid) as rollup:
-            for line in rollup:
-                key, _, rest = line.partition(":")
-                if key in ("Pss", "Private_Clean", "Private_Dirty"):
-                    fields[key] = int(rest.split()[0]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None, None
-    if "Pss" not in fields:
-        return None, None
-    return fields["Pss"], fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
-
-
-NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY = 4, 20
-NLM_F_REQUEST, NLM_F_DUMP, NLMSG_ERROR, NLMSG_DONE = 0x1, 0x300, 2, 3
-TCP_LISTEN = 10
-UDIAG_SHOW_RQLEN, UNIX_DIAG_RQLEN = 0x10, 4
-NO_COOKIE = 0xFFFFFFFF
-
-
-def listen_backlog(sock):
-    """(connections waiting, most it holds) in SOCK's accept queue, or (None, None).
-
-    Asked of the kernel's sock_diag netlink interface, which `ss -l` uses and
-    which needs no privilege: for a listening socket, TCP's "receive queue" is
-    the accept queue, and a unix socket reports its own under UNIX_DIAG_RQLEN
-    (/proc/net/unix has no such column).  One round trip, well under a
-    millisecond.
-    """
-    inode = os.fstat(sock.fileno()).st_ino
-    try:
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as diag:
-            diag.settimeout(1.0)  # the kernel answers at once; never hang the launcher on it
-            if sock.family == socket.AF_UNIX:
-                # unix_diag_req: one socket, looked up by its inode.
-                request = struct.pack("=BBHIIIII", socket.AF_UNIX, 0, 0, 1 << TCP_LISTEN, inode,
-                                      UDIAG_SHOW_RQLEN, NO_COOKIE, NO_COOKIE)
-                for message in netlink_exchange(diag, request, NLM_F_REQUEST):
-                    # unix_diag_msg (16 bytes), then attributes.
-                    offset = 16
-                    while offset + 4 <= len(message):
-                        length, kind = struct.unpack_from("=HH", message, offset)
-                        if kind == UNIX_DIAG_RQLEN:
-                            return struct.unpack_from("=II", message, offset + 4)
-                        offset += max(4, (length + 3) & ~3)
-            else:
-                # inet_diag_req_v2 for every listening TCP socket of this family;
-                # ours is the one with our inode.
-                request = struct.pack("=BBBBI48x", sock.family, socket.IPPROTO_TCP, 0, 0, 1 << TCP_LISTEN)
-                for message in netlink_exchange(diag, request, NLM_F_REQUEST | NLM_F_DUMP):
-                    # inet_diag_msg: rqueue, wqueue, uid, inode after 4 + 48 + 4 bytes.
-                    waiting, limit, _, found = struct.unpack_from("=IIII", message, 56)
-                    if found == inode:
-                        return waiting, limit
-    except (OSError, struct.error):
-        pass
-    return None, None
-
-
-def netlink_exchange(diag, request, flags):
-    """Send one sock_diag request; yield the payload of every answer until the last."""
-    diag.send(struct.pack("=IHHII", 16 + len(request), SOCK_DIAG_BY_FAMILY, flags, 1, 0) + request)
-    while True:
-        data = diag.recv(65536)
-        offset = 0
-        while offset + 16 <= len(data):
-            length, kind = struct.unpack_from("=IH", data, offset)
-            if kind == NLMSG_DONE:
-                return
-            if kind == NLMSG_ERROR:
-                raise OSError(-struct.unpack_from("=i", data, offset + 16)[0], "sock_diag")
-            yield data[offset + 16:offset + length]
-            offset += (length + 3) & ~3
-        if not flags & NLM_F_DUMP:
-            return
-
-
-# -- `trac-fcgi-launcher status [PATH]` ----------------------------------------
-
-_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
-def read_metrics(text):
-    """{name: {labels dict as a sorted tuple of pairs: value}} from text render_metrics() wrote."""
-    found = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        head, _, value = line.rpartition(" ")
-        name, _, labels = head.partition("{")
-        pairs = tuple(sorted((k, v.replace(r"\"", '"').replace(r"\n", "\n").replace(r"\\", "\\"))
-                             for k, v in _LABEL.findall(labels)))
-        found.setdefault(name, {})[pairs] = float(value)
-    return found
-
-
-def status_table(text, written_s_ago):
-    """The table `status` prints: one row per worker, then the totals and recycles by reason."""
-    metrics = read_metrics(text)
-    one = lambda name: next(iter(metrics.get(name, {}).values()), None)
-    rows = {}  # (slot, pid) -> {column: value}
-    for pairs, _ in metrics.get("trac_fcgi_worker_info", {}).items():
-        labels = dict(pairs)
-        rows[(int(labels["slot"]), int(labels["pid"]))] = {"role": labels["role"]}
-    for column, name in (("age", "trac_fcgi_worker_age_seconds"), ("requests", "trac_fcgi_worker_requests"),
-                         ("rss", "trac_fcgi_worker_resident_bytes"), ("pss", "trac_fcgi_worker_pss_bytes"),
-                         ("private", "trac_fcgi_worker_private_bytes")):
-        for pairs, value in metrics.get(name, {}).items():
-            labels = dict(pairs)
-            rows.setdefault((int(labels["slot"]), int(labels["pid"])), {"role": "?"})[column] = value
-    lines = ["%-4s %-7s %-8s %8s %8s %8s %8s %8s" % ("slot", "pid", "role", "age", "requests", "RSS", "PSS",
-                                                      "private")]
-    for (slot, pid), row in sorted(rows.items()):
-        lines.append("%-4d %-7d %-8s %8s %8s %8s %8s %8s" % (
-            slot, pid, row["role"], duration(row.get("age")),
-            "-" if row.get("requests") is None else "%d" % row["requests"],
-            mebibytes(row.get("rss")), mebibytes(row.get("pss")), mebibytes(row.get("private"))))
-    backlog = one("trac_fcgi_listen_backlog")
-    lines.append("")
-    lines.append("%s of %s slots ready; %d requests; %d crashes; %d abandoned requests; backlog %s" % (
-        "%d" % (one("trac_fcgi_workers") or 0), "%d" % (one("trac_fcgi_slots") or 0),
-        one("trac_fcgi_requests_total") or 0, one("trac_fcgi_crashes_total") or 0,
-        one("trac_fcgi_abandoned_requests_total") or 0,
-        "unknown" if backlog is None else "%d of %d" % (backlog, one("trac_fcgi_listen_backlog_limit") or 0)))
-    lines.append("%d slow requests; %d stuck requests; %d unresponsive kills; %d stale molds replaced" % (
-        one("trac_fcgi_slow_requests_total") or 0, one("trac_fcgi_stuck_requests_total") or 0,
-        one("trac_fcgi_unresponsive_kills_total") or 0, one("trac_fcgi_stale_molds_total") or 0))
-    limit = one("trac_fcgi_cgroup_memory_limit_bytes")
-    if limit is not None:
-        lines.append("cgroup memory: %s used of %s" % (mebibytes(one("trac_fcgi_cgroup_memory_usage_bytes")),
-                                                       mebibytes(limit)))
-    recycles = {dict(pairs)["reason"]: value for pairs, value in metrics.get("trac_fcgi_recycles_total", {}).items()}
-    lines.append("recycles: " + (", ".join("%s %d" % (reason, count) for reason, count in
-                                           sorted(recycles.items(), key=lambda item: -item[1]) if count)
-                                 or "none"))
-    if written_s_ago > 3 * METRICS_EVERY_S:
-        lines.append("written %s ago: is the launcher still running?" % duration(written_s_ago))
-    return "\n".join(lines) + "\n"
-
-
-def duration(seconds):
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return "%.1fs" % seconds
-    if seconds < 3600:
-        return "%dm%02ds" % divmod(int(seconds), 60)
-    return "%dh%02dm" % divmod(int(seconds) // 60, 60)
-
-
-def mebibytes(value):
-    return "-" if value is None else "%.1fM" % (value / (1 << 20))
-
-
-def status_main(argv):
-    """trac-fcgi-launcher status [PATH]: the metrics file as a table for a person."""
-    if len(argv) > 1 or argv[:1] in (["-h"], ["--help"]):
-        sys.stdout.write("usage: trac-fcgi-launcher status [PATH]\n\nPrint the workers and recycles that "
-                         "the launcher's --metrics-file PATH (default $LAUNCHER_METRICS_FILE) holds.\n")
-        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-    path = argv[0] if argv else os.environ.get("LAUNCHER_METRICS_FILE")
-    if not path:
-        sys.stderr.write("trac-fcgi-launcher: status needs the metrics file: give its path, e.g. "
-                         "trac-fcgi-launcher status /var/lib/prometheus/node-exporter/trac.prom, "
-                         "or set LAUNCHER_METRICS_FILE\n")
-        return 2
-    try:
-        with open(path) as source:
-            text = source.read()
-            written_s_ago = time.time() - os.fstat(source.fileno()).st_mtime
-        table = status_table(text, written_s_ago)
-    except (OSError, UnicodeDecodeError, ValueError, KeyError) as error:
-        sys.stderr.write("trac-fcgi-launcher: status: cannot read %s (%s): give the path the launcher's "
-                         "--metrics-file writes\n" % (path, getattr(error, "strerror", None) or error))
-        return 2
-    sys.stdout.write(table)
-    return 0
 
 
 # --------------------------------------------------------------------------
@@ -1970,6 +1681,27 @@ def parent_of(pid):
         return None
 
 
+def close_inherited_fds(keep):
+    """Mark every inherited fd above 2 close-on-exec, so workers get only 0, 1 and 2."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                pass
+
+
+def describe(sock):
+    address = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return "unix:" + (address.decode() if isinstance(address, bytes) else address)
+    return ("[%s]:%d" if sock.family == socket.AF_INET6 else "%s:%d") % address[:2]
+
+
+# --------------------------------------------------------------------------
+# Reading what the kernel knows: memory, the cgroup's limit, the listen backlog.
+
 def resident_bytes(pid):
     try:
         with open("/proc/%d/statm" % pid) as statm:
@@ -2060,23 +1792,303 @@ def cgroup_level(directory, limit_name, usage_name, cache_name):
         return None
 
 
-def close_inherited_fds(keep):
-    """Mark every inherited fd above 2 close-on-exec, so workers get only 0, 1 and 2."""
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd > 2 and fd not in keep:
-            try:
-                os.set_inheritable(fd, False)
-            except OSError:
-                pass
+def shared_memory(pid):
+    """(PSS, private) bytes of PID from /proc/PID/smaps_rollup, or (None, None) if it cannot be read.
+
+    smaps_rollup walks the page tables once (about a millisecond for a Trac
+    worker); the per-mapping /proc/PID/smaps costs many times that.
+    """
+    fields = {}
+    try:
+        with open("/proc/%d/smaps_rollup" % pid) as rollup:
+            for line in rollup:
+                key, _, rest = line.partition(":")
+                if key in ("Pss", "Private_Clean", "Private_Dirty"):
+                    fields[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None, None
+    if "Pss" not in fields:
+        return None, None
+    return fields["Pss"], fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
 
 
-def describe(sock):
-    address = sock.getsockname()
-    if sock.family == socket.AF_UNIX:
-        return "unix:" + (address.decode() if isinstance(address, bytes) else address)
-    return ("[%s]:%d" if sock.family == socket.AF_INET6 else "%s:%d") % address[:2]
+NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY = 4, 20
+NLM_F_REQUEST, NLM_F_DUMP, NLMSG_ERROR, NLMSG_DONE = 0x1, 0x300, 2, 3
+TCP_LISTEN = 10
+UDIAG_SHOW_RQLEN, UNIX_DIAG_RQLEN = 0x10, 4
+NO_COOKIE = 0xFFFFFFFF
 
+
+def listen_backlog(sock):
+    """(connections waiting, most it holds) in SOCK's accept queue, or (None, None).
+
+    Asked of the kernel's sock_diag netlink interface, which `ss -l` uses and
+    which needs no privilege: for a listening socket, TCP's "receive queue" is
+    the accept queue, and a unix socket reports its own under UNIX_DIAG_RQLEN
+    (/proc/net/unix has no such column).  One round trip, well under a
+    millisecond.
+    """
+    inode = os.fstat(sock.fileno()).st_ino
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as diag:
+            diag.settimeout(1.0)  # the kernel answers at once; never hang the launcher on it
+            if sock.family == socket.AF_UNIX:
+                # unix_diag_req: one socket, looked up by its inode.
+                request = struct.pack("=BBHIIIII", socket.AF_UNIX, 0, 0, 1 << TCP_LISTEN, inode,
+                                      UDIAG_SHOW_RQLEN, NO_COOKIE, NO_COOKIE)
+                for message in netlink_exchange(diag, request, NLM_F_REQUEST):
+                    # unix_diag_msg (16 bytes), then attributes.
+                    offset = 16
+                    while offset + 4 <= len(message):
+                        length, kind = struct.unpack_from("=HH", message, offset)
+                        if kind == UNIX_DIAG_RQLEN:
+                            return struct.unpack_from("=II", message, offset + 4)
+                        offset += max(4, (length + 3) & ~3)
+            else:
+                # inet_diag_req_v2 for every listening TCP socket of this family;
+                # ours is the one with our inode.
+                request = struct.pack("=BBBBI48x", sock.family, socket.IPPROTO_TCP, 0, 0, 1 << TCP_LISTEN)
+                for message in netlink_exchange(diag, request, NLM_F_REQUEST | NLM_F_DUMP):
+                    # inet_diag_msg: rqueue, wqueue, uid, inode after 4 + 48 + 4 bytes.
+                    waiting, limit, _, found = struct.unpack_from("=IIII", message, 56)
+                    if found == inode:
+                        return waiting, limit
+    except (OSError, struct.error):
+        pass
+    return None, None
+
+
+def netlink_exchange(diag, request, flags):
+    """Send one sock_diag request; yield the payload of every answer until the last."""
+    diag.send(struct.pack("=IHHII", 16 + len(request), SOCK_DIAG_BY_FAMILY, flags, 1, 0) + request)
+    while True:
+        data = diag.recv(65536)
+        offset = 0
+        while offset + 16 <= len(data):
+            length, kind = struct.unpack_from("=IH", data, offset)
+            if kind == NLMSG_DONE:
+                return
+            if kind == NLMSG_ERROR:
+                raise OSError(-struct.unpack_from("=i", data, offset + 16)[0], "sock_diag")
+            yield data[offset + 16:offset + length]
+            offset += (length + 3) & ~3
+        if not flags & NLM_F_DUMP:
+            return
+
+
+# --------------------------------------------------------------------------
+# The metrics file: Prometheus' text format, for node_exporter's textfile
+# collector and for `trac-fcgi-launcher status`.
+
+def render_metrics(values):
+    """Prometheus text exposition of VALUES: {metric name: figure}.
+
+    A figure is a number; {label values tuple: number} for a labelled metric;
+    a Histogram; or None for a metric that cannot be read here (left out).
+    """
+    out = []
+    for name, kind, labels, meaning in METRICS:
+        figure = values.get(name)
+        if figure is None:
+            continue
+        out.append("# HELP %s %s\n# TYPE %s %s\n" % (name, meaning.replace("\\", r"\\"), name, kind))
+        if kind == "histogram":
+            cumulative = 0
+            for bound, count in zip(figure.bounds, figure.counts):
+                cumulative += count
+                out.append('%s_bucket{le="%s"} %d\n' % (name, bound, cumulative))
+            out.append('%s_bucket{le="+Inf"} %d\n' % (name, figure.count))
+            out.append("%s_sum %s\n%s_count %d\n" % (name, number(figure.sum), name, figure.count))
+        elif labels:
+            names = labels.split(", ")
+            for label_values, value in figure.items():
+                pairs = ",".join('%s="%s"' % (label, escape_label(str(v))) for label, v in zip(names, label_values))
+                out.append("%s{%s} %s\n" % (name, pairs, number(value)))
+        else:
+            out.append("%s %s\n" % (name, number(figure)))
+    return "".join(out)
+
+
+def number(value):
+    return "%d" % value if isinstance(value, int) else "%.6f" % value
+
+
+def escape_label(text):
+    return text.replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n")
+
+
+def write_atomically(path, text):
+    """Replace PATH by TEXT so that a reader sees the old file or the new one, never half of either.
+
+    The temporary name does not end in .prom, so node_exporter never reads it.
+    It is made afresh (O_EXCL, O_NOFOLLOW): a symlink planted under that name
+    in a shared directory is removed, never written through.  Mode 0644
+    whatever the umask: node_exporter runs as another user, and there is
+    nothing secret here.  No fsync: after a power cut a stale or empty
+    metrics file is harmless and the next write mends it.
+    """
+    temporary = "%s.%d.tmp" % (path, os.getpid())
+    try:
+        try:
+            os.unlink(temporary)  # left by a launcher that died mid-write
+        except FileNotFoundError:
+            pass
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with open(fd, "w") as out:
+            os.fchmod(fd, 0o644)
+            out.write(text)
+        os.rename(temporary, path)
+    except OSError:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+
+
+def metrics_values(tally, slots, ready, workers, listener, slow=0, stuck=0):
+    """The figures for one write.  WORKERS: (slot, pid, role, age_s, requests) of each live worker;
+    SLOW and STUCK: the live workers' own counts, summed.
+
+    Memory and the backlog are read now, from /proc and the kernel.
+    """
+    limit = cgroup_memory()
+    values = {"trac_fcgi_slots": slots, "trac_fcgi_workers": ready,
+              "trac_fcgi_requests_total": tally.requests_of_past_workers + sum(w[4] for w in workers),
+              "trac_fcgi_slow_requests_total": tally.slow_of_past_workers + slow,
+              "trac_fcgi_stuck_requests_total": tally.stuck_of_past_workers + stuck,
+              "trac_fcgi_unresponsive_kills_total": tally.unresponsive_kills,
+              "trac_fcgi_stale_molds_total": tally.stale_molds,
+              "trac_fcgi_memory_available_bytes": memory_available(),
+              "trac_fcgi_cgroup_memory_limit_bytes": limit and limit[0],
+              "trac_fcgi_cgroup_memory_usage_bytes": limit and limit[1],
+              "trac_fcgi_recycles_total": {(reason,): count for reason, count in tally.recycles.items()},
+              "trac_fcgi_crashes_total": tally.crashes,
+              "trac_fcgi_abandoned_requests_total": tally.abandoned,
+              "trac_fcgi_ready_timeouts_total": tally.ready_timeouts,
+              "trac_fcgi_stop_then_start_total": tally.stop_then_start}
+    values.update(tally.histograms)
+    per_worker = {name: {} for name in ("trac_fcgi_worker_info", "trac_fcgi_worker_resident_bytes",
+                                        "trac_fcgi_worker_pss_bytes", "trac_fcgi_worker_private_bytes",
+                                        "trac_fcgi_worker_age_seconds", "trac_fcgi_worker_requests")}
+    for slot, pid, role, age, requests in sorted(workers):
+        pss, private = shared_memory(pid)
+        per_worker["trac_fcgi_worker_info"][(slot, pid, role)] = 1
+        for name, value in (("trac_fcgi_worker_resident_bytes", resident_bytes(pid)),
+                            ("trac_fcgi_worker_pss_bytes", pss), ("trac_fcgi_worker_private_bytes", private),
+                            ("trac_fcgi_worker_age_seconds", age), ("trac_fcgi_worker_requests", requests)):
+            if value is not None:
+                per_worker[name][(slot, pid)] = value
+    values.update(per_worker)
+    values["trac_fcgi_listen_backlog"], values["trac_fcgi_listen_backlog_limit"] = listen_backlog(listener)
+    return values
+
+
+# --------------------------------------------------------------------------
+# `trac-fcgi-launcher status [PATH]`: the metrics file as a table for a person.
+
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def read_metrics(text):
+    """{name: {labels dict as a sorted tuple of pairs: value}} from text render_metrics() wrote."""
+    found = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        name, _, labels = head.partition("{")
+        pairs = tuple(sorted((k, v.replace(r"\"", '"').replace(r"\n", "\n").replace(r"\\", "\\"))
+                             for k, v in _LABEL.findall(labels)))
+        found.setdefault(name, {})[pairs] = float(value)
+    return found
+
+
+def status_table(text, written_s_ago):
+    """The table `status` prints: one row per worker, then the totals and recycles by reason."""
+    metrics = read_metrics(text)
+    one = lambda name: next(iter(metrics.get(name, {}).values()), None)
+    rows = {}  # (slot, pid) -> {column: value}
+    for pairs, _ in metrics.get("trac_fcgi_worker_info", {}).items():
+        labels = dict(pairs)
+        rows[(int(labels["slot"]), int(labels["pid"]))] = {"role": labels["role"]}
+    for column, name in (("age", "trac_fcgi_worker_age_seconds"), ("requests", "trac_fcgi_worker_requests"),
+                         ("rss", "trac_fcgi_worker_resident_bytes"), ("pss", "trac_fcgi_worker_pss_bytes"),
+                         ("private", "trac_fcgi_worker_private_bytes")):
+        for pairs, value in metrics.get(name, {}).items():
+            labels = dict(pairs)
+            rows.setdefault((int(labels["slot"]), int(labels["pid"])), {"role": "?"})[column] = value
+    lines = ["%-4s %-7s %-8s %8s %8s %8s %8s %8s" % ("slot", "pid", "role", "age", "requests", "RSS", "PSS",
+                                                      "private")]
+    for (slot, pid), row in sorted(rows.items()):
+        lines.append("%-4d %-7d %-8s %8s %8s %8s %8s %8s" % (
+            slot, pid, row["role"], duration(row.get("age")),
+            "-" if row.get("requests") is None else "%d" % row["requests"],
+            mebibytes(row.get("rss")), mebibytes(row.get("pss")), mebibytes(row.get("private"))))
+    backlog = one("trac_fcgi_listen_backlog")
+    lines.append("")
+    lines.append("%s of %s slots ready; %d requests; %d crashes; %d abandoned requests; backlog %s" % (
+        "%d" % (one("trac_fcgi_workers") or 0), "%d" % (one("trac_fcgi_slots") or 0),
+        one("trac_fcgi_requests_total") or 0, one("trac_fcgi_crashes_total") or 0,
+        one("trac_fcgi_abandoned_requests_total") or 0,
+        "unknown" if backlog is None else "%d of %d" % (backlog, one("trac_fcgi_listen_backlog_limit") or 0)))
+    lines.append("%d slow requests; %d stuck requests; %d unresponsive kills; %d stale molds replaced" % (
+        one("trac_fcgi_slow_requests_total") or 0, one("trac_fcgi_stuck_requests_total") or 0,
+        one("trac_fcgi_unresponsive_kills_total") or 0, one("trac_fcgi_stale_molds_total") or 0))
+    limit = one("trac_fcgi_cgroup_memory_limit_bytes")
+    if limit is not None:
+        lines.append("cgroup memory: %s used of %s" % (mebibytes(one("trac_fcgi_cgroup_memory_usage_bytes")),
+                                                       mebibytes(limit)))
+    recycles = {dict(pairs)["reason"]: value for pairs, value in metrics.get("trac_fcgi_recycles_total", {}).items()}
+    lines.append("recycles: " + (", ".join("%s %d" % (reason, count) for reason, count in
+                                           sorted(recycles.items(), key=lambda item: -item[1]) if count)
+                                 or "none"))
+    if written_s_ago > 3 * METRICS_EVERY_S:
+        lines.append("written %s ago: is the launcher still running?" % duration(written_s_ago))
+    return "\n".join(lines) + "\n"
+
+
+def duration(seconds):
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return "%.1fs" % seconds
+    if seconds < 3600:
+        return "%dm%02ds" % divmod(int(seconds), 60)
+    return "%dh%02dm" % divmod(int(seconds) // 60, 60)
+
+
+def mebibytes(value):
+    return "-" if value is None else "%.1fM" % (value / (1 << 20))
+
+
+def status_main(argv):
+    """trac-fcgi-launcher status [PATH]: the metrics file as a table for a person."""
+    if len(argv) > 1 or argv[:1] in (["-h"], ["--help"]):
+        sys.stdout.write("usage: trac-fcgi-launcher status [PATH]\n\nPrint the workers and recycles that "
+                         "the launcher's --metrics-file PATH (default $LAUNCHER_METRICS_FILE) holds.\n")
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    path = argv[0] if argv else os.environ.get("LAUNCHER_METRICS_FILE")
+    if not path:
+        sys.stderr.write("trac-fcgi-launcher: status needs the metrics file: give its path, e.g. "
+                         "trac-fcgi-launcher status /var/lib/prometheus/node-exporter/trac.prom, "
+                         "or set LAUNCHER_METRICS_FILE\n")
+        return 2
+    try:
+        with open(path) as source:
+            text = source.read()
+            written_s_ago = time.time() - os.fstat(source.fileno()).st_mtime
+        table = status_table(text, written_s_ago)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError) as error:
+        sys.stderr.write("trac-fcgi-launcher: status: cannot read %s (%s): give the path the launcher's "
+                         "--metrics-file writes\n" % (path, getattr(error, "strerror", None) or error))
+        return 2
+    sys.stdout.write(table)
+    return 0
+
+
+# --------------------------------------------------------------------------
+# The command line.
 
 def main(argv=None):
     global VERBOSITY
