@@ -746,6 +746,14 @@ SPAWN, SIGNAL, SYSTEMD = "spawn", "signal", "systemd"
 START_MOLD, RETIRE_MOLD, STRAY = "start-mold", "retire-mold", "stray"
 
 
+def silent(process, watchdog_timeout, now):
+    """Whether PROCESS (a Worker or a MoldProcess) has broken its WATCHDOG=1 promise by NOW.
+
+    One that never sent WATCHDOG=1 (a stock trac.fcgi) made no promise.
+    """
+    return watchdog_timeout is not None and process.heard is not None and now - process.heard >= watchdog_timeout
+
+
 class Worker:
     """One worker process.  Its role is the whole of its handoff state:
 
@@ -851,10 +859,6 @@ class Molds:
     def speaking(self, pid):
         """The mold whose notify messages count, if PID is one: the current one or the next."""
         return next((m for m in (self.current, self.next) if m is not None and m.pid == pid), None)
-
-    def silent(self, mold, now):
-        return (self.watchdog_timeout is not None and mold.heard is not None
-                and now - mold.heard >= self.watchdog_timeout)
 
     # -- events -------------------------------------------------------------------
 
@@ -993,7 +997,7 @@ class Molds:
             else:
                 self.drop_next("silent past --ready-timeout")
         current = self.current
-        if current is not None and current.ready and self.silent(current, now):
+        if current is not None and current.ready and silent(current, self.watchdog_timeout, now):
             self.log("unresponsive", level=0, pid=current.pid, role="mold", silent_s=now - current.heard)
             self.tally.unresponsive_kills += 1
             self.gone(current, "unresponsive", False, now)
@@ -1047,10 +1051,10 @@ class LauncherCore:
         self.told_systemd_ready = False
         self.status = None
         self.tally = Tally()         # what --metrics-file counts over the launcher's life
-        self.molds = Molds(mold, ready_timeout, watchdog_timeout, log, self.actions_append, self.tally,
+        self.molds = Molds(mold, ready_timeout, watchdog_timeout, log, self.act, self.tally,
                            answered=self.rolling_restart)
 
-    def actions_append(self, action):
+    def act(self, action):
         self.actions.append(action)  # looked up on each call: the shell takes the list and leaves a new one
 
     # -- what the state says, derived where it is needed --------------------
@@ -1296,7 +1300,7 @@ class LauncherCore:
             worker.told_to_go = now
             worker.role = "draining"
             worker.memory = self.memory_of(worker.pid)
-            if self.silent(worker, now):
+            if silent(worker, self.watchdog_timeout, now):
                 # Its loop does not run, so a SIGHUP would wait for a handler
                 # that never comes: it cannot drain, and only SIGKILL frees its slot.
                 return self.kill_unresponsive(worker, reason)
@@ -1337,11 +1341,6 @@ class LauncherCore:
             self.log("responsive", slot=worker.slot.number, pid=worker.pid, silent_s=now - worker.unresponsive)
             worker.unresponsive = None
 
-    def silent(self, process, now):
-        """Whether PROCESS (a worker or a mold) has broken its WATCHDOG=1 promise by NOW."""
-        return (self.watchdog_timeout is not None and process.heard is not None
-                and now - process.heard >= self.watchdog_timeout)
-
     def watch(self, now):
         """Find the workers that went silent, and act on them; return the deadlines."""
         if self.watchdog_timeout is None:
@@ -1350,7 +1349,7 @@ class LauncherCore:
         for worker in list(self.workers.values()):
             if worker.heard is None or worker.killed:
                 continue
-            if not self.silent(worker, now):
+            if not silent(worker, self.watchdog_timeout, now):
                 deadlines.append(worker.heard + self.watchdog_timeout)
                 continue
             if worker.unresponsive is None:
