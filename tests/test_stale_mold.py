@@ -5,6 +5,7 @@ dropped into plugins/, and a plugin that rewrites trac.ini on every request:
 no signal is sent in any of them.  The workers are trac_fcgi.py, forked from
 its mold, recycling every few requests so that new forks are seen soon.
 """
+import os
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -58,8 +59,8 @@ def launch(tmp_path):
     started = []
 
     def launch(trac_env, *flags, env=None):
-        launcher = start_launcher(tmp_path, [PYTHON, TRAC_FCGI], *flags,
-                                  env=dict({"TRAC_ENV": trac_env, "TRAC_FCGI_JITTER": "0"}, **(env or {})))
+        environ = dict({"TRAC_FCGI_JITTER": "0"}, **({"TRAC_ENV": trac_env} if trac_env else {}))
+        launcher = start_launcher(tmp_path, [PYTHON, TRAC_FCGI], *flags, env=dict(environ, **(env or {})))
         started.append(launcher)
         return launcher
 
@@ -144,3 +145,57 @@ def test_a_trac_ini_rewritten_on_every_request_costs_a_bounded_number_of_molds_a
     # A wait is logged once per stale mold, not once per look (tests/test_core.py shows a wait
     # for certain: here a loaded machine's warm-up can outlast the interval, and nothing waits).
     assert len(seen["mold-refresh-deferred"]) <= len(new_molds)
+
+
+def stale_reasons(launcher, count=2):
+    """The reasons of the mold's own mold-stale line and the launcher's, once both are there."""
+    return launcher.wait_for("mold-stale", count=count, timeout=60)
+
+
+def test_an_edit_of_the_inherited_file_makes_the_mold_stale(launch, tmp_path):
+    trac_env = make_trac_env(tmp_path / "env")
+    shared = tmp_path / "shared.ini"
+    shared.write_text("[project]\nfooter = shared\n")
+    subprocess.run([TRAC_ADMIN, trac_env, "config", "set", "inherit", "file", str(shared)], check=True,
+                   capture_output=True)
+    launcher = launch(trac_env)
+    launcher.wait_for("all-ready", timeout=120)
+    assert not launcher.events("mold-stale")
+    shared.write_text("[project]\nfooter = changed\n")
+    later = time.time() + 2  # a newer mtime, whatever the file system's resolution
+    os.utime(shared, (later, later))
+    stale = stale_reasons(launcher)
+    assert {e["reason"] for e in stale} == {"trac.ini"}
+    launcher.wait_for("mold-refreshed", timeout=120)
+    assert fcgi_get(launcher.socket, "/wiki/WikiStart", timeout=60).status == 200
+
+
+def test_an_upgrade_that_writes_the_system_table_makes_the_mold_stale(launch, tmp_path):
+    trac_env = make_trac_env(tmp_path / "env")
+    launcher = launch(trac_env)
+    launcher.wait_for("all-ready", timeout=120)
+    # What `trac-admin ENV upgrade` does for a plugin whose schema it creates.
+    from trac.env import Environment
+    env = Environment(trac_env)
+    env.db_transaction("INSERT INTO system (name, value) VALUES ('tests_plugin_version', '1')")
+    env.shutdown()
+    stale = stale_reasons(launcher)
+    assert {e["reason"] for e in stale} == {"upgrade"}
+    launcher.wait_for("mold-refreshed", timeout=120)
+    assert fcgi_get(launcher.socket, "/wiki/WikiStart", timeout=60).status == 200
+
+
+def test_under_a_parent_dir_an_edit_of_one_project_the_mold_opened_makes_it_stale_and_names_the_project(
+        launch, tmp_path):
+    (tmp_path / "projects").mkdir()
+    for project in ("alpha", "beta"):
+        make_trac_env(tmp_path / "projects" / project)
+    launcher = launch(None, env={"TRAC_ENV_PARENT_DIR": str(tmp_path / "projects"),
+                                 "TRAC_FCGI_WARMUP": "/,/alpha/wiki,/beta/wiki"})
+    launcher.wait_for("all-ready", timeout=120)
+    beta = str(tmp_path / "projects" / "beta")
+    subprocess.run([TRAC_ADMIN, beta, "config", "set", "project", "descr", "x"], check=True, capture_output=True)
+    stale = stale_reasons(launcher)
+    assert [e["env"] for e in stale if "env" in e] == [beta]
+    launcher.wait_for("mold-refreshed", timeout=120)
+    assert b"beta" in fcgi_get(launcher.socket, "/beta/wiki", timeout=60).body
