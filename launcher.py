@@ -1303,7 +1303,7 @@ class LauncherCore:
             if silent(worker, self.watchdog_timeout, now):
                 # Its loop does not run, so a SIGHUP would wait for a handler
                 # that never comes: it cannot drain, and only SIGKILL frees its slot.
-                return self.kill_unresponsive(worker, reason)
+                return self.kill_unresponsive(worker, "unresponsive; %s" % reason)
             self.log("hup", slot=worker.slot.number, pid=worker.pid, reason=reason, handoff_s=handoff_s)
             self.actions.append((SIGNAL, worker.pid, signal.SIGHUP))
 
