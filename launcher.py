@@ -1051,6 +1051,7 @@ class LauncherCore:
         self.told_systemd_ready = False
         self.status = None
         self.tally = Tally()         # what --metrics-file counts over the launcher's life
+        self.last_tick = None        # when tick() last ran: the watchdog's measure of our own absence
         self.molds = Molds(mold, ready_timeout, watchdog_timeout, log, self.act, self.tally,
                            answered=self.rolling_restart)
 
@@ -1341,6 +1342,26 @@ class LauncherCore:
             self.log("responsive", slot=worker.slot.number, pid=worker.pid, silent_s=now - worker.unresponsive)
             worker.unresponsive = None
 
+    def forgive_if_away(self, now):
+        """After an absence of our own, start every watched process's count anew; return the deadlines.
+
+        A launcher that was suspended, stopped or starved of CPU comes back to
+        find everyone "silent" and datagrams still queued that it has not read:
+        their silence is ours.  While anything is watched the loop wakes every
+        quarter of the timeout (datagrams wake it that often anyway), so a gap
+        of half the timeout between two passes can only be our own.
+        """
+        last, self.last_tick = self.last_tick, now
+        if self.watchdog_timeout is None:
+            return []
+        watched = [p for p in list(self.workers.values()) + [self.molds.current] if p is not None and p.heard]
+        if last is not None and now - last > self.watchdog_timeout / 2 and watched:
+            self.log("watchdog-restarted", level=0, away_s=now - last, watched=len(watched),
+                     reason="the launcher itself did not run: suspended, stopped or starved")
+            for process in watched:
+                process.heard = max(process.heard, now)
+        return [now + self.watchdog_timeout / 4] if watched else []
+
     def watch(self, now):
         """Find the workers that went silent, and act on them; return the deadlines."""
         if self.watchdog_timeout is None:
@@ -1411,6 +1432,7 @@ class LauncherCore:
                 self.kill(worker, "stop timeout")
             self.molds.kill_all("stop timeout")
             return min(wake)
+        wake += self.forgive_if_away(now)
         wake += self.molds.tend(now)
         for slot in self.slots:
             if self.worker_of(slot, "serving") is None and self.worker_of(slot, "warming") is None:

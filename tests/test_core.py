@@ -651,3 +651,20 @@ def test_sighup_while_a_stale_mold_is_refreshed_gives_up_the_refresh_for_a_mold_
     assert (refresh, signal.SIGKILL) in site.sent
     site.run_until(site.now + 60)
     assert site.core.molds.fork_from() not in (None, refresh) and site.logged("rolling-restart-done")
+
+
+def test_a_launcher_that_was_suspended_itself_does_not_take_its_workers_silence_for_theirs():
+    site = started(slots=2, watchdog=WATCHDOG_S, mold="mold")
+    workers, mold = {site.serving(0), site.serving(1)}, site.mold_pid
+    site.now += 3 * WATCHDOG_S  # the machine slept; their datagrams wait, unread, in our socket
+    site.wake_at = site.settle()
+    assert site.logged("watchdog-restarted", watched=3) and not site.logged("unresponsive")
+    site.run_until(site.now + 3 * WATCHDOG_S)
+    assert {site.serving(0), site.serving(1)} == workers and site.mold_pid == mold and not site.sent
+
+
+def test_while_anything_is_watched_the_loop_wakes_every_quarter_of_the_timeout_and_not_more():
+    site = started(watchdog=WATCHDOG_S)
+    freeze(site, site.serving())  # no datagram wakes it now: only its own deadlines
+    site.run_until(site.now + WATCHDOG_S * 0.99)
+    assert site.wakes <= 4 + 1 and not site.logged("watchdog-restarted")
