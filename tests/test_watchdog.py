@@ -147,6 +147,19 @@ def test_sigusr2_makes_every_worker_log_its_stacks_and_never_reaches_the_mold(la
     assert fcgi_get(launcher.socket).status == 200
 
 
+def test_a_launcher_stopped_and_continued_keeps_its_workers_and_its_mold(launch):
+    launcher = launch("--workers", "2", "--watchdog-timeout", "4")
+    launcher.wait_for("all-ready", timeout=60)
+    before = {int(e["pid"]) for e in launcher.events("ready")}
+    launcher.signal(signal.SIGSTOP)
+    time.sleep(12)  # three times the watchdog's timeout
+    launcher.signal(signal.SIGCONT)
+    launcher.wait_for("watchdog-restarted", timeout=30)
+    time.sleep(2)
+    assert not launcher.events("unresponsive") and not launcher.events("kill")
+    assert {answering_pid(launcher) for _ in range(6)} <= before
+
+
 WORKER_SENDS_WATCHDOG = "READY=1\\nWATCHDOG=1" in open(TRAC_FCGI).read()
 
 
