@@ -1068,6 +1068,11 @@ class LauncherCore:
         worker = self.worker_of(slot, "serving")
         return worker is not None and worker.ready
 
+    def vacated(self, slot):
+        """Whether SLOT's worker was told to go with no successor (stop-then-start, a kill): it waits for its exit."""
+        return (self.worker_of(slot, "draining") is not None and self.worker_of(slot, "serving") is None
+                and self.worker_of(slot, "warming") is None)
+
     def ready_workers(self):
         return sum(1 for slot in self.slots if self.serves(slot))
 
@@ -1256,7 +1261,14 @@ class LauncherCore:
         draining worker ends with an event (READY=1, an exit), and the loop
         sleeps until then instead of spinning.
         """
-        if any(w.role == "warming" for w in self.workers.values()):
+        # One start at a time: a replacement warming up, a stop-then-start
+        # whose old worker still drains, a worker just asked for or one not
+        # ready yet.  A worker still starting has not grown to its size, so
+        # the memory left beside it would be misread, and two handoffs at
+        # once could both find room for one.
+        if (any(not w.ready and w.role != "draining" for w in self.workers.values())
+                or any(self.vacated(slot) for slot in self.slots)
+                or any(action[0] == SPAWN for action in self.actions)):  # a start asked for in this pass
             return []
         deadlines = []
         for slot in sorted((s for s in self.slots if s.handoff_asked is not None), key=lambda s: s.handoff_asked):
@@ -1268,12 +1280,14 @@ class LauncherCore:
             serving = self.worker_of(slot, "serving")
             shortage = self.memory_shortage(serving.pid)
             if shortage:
-                # Not enough memory for two workers side by side: break before make.
+                # Not enough memory for two workers side by side: break before
+                # make.  Its replacement starts once it has exited (tick()),
+                # not while its memory is still in use: under a cgroup's limit
+                # the two would meet the OOM killer, which picks whom it likes.
                 self.log("stop-then-start", slot=slot.number, pid=serving.pid, **shortage)
                 self.tally.stop_then_start += 1
                 asked, slot.handoff_asked = slot.handoff_asked, None
                 self.tell_to_go(serving, "memory headroom", now, handoff_s=now - asked)
-                self.actions.append((SPAWN, slot, "serving"))
             else:
                 self.actions.append((SPAWN, slot, "warming"))
             return []
@@ -1438,6 +1452,8 @@ class LauncherCore:
             if self.worker_of(slot, "serving") is None and self.worker_of(slot, "warming") is None:
                 if self.molds.slots_wait:
                     pass  # Molds.tend() wakes us when the mold is due to have answered
+                elif self.vacated(slot):
+                    pass  # its exit wakes us
                 elif slot.not_before <= now:
                     self.actions.append((SPAWN, slot, "serving"))
                 else:

@@ -668,3 +668,16 @@ def test_while_anything_is_watched_the_loop_wakes_every_quarter_of_the_timeout_a
     freeze(site, site.serving())  # no datagram wakes it now: only its own deadlines
     site.run_until(site.now + WATCHDOG_S * 0.99)
     assert site.wakes <= 4 + 1 and not site.logged("watchdog-restarted")
+
+
+def test_without_headroom_two_slots_asking_at_once_are_stopped_and_started_one_after_the_other():
+    site = started(slots=2, shortage={"limit": "cgroup"})
+    first, second = site.serving(0), site.serving(1)
+    site.signal_launcher(signal.SIGUSR1, sender=first)
+    site.signal_launcher(signal.SIGUSR1, sender=second)
+    site.run_until(site.now + 60)
+    order = [(e, f.get("pid")) for e, f in site.log if e in ("stop-then-start", "ready")][-4:]
+    # The second slot's worker is stopped only once the first's new worker is ready: a worker
+    # still starting has not grown to its size, and the memory beside it would be misread.
+    assert [e for e, _ in order] == ["stop-then-start", "ready", "stop-then-start", "ready"], order
+    assert site.serving(0) not in (None, first) and site.serving(1) not in (None, second)
