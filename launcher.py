@@ -60,6 +60,12 @@ METRICS_COALESCE_S = 1.0
 # After an unexpected exception in the loop, wait at least this long for the
 # next event, so that a bug that recurs on every pass cannot become a spin.
 LOOP_ERROR_PAUSE_S = 1.0
+# A stale mold (MOLD_STALE=reason: trac.ini, plugins/ or the database changed
+# under it) is replaced by at most one new mold in this long.  A plugin that
+# rewrites trac.ini on every request would otherwise cost a mold's warm-up
+# (about a second of CPU) per request; at this bound it costs at most two a
+# minute, and forks come from a mold at most this much out of date.
+MOLD_REFRESH_MIN_S = 30.0
 
 SIGNALS = {
     # signal: (effect, for --help and the README's signals table)
@@ -71,8 +77,8 @@ SIGNALS = {
     signal.SIGTERM: "graceful stop: SIGHUP every worker, wait --stop-timeout for them to drain, SIGKILL the rest, exit 0",
     signal.SIGINT: "same as SIGTERM",
     signal.SIGQUIT: "immediate stop: SIGKILL every worker, exit 0",
-    signal.SIGUSR2: "ignored and logged: unicorn and gunicorn upgrade on it; here SIGHUP already loads new code, "
-                    "make-before-break",
+    signal.SIGUSR2: "log what every worker is doing: passed to each worker that said READY=1 by notify, "
+                    "which logs every thread's stack with its request; never to the mold",
 }
 # Faults of the launcher's own code keep their default action: blocking them
 # would hide a crash, not prevent it.
@@ -117,6 +123,13 @@ def positive_seconds(text):
     if not value > 0 or value == float("inf"):
         raise ValueError
     return value
+
+
+def seconds_or_off(text):
+    """a number of seconds above 0, or 0 or off for none, e.g. 20"""
+    if text in ("0", "off"):
+        return None
+    return positive_seconds(text)
 
 
 def size_bytes(text):
@@ -175,10 +188,15 @@ SETTINGS = [
      "speaks the notify protocol counts as ready once this passes and it is alive"),
     ("--stop-timeout", "LAUNCHER_STOP_TIMEOUT", positive_seconds, 30.0, "SECONDS",
      "how long SIGTERM waits for workers to drain before SIGKILL"),
+    ("--watchdog-timeout", "LAUNCHER_WATCHDOG_TIMEOUT", seconds_or_off, 20.0, "SECONDS",
+     "a worker or mold that has sent WATCHDOG=1 and then stays silent this long "
+     "is unresponsive: it is replaced, and SIGKILLed once its replacement is ready "
+     "(or after as long again without one); 0 or off: no watchdog"),
     ("--memory-reserve", "LAUNCHER_MEMORY_RESERVE", size_bytes, 0, "SIZE",
-     "memory (K, M, G) to keep available; when MemAvailable minus one worker's "
-     "RSS would fall below it, a handoff stops the old worker before starting "
-     "the new one"),
+     "memory (K, M, G) to keep available; when the memory left (MemAvailable, or "
+     "the launcher's cgroup limit minus its usage, whichever is less) minus one "
+     "worker's RSS would fall below it, a handoff stops the old worker before "
+     "starting the new one"),
     ("--mold", "LAUNCHER_MOLD", on_off, "on", "on|off",
      "on: start WORKER_PATH once as a warm mold and fork every worker from it, "
      "in milliseconds and sharing its memory; a worker command that does not "
@@ -588,9 +606,12 @@ class Mold:
     def retire(self):
         """The mold exits when its end of the pair closes."""
         self.channel.close()
-# Metrics: a file in Prometheus' text format, for node_exporter's textfile
-# collector and for `trac-fcgi-launcher status`.  Each metric is declared once,
-# below; the writer, `status` and the README's table all come from METRICS.
+
+
+# --------------------------------------------------------------------------
+# Metrics: what the core counts.  Each metric is declared once, below; the
+# metrics file, `trac-fcgi-launcher status` and the README's table all come
+# from METRICS.  The file itself is written by the shell (see "The metrics file").
 
 # (name, type, labels, meaning)
 METRICS = [
@@ -609,6 +630,10 @@ METRICS = [
     ("trac_fcgi_worker_requests", "gauge", "slot, pid",
      "requests the worker has finished, as it last reported (at most once a second)"),
     ("trac_fcgi_requests_total", "counter", "", "requests finished by every worker, past and present"),
+    ("trac_fcgi_slow_requests_total", "counter", "",
+     "requests that ran past TRAC_FCGI_SLOW_REQUEST, as every worker past and present reported them (SLOW=n)"),
+    ("trac_fcgi_stuck_requests_total", "counter", "",
+     "requests that ran past TRAC_FCGI_REQUEST_TIMEOUT, as every worker past and present reported them (STUCK=n)"),
     ("trac_fcgi_recycles_total", "counter", "reason",
      "serving workers that left their slot, by reason (every reason is listed, from 0)"),
     ("trac_fcgi_crashes_total", "counter", "",
@@ -620,6 +645,16 @@ METRICS = [
      "replacements killed for staying silent past --ready-timeout (the old worker kept serving)"),
     ("trac_fcgi_stop_then_start_total", "counter", "",
      "handoffs made break-before-make, because --memory-reserve left no room for two workers"),
+    ("trac_fcgi_unresponsive_kills_total", "counter", "",
+     "workers and molds SIGKILLed for staying silent past --watchdog-timeout after a WATCHDOG=1"),
+    ("trac_fcgi_stale_molds_total", "counter", "",
+     "molds replaced because what they warmed no longer matched the disk (MOLD_STALE: trac.ini, plugins, upgrade)"),
+    ("trac_fcgi_memory_available_bytes", "gauge", "",
+     "MemAvailable from /proc/meminfo, when the file was written"),
+    ("trac_fcgi_cgroup_memory_limit_bytes", "gauge", "",
+     "the memory limit of the launcher's cgroup (v2 memory.max, v1 memory.limit_in_bytes); absent if none"),
+    ("trac_fcgi_cgroup_memory_usage_bytes", "gauge", "",
+     "the memory its cgroup uses (v2 memory.current, v1 memory.usage_in_bytes); absent if no limit"),
     ("trac_fcgi_handoff_seconds", "histogram", "",
      "from a replacement asked for to the old worker told to go (make before break: mostly the warm-up)"),
     ("trac_fcgi_drain_seconds", "histogram", "", "from a worker told to go to its exit"),
@@ -630,12 +665,14 @@ METRICS = [
 ]
 
 # Why a serving worker left its slot: the values of trac_fcgi_recycles_total's
-# reason label.  Workers name the first four in RECYCLE=reason notify lines.
+# reason label.  Workers name the first five in RECYCLE=reason notify lines.
 RECYCLE_REASONS = {
     "requests": "it reached TRAC_FCGI_MAX_REQUESTS and asked for its replacement",
     "rss": "it reached its soft memory mark (TRAC_FCGI_SOFT_RSS) and asked for its replacement",
     "age": "it reached TRAC_FCGI_MAX_LIFETIME and asked for its replacement",
     "max_rss": "it reached TRAC_FCGI_MAX_RSS before its replacement was ready, and stopped accepting at once",
+    "stuck": "a request of its ran past TRAC_FCGI_REQUEST_TIMEOUT, and it asked for its replacement",
+    "unresponsive": "it sent no WATCHDOG=1 for --watchdog-timeout: replaced, and SIGKILLed as it cannot drain",
     "asked": "it sent SIGUSR1 without saying why (a worker other than trac_fcgi.py)",
     "rolling": "a rolling restart: SIGHUP, or SIGUSR1 from a process that is not a worker",
     "slot-removed": "SIGTTOU removed its slot",
@@ -685,7 +722,11 @@ class Tally:
         self.abandoned = 0
         self.ready_timeouts = 0
         self.stop_then_start = 0
+        self.unresponsive_kills = 0
+        self.stale_molds = 0
         self.requests_of_past_workers = 0
+        self.slow_of_past_workers = 0
+        self.stuck_of_past_workers = 0
         self.histograms = {name: Histogram(bounds) for name, bounds in HISTOGRAM_BUCKETS.items()}
 
     def recycled(self, reason):
@@ -695,102 +736,1102 @@ class Tally:
         self.histograms[name].observe(seconds)
 
 
-def render_metrics(values):
-    """Prometheus text exposition of VALUES: {metric name: figure}.
+# --------------------------------------------------------------------------
+# The core: every decision, over plain data, with the time passed in.
+#
+# Events go in as method calls (spawned, notified, exited, signalled), each
+# with the time `now`.  Decisions come out as actions in `actions`, which the
+# shell below carries out.  tick() does whatever is due and returns when
+# something next will be: the code that decides what is due also decides when
+# to wake.  Nothing here reads a clock, a file or a socket, so
+# tests/test_core.py drives it through hours of signals in milliseconds.
 
-    A figure is a number; {label values tuple: number} for a labelled metric;
-    a Histogram; or None for a metric that cannot be read here (left out).
+SPAWN, SIGNAL, SYSTEMD = "spawn", "signal", "systemd"
+START_MOLD, RETIRE_MOLD, STRAY = "start-mold", "retire-mold", "stray"
+
+
+def silent(process, watchdog_timeout, now):
+    """Whether PROCESS (a Worker or a MoldProcess) has broken its WATCHDOG=1 promise by NOW.
+
+    One that never sent WATCHDOG=1 (a stock trac.fcgi) made no promise.
     """
-    out = []
-    for name, kind, labels, meaning in METRICS:
-        figure = values.get(name)
-        if figure is None:
-            continue
-        out.append("# HELP %s %s\n# TYPE %s %s\n" % (name, meaning.replace("\\", r"\\"), name, kind))
-        if kind == "histogram":
-            cumulative = 0
-            for bound, count in zip(figure.bounds, figure.counts):
-                cumulative += count
-                out.append('%s_bucket{le="%s"} %d\n' % (name, bound, cumulative))
-            out.append('%s_bucket{le="+Inf"} %d\n' % (name, figure.count))
-            out.append("%s_sum %s\n%s_count %d\n" % (name, number(figure.sum), name, figure.count))
-        elif labels:
-            names = labels.split(", ")
-            for label_values, value in figure.items():
-                pairs = ",".join('%s="%s"' % (label, escape_label(str(v))) for label, v in zip(names, label_values))
-                out.append("%s{%s} %s\n" % (name, pairs, number(value)))
+    return watchdog_timeout is not None and process.heard is not None and now - process.heard >= watchdog_timeout
+
+
+class Worker:
+    """One worker process.  Its role is the whole of its handoff state:
+
+    warming  started as a replacement for its slot's serving worker
+    serving  the slot's accepting worker (or about to be, before READY=1)
+    draining told to go (SIGHUP); its exit is expected, never a crash
+    """
+
+    def __init__(self, pid, slot, role, now):
+        self.pid, self.slot, self.role = pid, slot, role
+        self.started = now
+        self.ready = False
+        self.told_to_go = None      # when it was sent SIGHUP
+        self.killed = False         # sent SIGKILL, which is never sent twice
+        self.said_stopping = False  # sent STOPPING=1: it exits of its own accord
+        self.memory = (None, None)  # (PSS, private) when told to go: a dead process has none
+        self.requests = 0           # finished requests, as it last reported (REQUESTS=n)
+        self.slow = self.stuck = 0  # its slow and stuck requests so far (SLOW=n, STUCK=n)
+        self.recycle_reason = None  # why it leaves its slot, once known: a RECYCLE_REASONS key
+        self.speaks_notify = False  # said READY=1 by notify: ours, so SIGUSR2 logs its stacks
+        self.heard = None           # its last WATCHDOG=1; None: never sent one, the watchdog leaves it be
+        self.unresponsive = None    # when the watchdog found it silent, until it speaks again
+
+    def age(self, now):
+        return now - self.started
+
+
+class MoldProcess:
+    """One mold: started until it says MOLD=1, then ready to be asked for workers."""
+
+    def __init__(self, pid, now):
+        self.pid, self.started = pid, now
+        self.ready = False
+        self.heard = None   # its last WATCHDOG=1, as a worker's
+        self.stale = None   # MOLD_STALE's reason: what it warmed no longer matches the disk
+        self.refresh_deferred = False  # its refresh waits for MOLD_REFRESH_MIN_S, as logged once
+
+
+class Slot:
+    """A place for one serving worker.  Which workers fill it is read off the
+    workers themselves (Worker.slot and Worker.role), never stored here too."""
+
+    def __init__(self, number):
+        self.number = number
+        self.retired = False        # removed by SIGTTOU; gone once its workers are
+        self.handoff_asked = None   # when its replacement was asked for, until the old worker is told to go
+        self.crashes = 0            # workers in a row that died before READY=1
+        self.not_before = 0.0       # backoff: no spawn for this slot before then
+        self.deaths = []            # when its ready workers died unplanned, within DEATH_WINDOW_S
+
+
+class Molds:
+    """The mold's life: every mold process, which one workers are forked from, and when to start another.
+
+    Pure, as LauncherCore is: events come in with the time, actions go out
+    through ACT, and tend() does what is due and returns its deadlines.  At
+    most three molds live at once, each for a reason of its own: `current`,
+    the one workers are forked from once it is ready; `retiring`, the one a
+    SIGHUP replaced, kept until the rolling restart from the new one is done;
+    and `next`, warming to replace a stale `current`, which forks meanwhile.
+
+    Workers are forked from `current` while it is ready and exec'd otherwise,
+    so no slot waits on a mold, but at start for the first one's answer.  A
+    process started as the mold that exits, says READY=1 or stays silent past
+    --ready-timeout without ever having said MOLD=1 does not speak the mold
+    protocol (a stock trac.fcgi): it is killed (it never had the socket, so
+    it served nobody) and every worker is exec'd until a SIGHUP, new code,
+    tries again.  A mold that did say MOLD=1 and then dies, does not answer
+    or goes silent past --watchdog-timeout is restarted with a backoff.
+
+    A mold that says MOLD_STALE=reason (trac.ini, plugins/ or the database
+    changed under what it warmed) is refreshed make-before-break, at most
+    once per MOLD_REFRESH_MIN_S.  Serving workers reload their environment
+    themselves; only new forks need a fresh mold, so this is no rolling restart.
+    """
+
+    def __init__(self, enabled, ready_timeout, watchdog_timeout, log, act, tally, answered):
+        self.enabled = enabled                # --mold on, and we can adopt forked workers
+        self.ready_timeout, self.watchdog_timeout = ready_timeout, watchdog_timeout
+        self.log, self.act, self.tally = log, act, tally
+        self.answered_hook = answered         # called with a SIGHUP's reason once its new mold answered
+        self.current = self.retiring = self.next = None
+        self.pids = set()                     # every mold process not reaped yet
+        self.killed = set()                   # SIGKILL is sent once
+        self.unavailable = not enabled        # the worker command does not answer as a mold
+        self.crashes = 0
+        self.not_before = 0.0
+        self.slots_wait = enabled             # at start, slots wait for the first mold's answer
+        self.restart_after = None             # a SIGHUP's rolling restart, waiting for its new mold
+        self.refreshed = None                 # when a stale mold last had a new one started
+        self.stopping = False
+
+    # -- what the state says ----------------------------------------------------
+
+    def fork_from(self):
+        """The pid of the mold to ask for a worker, or None: exec it."""
+        ready = self.current is not None and self.current.ready and not self.stopping
+        return self.current.pid if ready else None
+
+    def owns(self, pid):
+        return pid in self.pids
+
+    def speaking(self, pid):
+        """The mold whose notify messages count, if PID is one: the current one or the next."""
+        return next((m for m in (self.current, self.next) if m is not None and m.pid == pid), None)
+
+    # -- events -------------------------------------------------------------------
+
+    def started(self, pid, now):
+        # A mold is started only when there is none, or to refresh a stale one.
+        if self.current is None:
+            self.current = MoldProcess(pid, now)
         else:
-            out.append("%s %s\n" % (name, number(figure)))
-    return "".join(out)
+            self.next = MoldProcess(pid, now)
+        self.pids.add(pid)
+        self.log("mold-start", pid=pid)
+
+    def start_failed(self, error, now):
+        self.log("mold-spawn-failed", level=0, error=error)
+        if self.current is not None:
+            return self.log("mold-refresh-failed", level=0, pid=self.current.pid, reason="cannot start: %s" % error)
+        self.gone(None, "cannot start: %s" % error, True, now)
+
+    def said(self, mold, fields, now):
+        if fields.get("WATCHDOG") == "1":
+            mold.heard = now
+        if fields.get("MOLD") == "1" and not mold.ready:
+            mold.ready = True
+            self.log("mold-ready", pid=mold.pid, ready_s=now - mold.started)
+            if mold is self.next:
+                self.log("mold-refreshed", pid=mold.pid, old=self.current.pid, reason=self.current.stale)
+                self.act((RETIRE_MOLD, self.current.pid))
+                self.current, self.next = mold, None
+            else:
+                self.answered(now)
+        elif fields.get("READY") == "1" and not mold.ready:
+            self.gone(mold, "said READY=1, not MOLD=1", True, now)
+        if fields.get("MOLD_STALE") and mold is self.current and mold.ready and mold.stale is None:
+            mold.stale = fields["MOLD_STALE"]
+            self.log("mold-stale", pid=mold.pid, reason=mold.stale)
+
+    def did_not_answer(self, now):
+        self.gone(self.current, "no answer to a fork request", False, now)
+
+    def exited(self, pid, how, now):
+        self.pids.discard(pid)
+        self.killed.discard(pid)
+        self.log("mold-exit", pid=pid, **how)
+        for mold in (self.current, self.next):
+            if mold is not None and pid == mold.pid:
+                self.gone(mold, "exited", not mold.ready, now)
+
+    # -- policy ---------------------------------------------------------------------
+
+    def hup(self, now):
+        """SIGHUP: a new mold first, if there are molds; True if the rolling restart waits for it."""
+        if not self.enabled or self.stopping or self.restart_after:
+            return False
+        # New code or configuration: a new mold first (tend() starts it),
+        # then every worker from it, make-before-break; the old mold goes last.
+        self.log("new-mold", reason="SIGHUP", old=self.current and self.current.pid)
+        # A mold warming to replace a stale one may have imported the old code.
+        self.drop_next("SIGHUP")
+        self.retiring, self.current = self.current, None
+        self.unavailable, self.not_before = False, 0.0
+        self.restart_after = "SIGHUP"
+        return True
+
+    def rolling_done(self):
+        if self.retiring is not None:
+            self.act((RETIRE_MOLD, self.retiring.pid))
+            self.retiring = None
+
+    def stop(self):
+        """A graceful stop: every mold is retired (it exits when its socket pair closes)."""
+        self.stopping = True
+        for mold in (self.current, self.retiring, self.next):
+            if mold is not None:
+                self.act((RETIRE_MOLD, mold.pid))
+        self.current = self.retiring = self.next = None
+
+    def kill_all(self, reason):
+        self.stopping = True
+        for pid in sorted(self.pids - self.killed):
+            self.killed.add(pid)
+            self.log("mold-kill", pid=pid, reason=reason)
+            self.act((SIGNAL, pid, signal.SIGKILL))
+
+    def drop_next(self, reason):
+        """Give up on the mold warming to replace a stale one: the stale one goes on forking."""
+        mold, self.next = self.next, None
+        if mold is not None:
+            self.log("mold-refresh-failed", level=0, pid=mold.pid, reason=reason)
+            self.end(mold)
+
+    def end(self, mold):
+        self.act((RETIRE_MOLD, mold.pid))
+        if mold.pid in self.pids and mold.pid not in self.killed:
+            self.killed.add(mold.pid)
+            self.act((SIGNAL, mold.pid, signal.SIGKILL))
+
+    def gone(self, mold, reason, unavailable, now):
+        """MOLD is no more use (None: it never started); UNAVAILABLE: it never answered as a mold."""
+        if mold is not None and mold is self.next:
+            # Its stale predecessor forks until the next try (see refresh()).
+            return self.drop_next(reason)
+        if mold is not None:
+            if now - mold.started >= DEATH_WINDOW_S:
+                self.crashes = 0
+            self.end(mold)
+        # A mold warming to refresh this one takes its place, ready or not.
+        self.current, self.next = self.next, None
+        if unavailable:
+            self.unavailable = True
+            self.log("mold-unavailable", level=0, pid=mold and mold.pid, reason=reason,
+                     hint="workers are exec'd; a worker command that is trac-fcgi answers as a mold")
+        elif not self.stopping:
+            delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** self.crashes)
+            self.crashes += 1
+            self.not_before = now + delay
+            self.log("mold-failed", level=0, pid=mold and mold.pid, reason=reason, crashes=self.crashes,
+                     delay_s=delay)
+        self.answered(now)
+
+    def answered(self, now):
+        """The mold that slots or a SIGHUP waited for is ready, or there is none: go on."""
+        self.slots_wait = False
+        if self.restart_after:
+            reason, self.restart_after = self.restart_after, None
+            self.answered_hook(reason, now)
+
+    # -- time -------------------------------------------------------------------------
+
+    def tend(self, now):
+        """Start a mold when one is due, give up on a silent one, refresh a stale one; return the deadlines."""
+        deadlines = []
+        if self.next is not None and not self.next.ready:
+            deadline = self.next.started + self.ready_timeout
+            if now < deadline:
+                deadlines.append(deadline)
+            else:
+                self.drop_next("silent past --ready-timeout")
+        current = self.current
+        if current is not None and current.ready and silent(current, self.watchdog_timeout, now):
+            self.log("unresponsive", level=0, pid=current.pid, role="mold", silent_s=now - current.heard)
+            self.tally.unresponsive_kills += 1
+            self.gone(current, "unresponsive", False, now)
+        elif current is not None and current.ready and self.watchdog_timeout and current.heard is not None:
+            deadlines.append(current.heard + self.watchdog_timeout)
+        if self.current is not None and not self.current.ready:
+            deadline = self.current.started + self.ready_timeout
+            if now < deadline:
+                return deadlines + [deadline]
+            self.gone(self.current, "silent past --ready-timeout", True, now)
+        if self.current is None and not self.unavailable and not self.stopping:
+            if now < self.not_before:
+                return deadlines + [self.not_before]
+            self.act((START_MOLD,))
+            return deadlines
+        return deadlines + self.refresh(now)
+
+    def refresh(self, now):
+        """Start a new mold for a stale one, at most one per MOLD_REFRESH_MIN_S; return the deadlines."""
+        mold = self.current
+        if mold is None or mold.stale is None or self.next is not None or self.restart_after or self.stopping:
+            return []
+        due = -float("inf") if self.refreshed is None else self.refreshed + MOLD_REFRESH_MIN_S
+        if now < due:
+            if not mold.refresh_deferred:
+                mold.refresh_deferred = True
+                self.log("mold-refresh-deferred", pid=mold.pid, reason=mold.stale, wait_s=due - now)
+            return [due]
+        self.refreshed = now
+        self.tally.stale_molds += 1
+        self.log("new-mold", reason=mold.stale, old=mold.pid)
+        self.act((START_MOLD,))
+        return []
 
 
-def number(value):
-    return "%d" % value if isinstance(value, int) else "%.6f" % value
+class LauncherCore:
+    def __init__(self, slots, ready_timeout, stop_timeout, log=log, memory_shortage=lambda pid: None,
+                 mold=False, memory_of=lambda pid: (None, None), watchdog_timeout=None):
+        self.slots = [Slot(number) for number in range(slots)]
+        self.ready_timeout, self.stop_timeout = ready_timeout, stop_timeout
+        self.watchdog_timeout = watchdog_timeout  # None: no watchdog
+        self.log = log
+        # None if a replacement fits in memory beside worker PID, else the facts of why not.
+        self.memory_shortage = memory_shortage
+        self.memory_of = memory_of   # (PSS, private) of a live process, for its exit line
+        self.workers = {}            # pid -> Worker, every child not yet reaped
+        self.actions = []            # (SPAWN, slot, role), (SIGNAL, pid, signum), (SYSTEMD, lines)
+        self.rolling = False         # a rolling restart is under way (systemd RELOADING=1)
+        self.stopping_since = None
+        self.workers_speak_notify = False
+        self.told_systemd_ready = False
+        self.status = None
+        self.tally = Tally()         # what --metrics-file counts over the launcher's life
+        self.last_tick = None        # when tick() last ran: the watchdog's measure of our own absence
+        self.molds = Molds(mold, ready_timeout, watchdog_timeout, log, self.act, self.tally,
+                           answered=self.rolling_restart)
+
+    def act(self, action):
+        self.actions.append(action)  # looked up on each call: the shell takes the list and leaves a new one
+
+    # -- what the state says, derived where it is needed --------------------
+
+    def worker_of(self, slot, role):
+        return next((w for w in self.workers.values() if w.slot is slot and w.role == role), None)
+
+    def serves(self, slot):
+        """Whether SLOT has a serving worker that has said READY=1."""
+        worker = self.worker_of(slot, "serving")
+        return worker is not None and worker.ready
+
+    def vacated(self, slot):
+        """Whether SLOT's worker was told to go with no successor (stop-then-start, a kill): it waits for its exit."""
+        return (self.worker_of(slot, "draining") is not None and self.worker_of(slot, "serving") is None
+                and self.worker_of(slot, "warming") is None)
+
+    def ready_workers(self):
+        return sum(1 for slot in self.slots if self.serves(slot))
+
+    @property
+    def finished(self):
+        return self.stopping_since is not None and not self.workers and not self.molds.pids
+
+    # -- events ---------------------------------------------------------------
+
+    def signalled(self, signum, sender, now):
+        """The whole policy for each signal, one line each."""
+        policy = {
+            signal.SIGUSR1: self.on_usr1,
+            signal.SIGHUP: self.on_hup,
+            signal.SIGTTIN: self.on_ttin,
+            signal.SIGTTOU: self.on_ttou,
+            signal.SIGTERM: self.on_term,
+            signal.SIGINT: self.on_term,
+            signal.SIGQUIT: self.on_quit,
+            signal.SIGUSR2: self.on_usr2,
+        }.get(signum)
+        if policy is None:
+            return self.log("ignored", signal=signal_name(signum), sender=sender)
+        policy(sender, now)
+
+    def spawned(self, slot, pid, role, now, how=None):
+        """HOW: exec'd, or forked from the mold."""
+        self.workers[pid] = Worker(pid, slot, role, now)
+        self.log("spawn", slot=slot.number, pid=pid, role=role, how=how)
+
+    def spawn_failed(self, slot, error, now):
+        self.log("spawn-failed", level=0, slot=slot.number, error=error)
+        self.back_off(slot, now)
+
+    def notified(self, pid, fields, now):
+        mold = self.molds.speaking(pid)
+        if mold is not None:
+            return self.molds.said(mold, fields, now)
+        worker = self.workers.get(pid)
+        if worker is None:
+            if fields.get("READY") == "1" and self.molds.enabled:
+                # A worker forked by a mold we gave up on while it forked: it
+                # is our child, and would serve outside any slot.
+                self.actions.append((STRAY, pid))
+            return  # else not one of ours: the kernel vouches for the pid
+        if fields.get("WATCHDOG") == "1":
+            self.heard_from(worker, now)
+        if fields.get("READY") == "1":
+            self.workers_speak_notify = worker.speaks_notify = True
+            self.became_ready(worker, "notify", now)
+        if fields.get("STOPPING") == "1":
+            worker.said_stopping = True
+        # For the metrics: a worker's own word on its counts, on what it gave
+        # up when it drained, and on why it asked to go (the latest wins).
+        if fields.get("REQUESTS", "").isdigit():
+            worker.requests = int(fields["REQUESTS"])
+        if fields.get("SLOW", "").isdigit():
+            worker.slow = int(fields["SLOW"])
+        if fields.get("STUCK", "").isdigit():
+            worker.stuck = int(fields["STUCK"])
+        if fields.get("ABANDONED", "").isdigit():
+            self.tally.abandoned += int(fields["ABANDONED"])
+        if "RECYCLE" in fields:
+            worker.recycle_reason = fields["RECYCLE"] if fields["RECYCLE"] in RECYCLE_REASONS else "asked"
+
+    def exited(self, pid, code, now):
+        """CODE is the exit status, or minus the signal number (os.waitstatus_to_exitcode)."""
+        how = {"status": code} if code >= 0 else {"signal": signal_name(-code)}
+        if self.molds.owns(pid):
+            return self.molds.exited(pid, how, now)
+        worker = self.workers.pop(pid, None)
+        if worker is None:
+            return
+        slot = worker.slot
+        drain_s = None if worker.told_to_go is None else now - worker.told_to_go
+        pss, private = worker.memory
+        self.log("exit", slot=slot.number, pid=pid, role=worker.role, age_s=worker.age(now), drain_s=drain_s,
+                 pss=pss, private=private, **how)
+        planned = worker.told_to_go is not None or (worker.said_stopping and code == 0)
+        self.tally.requests_of_past_workers += worker.requests
+        self.tally.slow_of_past_workers += worker.slow
+        self.tally.stuck_of_past_workers += worker.stuck
+        if drain_s is not None:
+            self.tally.observe("trac_fcgi_drain_seconds", drain_s)
+        if not planned and self.stopping_since is None:
+            self.tally.crashes += 1
+        if worker.role == "serving":
+            self.left_service(worker, None, reason=(worker.recycle_reason or "exit") if planned else "crash")
+            # Nothing is left to hand off; a replacement already warming takes over the slot.
+            slot.handoff_asked = None
+            replacement = self.worker_of(slot, "warming")
+            if replacement is not None:
+                replacement.role = "serving"
+        if planned or slot.retired or self.stopping_since is not None:
+            return
+        if not worker.ready:
+            self.back_off(slot, now)  # it cannot start: a crash, whatever its role
+        elif worker.role == "serving":
+            self.died_serving(slot, now)
+
+    # -- one method per signal ------------------------------------------------
+
+    def on_usr1(self, sender, now):
+        worker = self.workers.get(sender)
+        if worker is None:
+            self.rolling_restart("SIGUSR1 from pid %s" % sender, now)
+        elif worker.role == "serving":
+            # Standard signals coalesce, so two workers asking at once may
+            # reach us as one: workers repeat the request until answered.
+            self.ask_for_handoff(worker.slot, "worker asked", now)
+
+    def on_hup(self, sender, now):
+        # With molds, the rolling restart waits for a new one (Molds.hup).
+        if self.stopping_since is not None or self.rolling or not self.molds.hup(now):
+            self.rolling_restart("SIGHUP", now)
+
+    def on_ttin(self, sender, now):
+        if self.stopping_since is None:
+            slot = Slot(max([s.number for s in self.slots], default=-1) + 1)
+            self.slots.append(slot)
+            self.log("slot-added", slot=slot.number, workers=len(self.slots))
+
+    def on_ttou(self, sender, now):
+        if self.stopping_since is None and len(self.slots) > 1:
+            slot = self.slots.pop()
+            slot.retired = True
+            self.log("slot-removed", slot=slot.number, workers=len(self.slots))
+            for worker in [w for w in self.workers.values() if w.slot is slot]:
+                worker.recycle_reason = worker.recycle_reason or "slot-removed"
+                self.tell_to_go(worker, "slot removed", now)
+
+    def on_term(self, sender, now):
+        if self.stopping_since is None:
+            self.stopping_since = now
+            self.actions.append((SYSTEMD, ("STOPPING=1",)))
+            self.log("stopping", workers=len(self.workers), timeout_s=self.stop_timeout)
+            for worker in list(self.workers.values()):
+                self.tell_to_go(worker, "launcher stopping", now)
+            self.molds.stop()
+
+    def on_quit(self, sender, now):
+        if self.stopping_since is None:
+            self.stopping_since = now
+            self.actions.append((SYSTEMD, ("STOPPING=1",)))
+        for worker in list(self.workers.values()):
+            self.kill(worker, "SIGQUIT")
+        self.molds.kill_all("SIGQUIT")
+
+    def on_usr2(self, sender, now):
+        # Only ours handle it: a stock trac.fcgi would die of SIGUSR2, and the
+        # mold, which serves nobody, has no requests to show.
+        asked = sorted(pid for pid, worker in self.workers.items() if worker.speaks_notify and not worker.killed)
+        self.log("stacks-asked", workers=len(asked))
+        for pid in asked:
+            self.actions.append((SIGNAL, pid, signal.SIGUSR2))
+
+    # -- the handoff ------------------------------------------------------------
+
+    def rolling_restart(self, reason, now):
+        if self.stopping_since is not None:
+            return
+        if self.rolling:
+            return self.log("coalesced", level=2, reason=reason)  # a burst costs nothing
+        self.log("rolling-restart", reason=reason, workers=len(self.slots))
+        self.rolling = True
+        self.actions.append((SYSTEMD, ("RELOADING=1", "STATUS=rolling restart")))
+        for slot in self.slots:
+            self.ask_for_handoff(slot, reason, now)
+        for worker in self.workers.values():
+            if worker.role == "serving":
+                worker.recycle_reason = worker.recycle_reason or "rolling"
+
+    def ask_for_handoff(self, slot, reason, now):
+        # Coalesced: a slot already waiting or warming is not asked again.
+        serving = self.worker_of(slot, "serving")
+        if self.stopping_since is None and slot.handoff_asked is None and serving is not None:
+            self.log("replace", slot=slot.number, pid=serving.pid, reason=reason)
+            slot.handoff_asked = now
+
+    def start_next_handoff(self, now):
+        """Start at most one replacement at a time, across all slots; return the deadlines it waits on.
+
+        A slot whose previous worker still drains waits for its exit, so no
+        slot ever has more than two processes, whatever the signals.  Only a
+        wait on the clock (backoff) is a deadline: a wait on a warming or a
+        draining worker ends with an event (READY=1, an exit), and the loop
+        sleeps until then instead of spinning.
+        """
+        # One start at a time: a replacement warming up, a stop-then-start
+        # whose old worker still drains, a worker just asked for or one not
+        # ready yet.  A worker still starting has not grown to its size, so
+        # the memory left beside it would be misread, and two handoffs at
+        # once could both find room for one.
+        if (any(not w.ready and w.role != "draining" for w in self.workers.values())
+                or any(self.vacated(slot) for slot in self.slots)
+                or any(action[0] == SPAWN for action in self.actions)):  # a start asked for in this pass
+            return []
+        deadlines = []
+        for slot in sorted((s for s in self.slots if s.handoff_asked is not None), key=lambda s: s.handoff_asked):
+            if any(w.slot is slot and w.role == "draining" for w in self.workers.values()):
+                continue
+            if slot.not_before > now:
+                deadlines.append(slot.not_before)
+                continue
+            serving = self.worker_of(slot, "serving")
+            shortage = self.memory_shortage(serving.pid)
+            if shortage:
+                # Not enough memory for two workers side by side: break before
+                # make.  Its replacement starts once it has exited (tick()),
+                # not while its memory is still in use: under a cgroup's limit
+                # the two would meet the OOM killer, which picks whom it likes.
+                self.log("stop-then-start", slot=slot.number, pid=serving.pid, **shortage)
+                self.tally.stop_then_start += 1
+                asked, slot.handoff_asked = slot.handoff_asked, None
+                self.tell_to_go(serving, "memory headroom", now, handoff_s=now - asked)
+            else:
+                self.actions.append((SPAWN, slot, "warming"))
+            return []
+        return deadlines
+
+    def became_ready(self, worker, how, now):
+        if worker.ready:
+            return
+        worker.ready = True
+        slot = worker.slot
+        slot.crashes = 0
+        self.log("ready", slot=slot.number, pid=worker.pid, ready_s=worker.age(now), by=how)
+        if worker.role == "warming":
+            old = self.worker_of(slot, "serving")
+            worker.role = "serving"
+            if old is not None:
+                asked, slot.handoff_asked = slot.handoff_asked, None
+                self.tell_to_go(old, "replaced by pid %d" % worker.pid, now,
+                                handoff_s=None if asked is None else now - asked)
+
+    def tell_to_go(self, worker, reason, now, handoff_s=None):
+        if worker.told_to_go is None:
+            if worker.role == "serving":
+                self.left_service(worker, handoff_s)
+            worker.told_to_go = now
+            worker.role = "draining"
+            worker.memory = self.memory_of(worker.pid)
+            if silent(worker, self.watchdog_timeout, now):
+                # Its loop does not run, so a SIGHUP would wait for a handler
+                # that never comes: it cannot drain, and only SIGKILL frees its slot.
+                return self.kill_unresponsive(worker, "unresponsive; %s" % reason)
+            self.log("hup", slot=worker.slot.number, pid=worker.pid, reason=reason, handoff_s=handoff_s)
+            self.actions.append((SIGNAL, worker.pid, signal.SIGHUP))
+
+    def left_service(self, worker, handoff_s, reason=None):
+        """A serving worker stops serving, told to go or by dying: count why, and its handoff's time.
+
+        A launcher that is stopping replaces nobody: that is no recycle.
+        """
+        if self.stopping_since is None:
+            self.tally.recycled(reason or worker.recycle_reason or "asked")
+            if handoff_s is not None:
+                self.tally.observe("trac_fcgi_handoff_seconds", handoff_s)
+
+    def kill(self, worker, reason):
+        if not worker.killed:
+            worker.killed = True
+            self.log("kill", slot=worker.slot.number, pid=worker.pid, reason=reason)
+            self.actions.append((SIGNAL, worker.pid, signal.SIGKILL))
+
+    # -- the watchdog -------------------------------------------------------------
+    #
+    # A worker that has sent WATCHDOG=1 promises one every quarter of
+    # --watchdog-timeout (systemd's contract); one that never did (a stock
+    # trac.fcgi) is left be.  Silent past the timeout, it is unresponsive:
+    # frozen (SIGSTOP), deadlocked, or held by a C call that keeps the GIL.
+    # Its slot is replaced make-before-break, and the silent one is SIGKILLed
+    # once the replacement is ready; if none is ready after as long again
+    # (its replacement keeps failing), it is SIGKILLed anyway so that the slot
+    # can respawn.  Requests it held are lost either way: it was not serving them.
+
+    def heard_from(self, worker, now):
+        worker.heard = now
+        if worker.unresponsive is not None:
+            # Its replacement, asked for already, goes on; it drains as any worker would.
+            self.log("responsive", slot=worker.slot.number, pid=worker.pid, silent_s=now - worker.unresponsive)
+            worker.unresponsive = None
+
+    def forgive_if_away(self, now):
+        """After an absence of our own, start every watched process's count anew; return the deadlines.
+
+        A launcher that was suspended, stopped or starved of CPU comes back to
+        find everyone "silent" and datagrams still queued that it has not read:
+        their silence is ours.  While anything is watched the loop wakes every
+        quarter of the timeout (datagrams wake it that often anyway), so a gap
+        of half the timeout between two passes can only be our own.
+        """
+        last, self.last_tick = self.last_tick, now
+        if self.watchdog_timeout is None:
+            return []
+        watched = [p for p in list(self.workers.values()) + [self.molds.current] if p is not None and p.heard]
+        if last is not None and now - last > self.watchdog_timeout / 2 and watched:
+            self.log("watchdog-restarted", level=0, away_s=now - last, watched=len(watched),
+                     reason="the launcher itself did not run: suspended, stopped or starved")
+            for process in watched:
+                process.heard = max(process.heard, now)
+        return [now + self.watchdog_timeout / 4] if watched else []
+
+    def watch(self, now):
+        """Find the workers that went silent, and act on them; return the deadlines."""
+        if self.watchdog_timeout is None:
+            return []
+        deadlines = []
+        for worker in list(self.workers.values()):
+            if worker.heard is None or worker.killed:
+                continue
+            if not silent(worker, self.watchdog_timeout, now):
+                deadlines.append(worker.heard + self.watchdog_timeout)
+                continue
+            if worker.unresponsive is None:
+                worker.unresponsive = now
+                self.log("unresponsive", level=0, slot=worker.slot.number, pid=worker.pid, role=worker.role,
+                         silent_s=now - worker.heard)
+                if worker.role != "serving":
+                    # Draining, or a replacement that went quiet: nothing waits for it.
+                    self.tell_to_go(worker, "unresponsive", now)
+                    self.kill_unresponsive(worker, "unresponsive while %s" % worker.role)
+                    continue
+                worker.recycle_reason = "unresponsive"
+                self.ask_for_handoff(worker.slot, "unresponsive", now)
+            if worker.role == "serving":
+                give_up = worker.unresponsive + self.watchdog_timeout
+                if now < give_up:
+                    deadlines.append(give_up)
+                    continue
+                # No replacement got ready in as long again: free the slot, so it can respawn.
+                slot = worker.slot
+                asked, slot.handoff_asked = slot.handoff_asked, None
+                self.tell_to_go(worker, "no replacement ready within --watchdog-timeout", now,
+                                handoff_s=None if asked is None else now - asked)
+        return deadlines
+
+    def kill_unresponsive(self, worker, reason):
+        if not worker.killed:
+            self.tally.unresponsive_kills += 1
+            self.kill(worker, reason)
+
+    # -- births and deaths --------------------------------------------------------
+
+    def died_serving(self, slot, now):
+        """A ready worker died unplanned: respawn at once, unless its slot's workers keep dying."""
+        slot.deaths = [t for t in slot.deaths if now - t < DEATH_WINDOW_S] + [now]
+        others_serve = any(self.serves(other) for other in self.slots if other is not slot)
+        if len(slot.deaths) > DEATHS_BEFORE_GUARD and others_serve:
+            self.back_off(slot, now)
+
+    def back_off(self, slot, now):
+        delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** slot.crashes)
+        slot.crashes += 1
+        slot.not_before = now + delay
+        self.log("backoff", level=0, slot=slot.number, crashes=slot.crashes, delay_s=delay)
+
+    # -- time ---------------------------------------------------------------------
+
+    def tick(self, now):
+        """Do whatever is due at NOW; return when something next will be.
+
+        The shell carries out `actions` before it calls tick() again.
+        """
+        wake = [now + IDLE_WAKE_S]
+        if self.stopping_since is not None:
+            deadline = self.stopping_since + self.stop_timeout
+            if now < deadline:
+                return min(deadline, now + IDLE_WAKE_S)
+            for worker in list(self.workers.values()):
+                self.kill(worker, "stop timeout")
+            self.molds.kill_all("stop timeout")
+            return min(wake)
+        wake += self.forgive_if_away(now)
+        wake += self.molds.tend(now)
+        for slot in self.slots:
+            if self.worker_of(slot, "serving") is None and self.worker_of(slot, "warming") is None:
+                if self.molds.slots_wait:
+                    pass  # Molds.tend() wakes us when the mold is due to have answered
+                elif self.vacated(slot):
+                    pass  # its exit wakes us
+                elif slot.not_before <= now:
+                    self.actions.append((SPAWN, slot, "serving"))
+                else:
+                    wake.append(slot.not_before)
+        for worker in list(self.workers.values()):
+            if not worker.ready and worker.role != "draining":
+                deadline = worker.started + self.ready_timeout
+                if now >= deadline:
+                    self.ready_timed_out(worker, now)
+                else:
+                    wake.append(deadline)
+        wake += self.watch(now)
+        wake += self.start_next_handoff(now)
+        if self.rolling and all(slot.handoff_asked is None for slot in self.slots):
+            self.rolling = False
+            self.told_systemd_ready = False
+            self.log("rolling-restart-done", workers=len(self.slots))
+            self.molds.rolling_done()
+        self.report_status()
+        return min(wake)
+
+    def ready_timed_out(self, worker, now):
+        if self.workers_speak_notify and worker.role == "warming":
+            # Earlier workers said READY=1, so this one's silence means trouble;
+            # its slot stays asked for and is retried after the backoff.
+            self.log("ready-timeout", level=0, slot=worker.slot.number, pid=worker.pid)
+            self.tally.ready_timeouts += 1
+            self.tell_to_go(worker, "silent past --ready-timeout", now)
+            self.kill(worker, "silent past --ready-timeout")
+            self.back_off(worker.slot, now)
+        else:
+            # A stock trac.fcgi never speaks the notify protocol: alive is ready.
+            self.became_ready(worker, "timeout", now)
+
+    def report_status(self):
+        ready = self.ready_workers()
+        roles = [w.role for w in self.workers.values()]
+        status = "%d of %d workers ready, %d warming, %d draining" % (
+            ready, len(self.slots), roles.count("warming"), roles.count("draining"))
+        if status != self.status:
+            self.status = status
+            self.actions.append((SYSTEMD, ("STATUS=" + status,)))
+        if ready == len(self.slots) and not self.rolling and not self.told_systemd_ready:
+            self.told_systemd_ready = True
+            self.log("all-ready", workers=ready)
+            self.actions.append((SYSTEMD, ("READY=1",)))
 
 
-def escape_label(text):
-    return text.replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n")
+# --------------------------------------------------------------------------
+# The shell: signals and datagrams in, processes and signals out.
+
+class Launcher:
+    def __init__(self, settings, listener, path, argv):
+        self.settings = settings
+        self.listener = listener
+        self.path, self.argv = path, argv
+        self.core = LauncherCore(settings.workers, settings.ready_timeout, settings.stop_timeout,
+                                 memory_shortage=self.memory_shortage, mold=settings.mold and can_adopt(),
+                                 memory_of=shared_memory, watchdog_timeout=settings.watchdog_timeout)
+        self.channels = {}           # pid -> Mold, each mold's socket pair until it is retired
+        self.notify = open_notify_socket()
+        self.systemd = Systemd(os.environ.get("NOTIFY_SOCKET"))
+        self.environ = self.worker_environment()
+        self.errors_seen = set()
+        self.metrics_written = None   # when --metrics-file was last written; None: never
+        self.metrics_changed = False  # an event since then
+        self.metrics_failure = None   # the last write's error, logged once until a write succeeds
+
+    def worker_environment(self):
+        environ = dict(os.environ)
+        # WATCHDOG_PID was systemd's, for us: a worker must not think it is watched by pid.
+        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "WATCHDOG_PID", "WATCHDOG_USEC"):
+            environ.pop(name, None)
+        if self.settings.watchdog_timeout is not None:
+            # systemd's own contract (sd_watchdog_enabled): WATCHDOG=1 every quarter of this.
+            environ["WATCHDOG_USEC"] = str(int(self.settings.watchdog_timeout * 1e6))
+        environ["LAUNCHER_PID"] = str(os.getpid())
+        # Ours, never systemd's: the workers report to us, and we to systemd.
+        environ["NOTIFY_SOCKET"] = "@" + NOTIFY_NAME % os.getpid()
+        return environ
+
+    def run(self):
+        signal.pthread_sigmask(signal.SIG_BLOCK, WAITED)
+        close_inherited_fds(keep={self.listener.fileno(), self.notify.fileno()})
+        log("start", workers=len(self.core.slots), socket=describe(self.listener), worker=" ".join(self.argv),
+            mold="on" if self.core.molds.enabled else "off")
+        pause = 0.0
+        while True:
+            try:
+                wake_at = self.settle(time.monotonic())
+                wake_at = min(wake_at, self.write_metrics(time.monotonic()))
+                if self.core.finished:
+                    break
+                info = signal.sigtimedwait(WAITED, max(pause, wake_at - time.monotonic(), 0.0))
+                pause = 0.0
+                if info is not None:
+                    self.dispatch(info)
+                    self.metrics_changed = True
+            except Exception as error:  # noqa: BLE001 - the loop outlives its bugs
+                # As unicorn's "master loop error": one bug must not take the
+                # socket and every worker with it.  Log, pause, go on.
+                self.loop_error(error)
+                pause = LOOP_ERROR_PAUSE_S
+        self.write_metrics(time.monotonic(), final=True)
+        self.systemd.notify("STATUS=stopped")
+        log("stop", status=0)
+        return 0
+
+    def settle(self, now):
+        """Let the core do what is due and carry out its actions, until it has no more for now."""
+        for _ in range(8):  # each pass only acts on what the one before changed
+            wake_at = self.core.tick(now)
+            actions, self.core.actions = self.core.actions, []
+            if not actions:
+                break
+            for action in actions:
+                self.perform(action, now)
+        return wake_at
+
+    def perform(self, action, now):
+        kind, *args = action
+        if kind == SPAWN:
+            self.spawn(*args, now)
+        elif kind == SIGNAL:
+            try:
+                os.kill(*args)
+            except ProcessLookupError:
+                pass  # it died meanwhile; its SIGCHLD is on its way
+        elif kind == SYSTEMD:
+            self.systemd.notify(*args[0])
+        elif kind == START_MOLD:
+            self.start_mold(now)
+        elif kind == RETIRE_MOLD:
+            mold = self.channels.pop(args[0], None)
+            if mold is not None:
+                mold.retire()
+        elif kind == STRAY and parent_of(args[0]) == os.getpid():
+            # Told to go like any worker: it drains what it may have accepted.
+            log("stray", level=0, pid=args[0], reason="forked after its mold was given up on")
+            os.kill(args[0], signal.SIGHUP)
+
+    def dispatch(self, info):
+        now = time.monotonic()
+        if info.si_signo == signal.SIGCHLD:
+            self.reap(now)
+        elif info.si_signo == signal.SIGIO:
+            self.read_notifications(now)
+        else:
+            log("signal", level=2, signal=signal_name(info.si_signo), sender=info.si_pid)
+            self.core.signalled(info.si_signo, info.si_pid, now)
+
+    def reap(self, now):
+        # A worker says STOPPING=1 and then exits; SIGCHLD is the lower signal
+        # number and comes out of sigtimedwait first, so read what it said
+        # before judging its exit.
+        self.read_notifications(now)
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.core.exited(pid, os.waitstatus_to_exitcode(status), now)
+
+    def read_notifications(self, now):
+        for pid, fields in read_notifications(self.notify):
+            log("notify", level=2, pid=pid, fields=",".join(fields))
+            self.core.notified(pid, fields, now)
+
+    def spawn(self, slot, role, now):
+        told = {"LAUNCHER_READY_WORKERS": str(self.core.ready_workers())}
+        mold = self.core.molds.fork_from()
+        if mold is not None:
+            pid = self.channels[mold].fork(self.listener, told)
+            if pid is not None:
+                return self.core.spawned(slot, pid, role, now, how="fork")
+            self.core.molds.did_not_answer(now)
+        environ = dict(self.environ, **told)
+        try:
+            pid = os.posix_spawn(
+                self.path, self.argv, environ,
+                file_actions=[(os.POSIX_SPAWN_DUP2, self.listener.fileno(), 0)],
+                # Signal masks and ignored dispositions cross exec: give the
+                # worker a clean slate, or it could never see SIGHUP.
+                setsigmask=(),
+                setsigdef=signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP})
+        except OSError as error:
+            return self.core.spawn_failed(slot, error.strerror, now)
+        self.core.spawned(slot, pid, role, now, how="exec")
+
+    def start_mold(self, now):
+        # Read by a warm-up that fails, to say whether the site is served meanwhile.
+        told = {"LAUNCHER_READY_WORKERS": str(self.core.ready_workers())}
+        try:
+            mold = Mold(self.path, self.argv, dict(self.environ, **told))
+        except OSError as error:
+            return self.core.molds.start_failed(error.strerror, now)
+        self.channels[mold.pid] = mold
+        self.core.molds.started(mold.pid, now)
+
+    def write_metrics(self, now, final=False):
+        """Write --metrics-file if it is due (see METRICS_EVERY_S); return when it next will be."""
+        if not self.settings.metrics_file:
+            return float("inf")
+        due = 0.0 if self.metrics_written is None else self.metrics_written + (
+            METRICS_COALESCE_S if self.metrics_changed else METRICS_EVERY_S)
+        if now < due and not final:
+            return due
+        self.metrics_written, self.metrics_changed = now, False
+        core = self.core
+        workers = [(w.slot.number, w.pid, w.role, w.age(now), w.requests) for w in core.workers.values()]
+        slow, stuck = (sum(getattr(w, name) for w in core.workers.values()) for name in ("slow", "stuck"))
+        try:
+            write_atomically(self.settings.metrics_file, render_metrics(
+                metrics_values(core.tally, len(core.slots), core.ready_workers(), workers, self.listener,
+                               slow=slow, stuck=stuck)))
+        except OSError as error:
+            if error.strerror != self.metrics_failure:
+                log("metrics-write-failed", level=0, path=self.settings.metrics_file, error=error.strerror)
+            self.metrics_failure = error.strerror
+        else:
+            if self.metrics_failure is not None:
+                log("metrics-written", path=self.settings.metrics_file)
+            self.metrics_failure = None
+        return now + METRICS_EVERY_S
+
+    def memory_shortage(self, pid):
+        """None if a replacement fits beside worker PID, else the facts of why not, and which limit decided."""
+        reserve = self.settings.memory_reserve
+        if not reserve:
+            return None
+        rss, available, cgroup = resident_bytes(pid), memory_available(), cgroup_memory()
+        left, limit = available, "MemAvailable"
+        if cgroup and cgroup[0] - cgroup[1] < available:
+            left, limit = cgroup[0] - cgroup[1], "cgroup"
+        if left - rss >= reserve:
+            return None
+        return {"limit": limit, "rss": rss, "mem_available": available, "cgroup_limit": cgroup and cgroup[0],
+                "cgroup_usage": cgroup and cgroup[1], "reserve": reserve}
+
+    def loop_error(self, error):
+        # The traceback once per place it comes from; after that, one line.
+        frame = traceback.extract_tb(error.__traceback__)[-1:] or [None]
+        where = (type(error).__name__, frame[0] and (frame[0].filename, frame[0].lineno))
+        first = where not in self.errors_seen
+        self.errors_seen.add(where)
+        log("loop-error", level=0, error="%s: %s" % (type(error).__name__, error),
+            traceback="follows" if first else "logged before")
+        if first:
+            try:
+                traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+            except (OSError, ValueError):
+                pass
 
 
-def write_atomically(path, text):
-    """Replace PATH by TEXT so that a reader sees the old file or the new one, never half of either.
-
-    The temporary name does not end in .prom, so node_exporter never reads it.
-    It is made afresh (O_EXCL, O_NOFOLLOW): a symlink planted under that name
-    in a shared directory is removed, never written through.  Mode 0644
-    whatever the umask: node_exporter runs as another user, and there is
-    nothing secret here.  No fsync: after a power cut a stale or empty
-    metrics file is harmless and the next write mends it.
-    """
-    temporary = "%s.%d.tmp" % (path, os.getpid())
+def parent_of(pid):
     try:
-        try:
-            os.unlink(temporary)  # left by a launcher that died mid-write
-        except FileNotFoundError:
-            pass
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        with open(fd, "w") as out:
-            os.fchmod(fd, 0o644)
-            out.write(text)
-        os.rename(temporary, path)
-    except OSError:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
+        with open("/proc/%d/stat" % pid) as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
-def metrics_values(tally, slots, ready, workers, listener):
-    """The figures for one write.  WORKERS: (slot, pid, role, age_s, requests) of each live worker.
+def close_inherited_fds(keep):
+    """Mark every inherited fd above 2 close-on-exec, so workers get only 0, 1 and 2."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                pass
 
-    Memory and the backlog are read now, from /proc and the kernel.
+
+def describe(sock):
+    address = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return "unix:" + (address.decode() if isinstance(address, bytes) else address)
+    return ("[%s]:%d" if sock.family == socket.AF_INET6 else "%s:%d") % address[:2]
+
+
+# --------------------------------------------------------------------------
+# Reading what the kernel knows: memory, the cgroup's limit, the listen backlog.
+
+def resident_bytes(pid):
+    try:
+        with open("/proc/%d/statm" % pid) as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def memory_available():
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+# cgroup v1 writes "no limit" as the largest multiple of the page size below 2**63.
+CGROUP_NO_LIMIT = 1 << 60
+
+
+def cgroup_memory():
+    """(limit, usage) bytes of the tightest memory-limited cgroup we are in, or None if none limits us.
+
+    The kernel enforces the cgroup's limit, not the host's MemAvailable: under
+    systemd's MemoryMax= or in a container a handoff that fits the host can
+    still meet the cgroup's OOM killer.  Each level from ours up to the
+    hierarchy's root may have a limit, and the one with the least room left
+    decides.  Usage leaves out the inactive file cache (memory.stat), which
+    the kernel reclaims before it kills: the "working set" that kubelet and
+    docker compare with the limit too.
     """
-    values = {"trac_fcgi_slots": slots, "trac_fcgi_workers": ready,
-              "trac_fcgi_requests_total": tally.requests_of_past_workers + sum(w[4] for w in workers),
-              "trac_fcgi_recycles_total": {(reason,): count for reason, count in tally.recycles.items()},
-              "trac_fcgi_crashes_total": tally.crashes,
-              "trac_fcgi_abandoned_requests_total": tally.abandoned,
-              "trac_fcgi_ready_timeouts_total": tally.ready_timeouts,
-              "trac_fcgi_stop_then_start_total": tally.stop_then_start}
-    values.update(tally.histograms)
-    per_worker = {name: {} for name in ("trac_fcgi_worker_info", "trac_fcgi_worker_resident_bytes",
-                                        "trac_fcgi_worker_pss_bytes", "trac_fcgi_worker_private_bytes",
-                                        "trac_fcgi_worker_age_seconds", "trac_fcgi_worker_requests")}
-    for slot, pid, role, age, requests in sorted(workers):
-        pss, private = shared_memory(pid)
-        per_worker["trac_fcgi_worker_info"][(slot, pid, role)] = 1
-        for name, value in (("trac_fcgi_worker_resident_bytes", resident_bytes(pid)),
-                            ("trac_fcgi_worker_pss_bytes", pss), ("trac_fcgi_worker_private_bytes", private),
-                            ("trac_fcgi_worker_age_seconds", age), ("trac_fcgi_worker_requests", requests)):
-            if value is not None:
-                per_worker[name][(slot, pid)] = value
-    values.update(per_worker)
-    values["trac_fcgi_listen_backlog"], values["trac_fcgi_listen_backlog_limit"] = listen_backlog(listener)
-    return values
+    try:
+        with open("/proc/self/cgroup") as lines:
+            memberships = [line.rstrip("\n").split(":", 2) for line in lines]
+        with open("/proc/self/mountinfo") as lines:
+            mounts = [line.split() for line in lines]
+    except OSError:
+        return None
+    v1 = [path for _, controllers, path in memberships if "memory" in controllers.split(",")]
+    v2 = [path for hierarchy, controllers, path in memberships if hierarchy == "0" and not controllers]
+    for fstype, path, limit_name, usage_name, cache_name in (
+            ("cgroup", v1, "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+            ("cgroup2", v2, "memory.max", "memory.current", "inactive_file")):
+        if not path:
+            continue
+        for fields in mounts:
+            # mountinfo: ID PARENT DEV ROOT MOUNTPOINT OPTIONS... - FSTYPE SOURCE SUPEROPTIONS
+            dash = fields.index("-") if "-" in fields else len(fields)
+            if dash + 1 >= len(fields) or fields[dash + 1] != fstype:
+                continue
+            if fstype == "cgroup" and "memory" not in fields[-1].split(","):
+                continue
+            root, mountpoint = fields[3], fields[4]
+            relative = os.path.relpath(path[0], root)
+            if relative.startswith(".."):
+                continue  # our cgroup is not under what this mount shows
+            tightest = None
+            directory = os.path.normpath(os.path.join(mountpoint, relative))
+            while True:
+                room = cgroup_level(directory, limit_name, usage_name, cache_name)
+                if room and (tightest is None or room[0] - room[1] < tightest[0] - tightest[1]):
+                    tightest = room
+                if directory == mountpoint or len(directory) <= len(mountpoint):
+                    break
+                directory = os.path.dirname(directory)
+            if tightest:
+                return tightest
+    return None
 
 
-# -- reading what the kernel knows -------------------------------------------
+def cgroup_level(directory, limit_name, usage_name, cache_name):
+    """(limit, usage) of one cgroup directory, or None if it sets no limit or cannot be read."""
+    try:
+        with open(os.path.join(directory, limit_name)) as source:
+            text = source.read().strip()
+        if text == "max" or int(text) >= CGROUP_NO_LIMIT:
+            return None
+        with open(os.path.join(directory, usage_name)) as source:
+            usage = int(source.read())
+        cache = 0
+        with open(os.path.join(directory, "memory.stat")) as stat_lines:
+            for line in stat_lines:
+                key, _, value = line.partition(" ")
+                if key == cache_name:
+                    cache = int(value)
+        return int(text), max(0, usage - cache)
+    except (OSError, ValueError):
+        return None
+
 
 def shared_memory(pid):
     """(PSS, private) bytes of PID from /proc/PID/smaps_rollup, or (None, None) if it cannot be read.
@@ -876,7 +1917,116 @@ def netlink_exchange(diag, request, flags):
             return
 
 
-# -- `trac-fcgi-launcher status [PATH]` ----------------------------------------
+# --------------------------------------------------------------------------
+# The metrics file: Prometheus' text format, for node_exporter's textfile
+# collector and for `trac-fcgi-launcher status`.
+
+def render_metrics(values):
+    """Prometheus text exposition of VALUES: {metric name: figure}.
+
+    A figure is a number; {label values tuple: number} for a labelled metric;
+    a Histogram; or None for a metric that cannot be read here (left out).
+    """
+    out = []
+    for name, kind, labels, meaning in METRICS:
+        figure = values.get(name)
+        if figure is None:
+            continue
+        out.append("# HELP %s %s\n# TYPE %s %s\n" % (name, meaning.replace("\\", r"\\"), name, kind))
+        if kind == "histogram":
+            cumulative = 0
+            for bound, count in zip(figure.bounds, figure.counts):
+                cumulative += count
+                out.append('%s_bucket{le="%s"} %d\n' % (name, bound, cumulative))
+            out.append('%s_bucket{le="+Inf"} %d\n' % (name, figure.count))
+            out.append("%s_sum %s\n%s_count %d\n" % (name, number(figure.sum), name, figure.count))
+        elif labels:
+            names = labels.split(", ")
+            for label_values, value in figure.items():
+                pairs = ",".join('%s="%s"' % (label, escape_label(str(v))) for label, v in zip(names, label_values))
+                out.append("%s{%s} %s\n" % (name, pairs, number(value)))
+        else:
+            out.append("%s %s\n" % (name, number(figure)))
+    return "".join(out)
+
+
+def number(value):
+    return "%d" % value if isinstance(value, int) else "%.6f" % value
+
+
+def escape_label(text):
+    return text.replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n")
+
+
+def write_atomically(path, text):
+    """Replace PATH by TEXT so that a reader sees the old file or the new one, never half of either.
+
+    The temporary name does not end in .prom, so node_exporter never reads it.
+    It is made afresh (O_EXCL, O_NOFOLLOW): a symlink planted under that name
+    in a shared directory is removed, never written through.  Mode 0644
+    whatever the umask: node_exporter runs as another user, and there is
+    nothing secret here.  No fsync: after a power cut a stale or empty
+    metrics file is harmless and the next write mends it.
+    """
+    temporary = "%s.%d.tmp" % (path, os.getpid())
+    try:
+        try:
+            os.unlink(temporary)  # left by a launcher that died mid-write
+        except FileNotFoundError:
+            pass
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with open(fd, "w") as out:
+            os.fchmod(fd, 0o644)
+            out.write(text)
+        os.rename(temporary, path)
+    except OSError:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+
+
+def metrics_values(tally, slots, ready, workers, listener, slow=0, stuck=0):
+    """The figures for one write.  WORKERS: (slot, pid, role, age_s, requests) of each live worker;
+    SLOW and STUCK: the live workers' own counts, summed.
+
+    Memory and the backlog are read now, from /proc and the kernel.
+    """
+    limit = cgroup_memory()
+    values = {"trac_fcgi_slots": slots, "trac_fcgi_workers": ready,
+              "trac_fcgi_requests_total": tally.requests_of_past_workers + sum(w[4] for w in workers),
+              "trac_fcgi_slow_requests_total": tally.slow_of_past_workers + slow,
+              "trac_fcgi_stuck_requests_total": tally.stuck_of_past_workers + stuck,
+              "trac_fcgi_unresponsive_kills_total": tally.unresponsive_kills,
+              "trac_fcgi_stale_molds_total": tally.stale_molds,
+              "trac_fcgi_memory_available_bytes": memory_available(),
+              "trac_fcgi_cgroup_memory_limit_bytes": limit and limit[0],
+              "trac_fcgi_cgroup_memory_usage_bytes": limit and limit[1],
+              "trac_fcgi_recycles_total": {(reason,): count for reason, count in tally.recycles.items()},
+              "trac_fcgi_crashes_total": tally.crashes,
+              "trac_fcgi_abandoned_requests_total": tally.abandoned,
+              "trac_fcgi_ready_timeouts_total": tally.ready_timeouts,
+              "trac_fcgi_stop_then_start_total": tally.stop_then_start}
+    values.update(tally.histograms)
+    per_worker = {name: {} for name in ("trac_fcgi_worker_info", "trac_fcgi_worker_resident_bytes",
+                                        "trac_fcgi_worker_pss_bytes", "trac_fcgi_worker_private_bytes",
+                                        "trac_fcgi_worker_age_seconds", "trac_fcgi_worker_requests")}
+    for slot, pid, role, age, requests in sorted(workers):
+        pss, private = shared_memory(pid)
+        per_worker["trac_fcgi_worker_info"][(slot, pid, role)] = 1
+        for name, value in (("trac_fcgi_worker_resident_bytes", resident_bytes(pid)),
+                            ("trac_fcgi_worker_pss_bytes", pss), ("trac_fcgi_worker_private_bytes", private),
+                            ("trac_fcgi_worker_age_seconds", age), ("trac_fcgi_worker_requests", requests)):
+            if value is not None:
+                per_worker[name][(slot, pid)] = value
+    values.update(per_worker)
+    values["trac_fcgi_listen_backlog"], values["trac_fcgi_listen_backlog_limit"] = listen_backlog(listener)
+    return values
+
+
+# --------------------------------------------------------------------------
+# `trac-fcgi-launcher status [PATH]`: the metrics file as a table for a person.
 
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
@@ -923,6 +2073,13 @@ def status_table(text, written_s_ago):
         one("trac_fcgi_requests_total") or 0, one("trac_fcgi_crashes_total") or 0,
         one("trac_fcgi_abandoned_requests_total") or 0,
         "unknown" if backlog is None else "%d of %d" % (backlog, one("trac_fcgi_listen_backlog_limit") or 0)))
+    lines.append("%d slow requests; %d stuck requests; %d unresponsive kills; %d stale molds replaced" % (
+        one("trac_fcgi_slow_requests_total") or 0, one("trac_fcgi_stuck_requests_total") or 0,
+        one("trac_fcgi_unresponsive_kills_total") or 0, one("trac_fcgi_stale_molds_total") or 0))
+    limit = one("trac_fcgi_cgroup_memory_limit_bytes")
+    if limit is not None:
+        lines.append("cgroup memory: %s used of %s" % (mebibytes(one("trac_fcgi_cgroup_memory_usage_bytes")),
+                                                       mebibytes(limit)))
     recycles = {dict(pairs)["reason"]: value for pairs, value in metrics.get("trac_fcgi_recycles_total", {}).items()}
     lines.append("recycles: " + (", ".join("%s %d" % (reason, count) for reason, count in
                                            sorted(recycles.items(), key=lambda item: -item[1]) if count)
@@ -972,760 +2129,7 @@ def status_main(argv):
 
 
 # --------------------------------------------------------------------------
-# The core: every decision, over plain data, with the time passed in.
-#
-# Events go in as method calls (spawned, notified, exited, signalled), each
-# with the time `now`.  Decisions come out as actions in `actions`, which the
-# shell below carries out.  tick() does whatever is due and returns when
-# something next will be: the code that decides what is due also decides when
-# to wake.  Nothing here reads a clock, a file or a socket, so
-# tests/test_core.py drives it through hours of signals in milliseconds.
-
-SPAWN, SIGNAL, SYSTEMD = "spawn", "signal", "systemd"
-START_MOLD, RETIRE_MOLD, STRAY = "start-mold", "retire-mold", "stray"
-
-
-class Worker:
-    """One worker process.  Its role is the whole of its handoff state:
-
-    warming  started as a replacement for its slot's serving worker
-    serving  the slot's accepting worker (or about to be, before READY=1)
-    draining told to go (SIGHUP); its exit is expected, never a crash
-    """
-
-    def __init__(self, pid, slot, role, now):
-        self.pid, self.slot, self.role = pid, slot, role
-        self.started = now
-        self.ready = False
-        self.told_to_go = None      # when it was sent SIGHUP
-        self.killed = False         # sent SIGKILL, which is never sent twice
-        self.said_stopping = False  # sent STOPPING=1: it exits of its own accord
-        self.memory = (None, None)  # (PSS, private) when told to go: a dead process has none
-        self.requests = 0           # finished requests, as it last reported (REQUESTS=n)
-        self.recycle_reason = None  # why it leaves its slot, once known: a RECYCLE_REASONS key
-
-    def age(self, now):
-        return now - self.started
-
-
-class MoldProcess:
-    """One mold: started until it says MOLD=1, then ready to be asked for workers."""
-
-    def __init__(self, pid, now):
-        self.pid, self.started = pid, now
-        self.ready = False
-
-
-class Slot:
-    """A place for one serving worker.  Which workers fill it is read off the
-    workers themselves (Worker.slot and Worker.role), never stored here too."""
-
-    def __init__(self, number):
-        self.number = number
-        self.retired = False        # removed by SIGTTOU; gone once its workers are
-        self.handoff_asked = None   # when its replacement was asked for, until the old worker is told to go
-        self.crashes = 0            # workers in a row that died before READY=1
-        self.not_before = 0.0       # backoff: no spawn for this slot before then
-        self.deaths = []            # when its ready workers died unplanned, within DEATH_WINDOW_S
-
-
-class LauncherCore:
-    def __init__(self, slots, ready_timeout, stop_timeout, log=log, memory_shortage=lambda pid: None,
-                 mold=False, memory_of=lambda pid: (None, None)):
-        self.slots = [Slot(number) for number in range(slots)]
-        self.ready_timeout, self.stop_timeout = ready_timeout, stop_timeout
-        self.log = log
-        # None if a replacement fits in memory beside worker PID, else the facts of why not.
-        self.memory_shortage = memory_shortage
-        self.memory_of = memory_of   # (PSS, private) of a live process, for its exit line
-        self.workers = {}            # pid -> Worker, every child not yet reaped
-        self.actions = []            # (SPAWN, slot, role), (SIGNAL, pid, signum), (SYSTEMD, lines)
-        self.rolling = False         # a rolling restart is under way (systemd RELOADING=1)
-        self.stopping_since = None
-        self.workers_speak_notify = False
-        self.told_systemd_ready = False
-        self.status = None
-        self.tally = Tally()         # what --metrics-file counts over the launcher's life
-        # The mold (see "the mold" below): the one workers are forked from,
-        # the one a SIGHUP replaced, every mold process not reaped yet.
-        self.mold_on = mold               # --mold on
-        self.mold = None
-        self.old_mold = None
-        self.molds = set()
-        self.molds_killed = set()         # SIGKILL is sent once
-        self.mold_unavailable = not mold  # the worker command does not answer as a mold
-        self.mold_crashes = 0
-        self.mold_not_before = 0.0
-        self.slots_wait_for_mold = mold   # at start, slots wait for the first mold's answer
-        self.restart_after_mold = None    # a SIGHUP's rolling restart, waiting for its new mold
-
-    # -- what the state says, derived where it is needed --------------------
-
-    def worker_of(self, slot, role):
-        return next((w for w in self.workers.values() if w.slot is slot and w.role == role), None)
-
-    def serves(self, slot):
-        """Whether SLOT has a serving worker that has said READY=1."""
-        worker = self.worker_of(slot, "serving")
-        return worker is not None and worker.ready
-
-    def ready_workers(self):
-        return sum(1 for slot in self.slots if self.serves(slot))
-
-    @property
-    def finished(self):
-        return self.stopping_since is not None and not self.workers and not self.molds
-
-    # -- events ---------------------------------------------------------------
-
-    def signalled(self, signum, sender, now):
-        """The whole policy for each signal, one line each."""
-        policy = {
-            signal.SIGUSR1: self.on_usr1,
-            signal.SIGHUP: self.on_hup,
-            signal.SIGTTIN: self.on_ttin,
-            signal.SIGTTOU: self.on_ttou,
-            signal.SIGTERM: self.on_term,
-            signal.SIGINT: self.on_term,
-            signal.SIGQUIT: self.on_quit,
-        }.get(signum)
-        if policy is None:
-            return self.log("ignored", signal=signal_name(signum), sender=sender)
-        policy(sender, now)
-
-    def spawned(self, slot, pid, role, now, how=None):
-        """HOW: exec'd, or forked from the mold."""
-        self.workers[pid] = Worker(pid, slot, role, now)
-        self.log("spawn", slot=slot.number, pid=pid, role=role, how=how)
-
-    def spawn_failed(self, slot, error, now):
-        self.log("spawn-failed", level=0, slot=slot.number, error=error)
-        self.back_off(slot, now)
-
-    def notified(self, pid, fields, now):
-        if self.mold is not None and pid == self.mold.pid:
-            return self.mold_said(fields, now)
-        worker = self.workers.get(pid)
-        if worker is None:
-            if fields.get("READY") == "1" and self.mold_on:
-                # A worker forked by a mold we gave up on while it forked: it
-                # is our child, and would serve outside any slot.
-                self.actions.append((STRAY, pid))
-            return  # else not one of ours: the kernel vouches for the pid
-        if fields.get("READY") == "1":
-            self.workers_speak_notify = True
-            self.became_ready(worker, "notify", now)
-        if fields.get("STOPPING") == "1":
-            worker.said_stopping = True
-        # For the metrics: a worker's own word on its count, on what it gave
-        # up when it drained, and on why it asked to go (the latest wins).
-        if fields.get("REQUESTS", "").isdigit():
-            worker.requests = int(fields["REQUESTS"])
-        if fields.get("ABANDONED", "").isdigit():
-            self.tally.abandoned += int(fields["ABANDONED"])
-        if "RECYCLE" in fields:
-            worker.recycle_reason = fields["RECYCLE"] if fields["RECYCLE"] in RECYCLE_REASONS else "asked"
-
-    def exited(self, pid, code, now):
-        """CODE is the exit status, or minus the signal number (os.waitstatus_to_exitcode)."""
-        how = {"status": code} if code >= 0 else {"signal": signal_name(-code)}
-        if pid in self.molds:
-            return self.mold_exited(pid, how, now)
-        worker = self.workers.pop(pid, None)
-        if worker is None:
-            return
-        slot = worker.slot
-        drain_s = None if worker.told_to_go is None else now - worker.told_to_go
-        pss, private = worker.memory
-        self.log("exit", slot=slot.number, pid=pid, role=worker.role, age_s=worker.age(now), drain_s=drain_s,
-                 pss=pss, private=private, **how)
-        planned = worker.told_to_go is not None or (worker.said_stopping and code == 0)
-        self.tally.requests_of_past_workers += worker.requests
-        if drain_s is not None:
-            self.tally.observe("trac_fcgi_drain_seconds", drain_s)
-        if not planned and self.stopping_since is None:
-            self.tally.crashes += 1
-        if worker.role == "serving":
-            self.left_service(worker, None, reason=(worker.recycle_reason or "exit") if planned else "crash")
-            # Nothing is left to hand off; a replacement already warming takes over the slot.
-            slot.handoff_asked = None
-            replacement = self.worker_of(slot, "warming")
-            if replacement is not None:
-                replacement.role = "serving"
-        if planned or slot.retired or self.stopping_since is not None:
-            return
-        if not worker.ready:
-            self.back_off(slot, now)  # it cannot start: a crash, whatever its role
-        elif worker.role == "serving":
-            self.died_serving(slot, now)
-
-    # -- one method per signal ------------------------------------------------
-
-    def on_usr1(self, sender, now):
-        worker = self.workers.get(sender)
-        if worker is None:
-            self.rolling_restart("SIGUSR1 from pid %s" % sender, now)
-        elif worker.role == "serving":
-            # Standard signals coalesce, so two workers asking at once may
-            # reach us as one: workers repeat the request until answered.
-            self.ask_for_handoff(worker.slot, "worker asked", now)
-
-    def on_hup(self, sender, now):
-        if self.mold_on and self.stopping_since is None and not self.rolling and not self.restart_after_mold:
-            # New code or configuration: a new mold first (tick() starts it),
-            # then every worker from it, make-before-break; the old mold goes last.
-            self.log("new-mold", reason="SIGHUP", old=self.mold and self.mold.pid)
-            self.old_mold, self.mold = self.mold, None
-            self.mold_unavailable, self.mold_not_before = False, 0.0
-            self.restart_after_mold = "SIGHUP"
-        else:
-            self.rolling_restart("SIGHUP", now)
-
-    def on_ttin(self, sender, now):
-        if self.stopping_since is None:
-            slot = Slot(max([s.number for s in self.slots], default=-1) + 1)
-            self.slots.append(slot)
-            self.log("slot-added", slot=slot.number, workers=len(self.slots))
-
-    def on_ttou(self, sender, now):
-        if self.stopping_since is None and len(self.slots) > 1:
-            slot = self.slots.pop()
-            slot.retired = True
-            self.log("slot-removed", slot=slot.number, workers=len(self.slots))
-            for worker in [w for w in self.workers.values() if w.slot is slot]:
-                worker.recycle_reason = worker.recycle_reason or "slot-removed"
-                self.tell_to_go(worker, "slot removed", now)
-
-    def on_term(self, sender, now):
-        if self.stopping_since is None:
-            self.stopping_since = now
-            self.actions.append((SYSTEMD, ("STOPPING=1",)))
-            self.log("stopping", workers=len(self.workers), timeout_s=self.stop_timeout)
-            for worker in list(self.workers.values()):
-                self.tell_to_go(worker, "launcher stopping", now)
-            for mold in (self.mold, self.old_mold):
-                if mold is not None:
-                    self.actions.append((RETIRE_MOLD, mold.pid))
-            self.mold = self.old_mold = None
-
-    def on_quit(self, sender, now):
-        if self.stopping_since is None:
-            self.stopping_since = now
-            self.actions.append((SYSTEMD, ("STOPPING=1",)))
-        for worker in list(self.workers.values()):
-            self.kill(worker, "SIGQUIT")
-        self.kill_molds("SIGQUIT")
-
-    # -- the handoff ------------------------------------------------------------
-
-    def rolling_restart(self, reason, now):
-        if self.stopping_since is not None:
-            return
-        if self.rolling:
-            return self.log("coalesced", level=2, reason=reason)  # a burst costs nothing
-        self.log("rolling-restart", reason=reason, workers=len(self.slots))
-        self.rolling = True
-        self.actions.append((SYSTEMD, ("RELOADING=1", "STATUS=rolling restart")))
-        for slot in self.slots:
-            self.ask_for_handoff(slot, reason, now)
-        for worker in self.workers.values():
-            if worker.role == "serving":
-                worker.recycle_reason = worker.recycle_reason or "rolling"
-
-    def ask_for_handoff(self, slot, reason, now):
-        # Coalesced: a slot already waiting or warming is not asked again.
-        serving = self.worker_of(slot, "serving")
-        if self.stopping_since is None and slot.handoff_asked is None and serving is not None:
-            self.log("replace", slot=slot.number, pid=serving.pid, reason=reason)
-            slot.handoff_asked = now
-
-    def start_next_handoff(self, now):
-        """Start at most one replacement at a time, across all slots; return the deadlines it waits on.
-
-        A slot whose previous worker still drains waits for its exit, so no
-        slot ever has more than two processes, whatever the signals.  Only a
-        wait on the clock (backoff) is a deadline: a wait on a warming or a
-        draining worker ends with an event (READY=1, an exit), and the loop
-        sleeps until then instead of spinning.
-        """
-        if any(w.role == "warming" for w in self.workers.values()):
-            return []
-        deadlines = []
-        for slot in sorted((s for s in self.slots if s.handoff_asked is not None), key=lambda s: s.handoff_asked):
-            if any(w.slot is slot and w.role == "draining" for w in self.workers.values()):
-                continue
-            if slot.not_before > now:
-                deadlines.append(slot.not_before)
-                continue
-            serving = self.worker_of(slot, "serving")
-            shortage = self.memory_shortage(serving.pid)
-            if shortage:
-                # Not enough memory for two workers side by side: break before make.
-                self.log("stop-then-start", slot=slot.number, pid=serving.pid, **shortage)
-                self.tally.stop_then_start += 1
-                asked, slot.handoff_asked = slot.handoff_asked, None
-                self.tell_to_go(serving, "memory headroom", now, handoff_s=now - asked)
-                self.actions.append((SPAWN, slot, "serving"))
-            else:
-                self.actions.append((SPAWN, slot, "warming"))
-            return []
-        return deadlines
-
-    def became_ready(self, worker, how, now):
-        if worker.ready:
-            return
-        worker.ready = True
-        slot = worker.slot
-        slot.crashes = 0
-        self.log("ready", slot=slot.number, pid=worker.pid, ready_s=worker.age(now), by=how)
-        if worker.role == "warming":
-            old = self.worker_of(slot, "serving")
-            worker.role = "serving"
-            if old is not None:
-                asked, slot.handoff_asked = slot.handoff_asked, None
-                self.tell_to_go(old, "replaced by pid %d" % worker.pid, now,
-                                handoff_s=None if asked is None else now - asked)
-
-    def tell_to_go(self, worker, reason, now, handoff_s=None):
-        if worker.told_to_go is None:
-            if worker.role == "serving":
-                self.left_service(worker, handoff_s)
-            worker.told_to_go = now
-            worker.role = "draining"
-            worker.memory = self.memory_of(worker.pid)
-            self.log("hup", slot=worker.slot.number, pid=worker.pid, reason=reason, handoff_s=handoff_s)
-            self.actions.append((SIGNAL, worker.pid, signal.SIGHUP))
-
-    def left_service(self, worker, handoff_s, reason=None):
-        """A serving worker stops serving, told to go or by dying: count why, and its handoff's time.
-
-        A launcher that is stopping replaces nobody: that is no recycle.
-        """
-        if self.stopping_since is None:
-            self.tally.recycled(reason or worker.recycle_reason or "asked")
-            if handoff_s is not None:
-                self.tally.observe("trac_fcgi_handoff_seconds", handoff_s)
-
-    def kill(self, worker, reason):
-        if not worker.killed:
-            worker.killed = True
-            self.log("kill", slot=worker.slot.number, pid=worker.pid, reason=reason)
-            self.actions.append((SIGNAL, worker.pid, signal.SIGKILL))
-
-    # -- births and deaths --------------------------------------------------------
-
-    def died_serving(self, slot, now):
-        """A ready worker died unplanned: respawn at once, unless its slot's workers keep dying."""
-        slot.deaths = [t for t in slot.deaths if now - t < DEATH_WINDOW_S] + [now]
-        others_serve = any(self.serves(other) for other in self.slots if other is not slot)
-        if len(slot.deaths) > DEATHS_BEFORE_GUARD and others_serve:
-            self.back_off(slot, now)
-
-    def back_off(self, slot, now):
-        delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** slot.crashes)
-        slot.crashes += 1
-        slot.not_before = now + delay
-        self.log("backoff", level=0, slot=slot.number, crashes=slot.crashes, delay_s=delay)
-
-    # -- the mold -------------------------------------------------------------------
-    #
-    # Workers are forked from the mold while it is ready and exec'd otherwise,
-    # so no slot waits on a mold, but at start for the first one's answer.
-    # A process started as the mold that exits, says READY=1 or stays silent
-    # past --ready-timeout without ever having said MOLD=1 does not speak the
-    # mold protocol (a stock trac.fcgi): it is killed (it never had the
-    # socket, so it served nobody) and every worker is exec'd until a SIGHUP,
-    # new code, tries again.  A mold that did say MOLD=1 and then dies or
-    # does not answer is restarted with a backoff.
-
-    def mold_started(self, pid, now):
-        self.mold = MoldProcess(pid, now)
-        self.molds.add(pid)
-        self.log("mold-start", pid=pid)
-
-    def mold_start_failed(self, error, now):
-        self.log("mold-spawn-failed", level=0, error=error)
-        self.mold_gone(None, "cannot start: %s" % error, True, now)
-
-    def mold_said(self, fields, now):
-        if fields.get("MOLD") == "1" and not self.mold.ready:
-            self.mold.ready = True
-            self.log("mold-ready", pid=self.mold.pid, ready_s=now - self.mold.started)
-            self.mold_answered(now)
-        elif fields.get("READY") == "1" and not self.mold.ready:
-            self.mold_gone(self.mold, "said READY=1, not MOLD=1", True, now)
-
-    def mold_to_fork_from(self):
-        """The pid of the mold to ask for a worker, or None: exec it."""
-        ready = self.mold is not None and self.mold.ready and self.stopping_since is None
-        return self.mold.pid if ready else None
-
-    def mold_did_not_answer(self, now):
-        self.mold_gone(self.mold, "no answer to a fork request", False, now)
-
-    def mold_exited(self, pid, how, now):
-        self.molds.discard(pid)
-        self.molds_killed.discard(pid)
-        self.log("mold-exit", pid=pid, **how)
-        if self.mold is not None and pid == self.mold.pid:
-            self.mold_gone(self.mold, "exited", not self.mold.ready, now)
-
-    def mold_gone(self, mold, reason, unavailable, now):
-        """MOLD is no more use (None: it never started); UNAVAILABLE: it never answered as a mold."""
-        if mold is not None:
-            if now - mold.started >= DEATH_WINDOW_S:
-                self.mold_crashes = 0
-            self.actions.append((RETIRE_MOLD, mold.pid))
-            if mold.pid in self.molds and mold.pid not in self.molds_killed:
-                self.molds_killed.add(mold.pid)
-                self.actions.append((SIGNAL, mold.pid, signal.SIGKILL))
-        self.mold = None
-        if unavailable:
-            self.mold_unavailable = True
-            self.log("mold-unavailable", level=0, pid=mold and mold.pid, reason=reason,
-                     hint="workers are exec'd; a worker command that is trac-fcgi answers as a mold")
-        elif self.stopping_since is None:
-            delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** self.mold_crashes)
-            self.mold_crashes += 1
-            self.mold_not_before = now + delay
-            self.log("mold-failed", level=0, pid=mold and mold.pid, reason=reason, crashes=self.mold_crashes,
-                     delay_s=delay)
-        self.mold_answered(now)
-
-    def mold_answered(self, now):
-        """The mold that slots or a SIGHUP waited for is ready, or there is none: go on."""
-        self.slots_wait_for_mold = False
-        if self.restart_after_mold:
-            reason, self.restart_after_mold = self.restart_after_mold, None
-            self.rolling_restart(reason, now)
-
-    def tend_mold(self, now):
-        """Start a mold when one is due, give up on a silent one; return the deadlines."""
-        if self.mold is not None and not self.mold.ready:
-            deadline = self.mold.started + self.ready_timeout
-            if now < deadline:
-                return [deadline]
-            self.mold_gone(self.mold, "silent past --ready-timeout", True, now)
-        if self.mold is None and not self.mold_unavailable:
-            if now < self.mold_not_before:
-                return [self.mold_not_before]
-            self.actions.append((START_MOLD,))
-        return []
-
-    def kill_molds(self, reason):
-        for pid in sorted(self.molds - self.molds_killed):
-            self.molds_killed.add(pid)
-            self.log("mold-kill", pid=pid, reason=reason)
-            self.actions.append((SIGNAL, pid, signal.SIGKILL))
-
-    # -- time ---------------------------------------------------------------------
-
-    def tick(self, now):
-        """Do whatever is due at NOW; return when something next will be.
-
-        The shell carries out `actions` before it calls tick() again.
-        """
-        wake = [now + IDLE_WAKE_S]
-        if self.stopping_since is not None:
-            deadline = self.stopping_since + self.stop_timeout
-            if now < deadline:
-                return min(deadline, now + IDLE_WAKE_S)
-            for worker in list(self.workers.values()):
-                self.kill(worker, "stop timeout")
-            self.kill_molds("stop timeout")
-            return min(wake)
-        wake += self.tend_mold(now)
-        for slot in self.slots:
-            if self.worker_of(slot, "serving") is None and self.worker_of(slot, "warming") is None:
-                if self.slots_wait_for_mold:
-                    pass  # tend_mold() wakes us when the mold is due to have answered
-                elif slot.not_before <= now:
-                    self.actions.append((SPAWN, slot, "serving"))
-                else:
-                    wake.append(slot.not_before)
-        for worker in list(self.workers.values()):
-            if not worker.ready and worker.role != "draining":
-                deadline = worker.started + self.ready_timeout
-                if now >= deadline:
-                    self.ready_timed_out(worker, now)
-                else:
-                    wake.append(deadline)
-        wake += self.start_next_handoff(now)
-        if self.rolling and all(slot.handoff_asked is None for slot in self.slots):
-            self.rolling = False
-            self.told_systemd_ready = False
-            self.log("rolling-restart-done", workers=len(self.slots))
-            if self.old_mold is not None:
-                self.actions.append((RETIRE_MOLD, self.old_mold.pid))
-                self.old_mold = None
-        self.report_status()
-        return min(wake)
-
-    def ready_timed_out(self, worker, now):
-        if self.workers_speak_notify and worker.role == "warming":
-            # Earlier workers said READY=1, so this one's silence means trouble;
-            # its slot stays asked for and is retried after the backoff.
-            self.log("ready-timeout", level=0, slot=worker.slot.number, pid=worker.pid)
-            self.tally.ready_timeouts += 1
-            self.tell_to_go(worker, "silent past --ready-timeout", now)
-            self.kill(worker, "silent past --ready-timeout")
-            self.back_off(worker.slot, now)
-        else:
-            # A stock trac.fcgi never speaks the notify protocol: alive is ready.
-            self.became_ready(worker, "timeout", now)
-
-    def report_status(self):
-        ready = self.ready_workers()
-        roles = [w.role for w in self.workers.values()]
-        status = "%d of %d workers ready, %d warming, %d draining" % (
-            ready, len(self.slots), roles.count("warming"), roles.count("draining"))
-        if status != self.status:
-            self.status = status
-            self.actions.append((SYSTEMD, ("STATUS=" + status,)))
-        if ready == len(self.slots) and not self.rolling and not self.told_systemd_ready:
-            self.told_systemd_ready = True
-            self.log("all-ready", workers=ready)
-            self.actions.append((SYSTEMD, ("READY=1",)))
-
-
-# --------------------------------------------------------------------------
-# The shell: signals and datagrams in, processes and signals out.
-
-class Launcher:
-    def __init__(self, settings, listener, path, argv):
-        self.settings = settings
-        self.listener = listener
-        self.path, self.argv = path, argv
-        self.core = LauncherCore(settings.workers, settings.ready_timeout, settings.stop_timeout,
-                                 memory_shortage=self.memory_shortage, mold=settings.mold and can_adopt(),
-                                 memory_of=shared_memory)
-        self.molds = {}              # pid -> Mold, each mold's socket pair until it is retired
-        self.notify = open_notify_socket()
-        self.systemd = Systemd(os.environ.get("NOTIFY_SOCKET"))
-        self.environ = self.worker_environment()
-        self.errors_seen = set()
-        self.metrics_written = None   # when --metrics-file was last written; None: never
-        self.metrics_changed = False  # an event since then
-        self.metrics_failure = None   # the last write's error, logged once until a write succeeds
-
-    def worker_environment(self):
-        environ = dict(os.environ)
-        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-            environ.pop(name, None)
-        environ["LAUNCHER_PID"] = str(os.getpid())
-        # Ours, never systemd's: the workers report to us, and we to systemd.
-        environ["NOTIFY_SOCKET"] = "@" + NOTIFY_NAME % os.getpid()
-        return environ
-
-    def run(self):
-        signal.pthread_sigmask(signal.SIG_BLOCK, WAITED)
-        close_inherited_fds(keep={self.listener.fileno(), self.notify.fileno()})
-        log("start", workers=len(self.core.slots), socket=describe(self.listener), worker=" ".join(self.argv),
-            mold="on" if self.core.mold_on else "off")
-        pause = 0.0
-        while True:
-            try:
-                wake_at = self.settle(time.monotonic())
-                wake_at = min(wake_at, self.write_metrics(time.monotonic()))
-                if self.core.finished:
-                    break
-                info = signal.sigtimedwait(WAITED, max(pause, wake_at - time.monotonic(), 0.0))
-                pause = 0.0
-                if info is not None:
-                    self.dispatch(info)
-                    self.metrics_changed = True
-            except Exception as error:  # noqa: BLE001 - the loop outlives its bugs
-                # As unicorn's "master loop error": one bug must not take the
-                # socket and every worker with it.  Log, pause, go on.
-                self.loop_error(error)
-                pause = LOOP_ERROR_PAUSE_S
-        self.write_metrics(time.monotonic(), final=True)
-        self.systemd.notify("STATUS=stopped")
-        log("stop", status=0)
-        return 0
-
-    def settle(self, now):
-        """Let the core do what is due and carry out its actions, until it has no more for now."""
-        for _ in range(8):  # each pass only acts on what the one before changed
-            wake_at = self.core.tick(now)
-            actions, self.core.actions = self.core.actions, []
-            if not actions:
-                break
-            for action in actions:
-                self.perform(action, now)
-        return wake_at
-
-    def perform(self, action, now):
-        kind, *args = action
-        if kind == SPAWN:
-            self.spawn(*args, now)
-        elif kind == SIGNAL:
-            try:
-                os.kill(*args)
-            except ProcessLookupError:
-                pass  # it died meanwhile; its SIGCHLD is on its way
-        elif kind == SYSTEMD:
-            self.systemd.notify(*args[0])
-        elif kind == START_MOLD:
-            self.start_mold(now)
-        elif kind == RETIRE_MOLD:
-            mold = self.molds.pop(args[0], None)
-            if mold is not None:
-                mold.retire()
-        elif kind == STRAY and parent_of(args[0]) == os.getpid():
-            # Told to go like any worker: it drains what it may have accepted.
-            log("stray", level=0, pid=args[0], reason="forked after its mold was given up on")
-            os.kill(args[0], signal.SIGHUP)
-
-    def dispatch(self, info):
-        now = time.monotonic()
-        if info.si_signo == signal.SIGCHLD:
-            self.reap(now)
-        elif info.si_signo == signal.SIGIO:
-            self.read_notifications(now)
-        else:
-            log("signal", level=2, signal=signal_name(info.si_signo), sender=info.si_pid)
-            self.core.signalled(info.si_signo, info.si_pid, now)
-
-    def reap(self, now):
-        # A worker says STOPPING=1 and then exits; SIGCHLD is the lower signal
-        # number and comes out of sigtimedwait first, so read what it said
-        # before judging its exit.
-        self.read_notifications(now)
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            self.core.exited(pid, os.waitstatus_to_exitcode(status), now)
-
-    def read_notifications(self, now):
-        for pid, fields in read_notifications(self.notify):
-            log("notify", level=2, pid=pid, fields=",".join(fields))
-            self.core.notified(pid, fields, now)
-
-    def spawn(self, slot, role, now):
-        told = {"LAUNCHER_READY_WORKERS": str(self.core.ready_workers())}
-        mold = self.core.mold_to_fork_from()
-        if mold is not None:
-            pid = self.molds[mold].fork(self.listener, told)
-            if pid is not None:
-                return self.core.spawned(slot, pid, role, now, how="fork")
-            self.core.mold_did_not_answer(now)
-        environ = dict(self.environ, **told)
-        try:
-            pid = os.posix_spawn(
-                self.path, self.argv, environ,
-                file_actions=[(os.POSIX_SPAWN_DUP2, self.listener.fileno(), 0)],
-                # Signal masks and ignored dispositions cross exec: give the
-                # worker a clean slate, or it could never see SIGHUP.
-                setsigmask=(),
-                setsigdef=signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP})
-        except OSError as error:
-            return self.core.spawn_failed(slot, error.strerror, now)
-        self.core.spawned(slot, pid, role, now, how="exec")
-
-    def start_mold(self, now):
-        # Read by a warm-up that fails, to say whether the site is served meanwhile.
-        told = {"LAUNCHER_READY_WORKERS": str(self.core.ready_workers())}
-        try:
-            mold = Mold(self.path, self.argv, dict(self.environ, **told))
-        except OSError as error:
-            return self.core.mold_start_failed(error.strerror, now)
-        self.molds[mold.pid] = mold
-        self.core.mold_started(mold.pid, now)
-
-    def write_metrics(self, now, final=False):
-        """Write --metrics-file if it is due (see METRICS_EVERY_S); return when it next will be."""
-        if not self.settings.metrics_file:
-            return float("inf")
-        due = 0.0 if self.metrics_written is None else self.metrics_written + (
-            METRICS_COALESCE_S if self.metrics_changed else METRICS_EVERY_S)
-        if now < due and not final:
-            return due
-        self.metrics_written, self.metrics_changed = now, False
-        core = self.core
-        workers = [(w.slot.number, w.pid, w.role, w.age(now), w.requests) for w in core.workers.values()]
-        try:
-            write_atomically(self.settings.metrics_file, render_metrics(
-                metrics_values(core.tally, len(core.slots), core.ready_workers(), workers, self.listener)))
-        except OSError as error:
-            if error.strerror != self.metrics_failure:
-                log("metrics-write-failed", level=0, path=self.settings.metrics_file, error=error.strerror)
-            self.metrics_failure = error.strerror
-        else:
-            if self.metrics_failure is not None:
-                log("metrics-written", path=self.settings.metrics_file)
-            self.metrics_failure = None
-        return now + METRICS_EVERY_S
-
-    def memory_shortage(self, pid):
-        reserve = self.settings.memory_reserve
-        if not reserve:
-            return None
-        rss, available = resident_bytes(pid), memory_available()
-        if available - rss >= reserve:
-            return None
-        return {"rss": rss, "mem_available": available, "reserve": reserve}
-
-    def loop_error(self, error):
-        # The traceback once per place it comes from; after that, one line.
-        frame = traceback.extract_tb(error.__traceback__)[-1:] or [None]
-        where = (type(error).__name__, frame[0] and (frame[0].filename, frame[0].lineno))
-        first = where not in self.errors_seen
-        self.errors_seen.add(where)
-        log("loop-error", level=0, error="%s: %s" % (type(error).__name__, error),
-            traceback="follows" if first else "logged before")
-        if first:
-            try:
-                traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
-            except (OSError, ValueError):
-                pass
-
-
-def parent_of(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as stat:
-            return int(stat.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def resident_bytes(pid):
-    try:
-        with open("/proc/%d/statm" % pid) as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def memory_available():
-    with open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def close_inherited_fds(keep):
-    """Mark every inherited fd above 2 close-on-exec, so workers get only 0, 1 and 2."""
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd > 2 and fd not in keep:
-            try:
-                os.set_inheritable(fd, False)
-            except OSError:
-                pass
-
-
-def describe(sock):
-    address = sock.getsockname()
-    if sock.family == socket.AF_UNIX:
-        return "unix:" + (address.decode() if isinstance(address, bytes) else address)
-    return ("[%s]:%d" if sock.family == socket.AF_INET6 else "%s:%d") % address[:2]
-
+# The command line.
 
 def main(argv=None):
     global VERBOSITY

@@ -2437,6 +2437,120 @@ MOLD_FD = "TRAC_FCGI_MOLD_FD"
 # A forked worker waits at most this long for its middle parent to exit, so
 # that it has been reparented to the launcher (a child subreaper).
 REPARENT_TIMEOUT_S = 5.0
+# Between fork requests the mold compares what it warmed with the disk this
+# often: a stat of each trac.ini and plugins/ entry, and one query of each
+# environment's `system` table, about a millisecond in all.
+STALE_CHECK_S = 5.0
+
+
+def watchdog_period():
+    """Seconds between WATCHDOG=1 messages, or None: systemd's sd_watchdog_enabled() contract.
+
+    WATCHDOG_USEC is the timeout; a quarter of it leaves three messages to
+    lose before the launcher (or systemd) calls us unresponsive.
+    """
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    return int(usec) / 4e6 if usec.isdigit() and int(usec) > 0 else None
+
+
+class WarmedState:
+    """What the mold warmed, as the disk had it then; changed() names what no longer matches.
+
+    Each check is the one Trac makes itself, so the mold is stale exactly when
+    a worker forked from it would throw its environment away:
+    `Configuration.parse_if_needed()` compares each trac.ini's and [inherit]
+    file's mtime with the one it parsed; plugins are loaded once, when an
+    environment opens, from its plugins/ directory and [inherit] plugins_dir;
+    and `trac-admin upgrade` rewrites the versions in the `system` table that
+    `Environment.needs_upgrade()` compares with the code's.  Only
+    environments the mold opened (Trac's env_cache) are checked: under
+    TRAC_ENV_PARENT_DIR, any other one is opened cold by the worker that
+    serves it anyway.
+    """
+
+    def __init__(self):
+        self.environments = {}  # path -> (configs, plugins listing, system table)
+        env_module = sys.modules.get("trac.env")
+        for env in list(env_module.env_cache.values()) if env_module else []:
+            configs = self.configs(env.config)
+            self.environments[env.path] = (
+                {filename: mtime for filename, mtime in configs}, self.plugins(env), self.system_table(env))
+
+    def changed(self):
+        """(reason, environment path) of the first thing that changed, or None."""
+        env_module = sys.modules.get("trac.env")
+        for env in list(env_module.env_cache.values()) if env_module else []:
+            if env.path not in self.environments:
+                continue
+            configs, plugins, system = self.environments[env.path]
+            for filename, mtime in configs.items():
+                try:
+                    if os.path.getmtime(filename) != mtime:
+                        return "trac.ini", env.path
+                except OSError:
+                    return "trac.ini", env.path
+            if self.plugins(env) != plugins:
+                return "plugins", env.path
+            if system is not None and self.system_table(env) not in (system, None):
+                return "upgrade", env.path
+        return None
+
+    @classmethod
+    def configs(cls, config):
+        """(file name, mtime as Trac parsed it) of a Configuration and every file it inherits."""
+        if not config.filename:
+            return []
+        mtime = getattr(config, "_lastmtime", None)  # what parse_if_needed() compares
+        if mtime is None:
+            try:
+                mtime = os.path.getmtime(config.filename)
+            except OSError:
+                mtime = 0
+        found = [(config.filename, mtime)]
+        for parent in getattr(config, "parents", []):
+            found += cls.configs(parent)
+        return found
+
+    @staticmethod
+    def plugins(env):
+        """Each plugin file or egg's (directory, name, mtime, size), for the directories Trac loads from."""
+        directories = [env.plugins_dir]
+        try:
+            if env.shared_plugins_dir:
+                directories.append(env.shared_plugins_dir)
+        except Exception:  # an [inherit] section Trac itself could not read: trac.ini says so
+            pass
+        listing = []
+        for directory in directories:
+            try:
+                entries = list(os.scandir(directory))
+            except OSError:
+                continue
+            for entry in entries:
+                if entry.name == "__pycache__":
+                    continue  # Python's own, written when a plugin is imported
+                try:
+                    info = entry.stat()
+                except OSError:
+                    continue
+                listing.append((directory, entry.name, info.st_mtime_ns, info.st_size))
+        return sorted(listing)
+
+    @staticmethod
+    def system_table(env):
+        """The `system` table's rows, on a connection closed before return; None if it cannot be read.
+
+        Closed at once, as make_pristine does: a pooled connection would be
+        forked into the next worker.
+        """
+        try:
+            from trac.db.api import DatabaseManager
+            try:
+                return sorted(env.db_query("SELECT name, value FROM system"))
+            finally:
+                DatabaseManager(env).shutdown()
+        except Exception:  # a database that is away: the workers say so, not the mold
+            return None
 
 
 class Mold:
@@ -2472,6 +2586,7 @@ class Mold:
         # Ctrl-C in a terminal reaches the whole process group: the mold just goes.
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         templates = compile_templates()
+        warmed = WarmedState()  # before make_pristine: its database check closes its own connection
         self.make_pristine(freeze)
         # Hazard, threads at fork: only the forking thread survives in the
         # child, and a lock another thread held stays held for good.  The mold
@@ -2484,12 +2599,37 @@ class Mold:
         pss, private = smaps_rollup()
         log("mold", rss=ResidentMemory.once(), pss=pss, private=private, frozen=gc.get_freeze_count(),
             templates=templates)
-        sd_notify("MOLD=1")
+        beat = watchdog_period()
+        sd_notify("MOLD=1\nWATCHDOG=1" if beat else "MOLD=1")
+        now = time.monotonic()
+        next_beat, next_check, stale = now + (beat or float("inf")), now + STALE_CHECK_S, False
         while True:
+            # The wait is bounded, so that the mold's heartbeat and its check
+            # of the disk run between fork requests.
+            wait = min(next_beat, next_check) - time.monotonic()
+            self.channel.settimeout(None if wait == float("inf") else max(0.001, wait))
             try:
                 message, fds, _, _ = socket.recv_fds(self.channel, 4096, 1)
             except InterruptedError:
                 continue
+            except TimeoutError:
+                now = time.monotonic()
+                if now >= next_beat:
+                    sd_notify("WATCHDOG=1")
+                    next_beat = now + beat
+                if now >= next_check and not stale:
+                    changed = warmed.changed()
+                    if changed:
+                        # Said once: the launcher starts a new mold, and this one
+                        # forks until then.
+                        stale = True
+                        log("mold-stale", reason=changed[0], env=changed[1])
+                        sd_notify("MOLD_STALE=%s" % changed[0])
+                    next_check = now + STALE_CHECK_S
+                elif now >= next_check:
+                    next_check = float("inf")
+                continue
+            self.channel.settimeout(None)
             if not message:
                 log("mold-retired")
                 return 0

@@ -22,11 +22,16 @@ FORK_S = 0.02  # a worker forked from a warm mold
 
 class Site:
     def __init__(self, slots=1, ready_timeout=30.0, stop_timeout=30.0, warm_s=WARM_S, drain_s=DRAIN_S,
-                 speaks_notify=True, shortage=None, behaviour=None, mold=None):
+                 speaks_notify=True, shortage=None, behaviour=None, mold=None, watchdog=None):
         self.now = 0.0
         self.log = []
         self.core = LauncherCore(slots, ready_timeout, stop_timeout, log=self.record,
-                                 memory_shortage=lambda pid: shortage, mold=mold is not None)
+                                 memory_shortage=lambda pid: shortage, mold=mold is not None,
+                                 watchdog_timeout=watchdog)
+        # With a watchdog, workers that speak notify (and the mold) send
+        # WATCHDOG=1 with READY=1 and every quarter of it after, until frozen.
+        self.watchdog = watchdog
+        self.frozen = set()  # pids stopped as by SIGSTOP: silent, deaf to all but SIGKILL
         # What a process started as the mold does: "mold" warms up for WARM_S
         # and says MOLD=1; "stock" exits at once; "silent" says nothing.
         self.mold_behaviour = mold
@@ -102,21 +107,27 @@ class Site:
     def spawn(self, slot, role):
         pid = next(self.pids)
         self.alive.add(pid)
-        forked = self.core.mold_to_fork_from() is not None
+        forked = self.core.molds.fork_from() is not None
         self.core.spawned(slot, pid, role, self.now, how="fork" if forked else "exec")
         behaviour = self.behaviour.get(slot.number, "ok")
         if behaviour == "crash":
             self.at(0.1, lambda: self.exit(pid, 1))
         elif self.speaks_notify:
-            self.at(FORK_S if forked else self.warm_s,
-                    lambda: pid in self.alive and self.core.notified(pid, {"READY": "1"}, self.now))
+            self.at(FORK_S if forked else self.warm_s, lambda: self.say(pid, {"READY": "1"}))
+
+    def say(self, pid, fields):
+        if pid in self.alive and pid not in self.frozen:
+            if self.watchdog:
+                fields = dict(fields, WATCHDOG="1")
+                self.at(self.watchdog / 4, lambda: self.say(pid, {}))
+            self.core.notified(pid, fields, self.now)
 
     def start_mold(self):
         pid = self.mold_pid = next(self.pids)
         self.alive.add(pid)
-        self.core.mold_started(pid, self.now)
+        self.core.molds.started(pid, self.now)
         if self.mold_behaviour == "mold":
-            self.at(self.warm_s, lambda: pid in self.alive and self.core.notified(pid, {"MOLD": "1"}, self.now))
+            self.at(self.warm_s, lambda: self.say(pid, {"MOLD": "1"}))
         elif self.mold_behaviour == "stock":
             self.at(0.5, lambda: self.exit(pid, 0))
 
@@ -124,6 +135,8 @@ class Site:
         self.sent.append((pid, signum))
         if signum == signal.SIGKILL:
             self.at(0, lambda: self.exit(pid, -signal.SIGKILL))
+        elif pid in self.frozen:
+            pass
         elif signum == signal.SIGHUP and self.behaviour.get(self.slot_of(pid)) != "hang":
             self.at(self.drain_s, lambda: self.exit(pid, 0, stopping=True))
 
@@ -357,9 +370,9 @@ def test_sigttin_adds_a_slot_that_is_filled_at_once():
 def test_signals_without_a_meaning_are_ignored_and_logged():
     site = started()
     before = dict(site.core.workers)
-    for signum in (signal.SIGUSR2, signal.SIGALRM, signal.SIGWINCH, signal.SIGRTMIN + 3):
+    for signum in (signal.SIGALRM, signal.SIGWINCH, signal.SIGRTMIN + 3):
         site.signal_launcher(signum, sender=42)
-    assert [f["signal"] for f in site.logged("ignored")] == ["SIGUSR2", "SIGALRM", "SIGWINCH", "SIGRTMIN+3"]
+    assert [f["signal"] for f in site.logged("ignored")] == ["SIGALRM", "SIGWINCH", "SIGRTMIN+3"]
     assert site.core.workers == before and not site.sent
 
 
@@ -466,3 +479,205 @@ def test_a_worker_a_given_up_mold_forked_after_all_is_told_to_go_when_it_says_re
     site.core.actions = []
     site.core.notified(998, {"STOPPING": "1"}, site.now)
     assert site.core.actions == []
+
+
+# --------------------------------------------------------------------------
+# The watchdog
+
+WATCHDOG_S = 20.0
+
+
+def freeze(site, pid):
+    """As kill -STOP: the process sends nothing more and heeds no signal but SIGKILL."""
+    site.frozen.add(pid)
+
+
+def test_a_worker_silent_past_the_watchdog_timeout_is_replaced_then_sigkilled_once_its_replacement_is_ready():
+    site = started(watchdog=WATCHDOG_S)
+    frozen = site.serving()
+    freeze(site, frozen)
+    site.run_until(site.now + WATCHDOG_S - 0.5)
+    assert not site.logged("unresponsive") and not site.logged("replace")
+    site.run_until(site.now + 0.5 + WARM_S + 0.1)
+    [found] = site.logged("unresponsive", pid=frozen)
+    assert found["slot"] == 0 and found["silent_s"] >= WATCHDOG_S
+    assert site.serving() not in (None, frozen)
+    assert (frozen, signal.SIGKILL) in site.sent and (frozen, signal.SIGHUP) not in site.sent
+    assert frozen not in site.core.workers
+    tally = site.core.tally
+    assert tally.unresponsive_kills == 1 and tally.recycles["unresponsive"] == 1 and tally.crashes == 0
+
+
+def test_a_worker_that_speaks_again_before_the_timeout_is_left_serving():
+    site = started(watchdog=WATCHDOG_S)
+    pid = site.serving()
+    freeze(site, pid)
+    site.run_until(site.now + WATCHDOG_S * 0.9)
+    site.frozen.discard(pid)
+    site.say(pid, {})  # a long GC pause, a busy machine: over now
+    site.run_until(site.now + 10 * WATCHDOG_S)
+    assert site.serving() == pid and not site.logged("unresponsive") and not site.sent
+
+
+def test_a_stock_worker_that_never_sends_watchdog_is_exempt():
+    site = Site(watchdog=WATCHDOG_S, speaks_notify=False, ready_timeout=5.0)
+    site.run_until(5.1)
+    pid = site.serving()
+    site.wakes = site.idle_wakes = 0
+    site.run_until(site.now + 10 * WATCHDOG_S)
+    assert site.serving() == pid and not site.logged("unresponsive") and not site.sent
+    assert site.idle_wakes <= 10 * WATCHDOG_S / launcher.IDLE_WAKE_S + 1
+
+
+def test_a_frozen_worker_whose_replacement_cannot_start_is_killed_after_a_second_timeout_and_its_slot_respawns():
+    site = started(watchdog=WATCHDOG_S)
+    frozen = site.serving()
+    freeze(site, frozen)
+    site.behaviour[0] = "crash"  # every replacement dies before READY=1
+    site.run_until(site.now + 2 * WATCHDOG_S - 0.5)
+    assert frozen in site.core.workers and (frozen, signal.SIGKILL) not in site.sent
+    assert site.logged("backoff")
+    site.run_until(site.now + 1.0)
+    assert (frozen, signal.SIGKILL) in site.sent and frozen not in site.core.workers
+    site.behaviour[0] = "ok"  # the cause is gone: the slot serves again after its backoff
+    site.run_until(site.now + launcher.BACKOFF_MAX_S + WARM_S + 0.1)
+    assert site.serving() not in (None, frozen)
+    assert site.core.tally.unresponsive_kills == 1
+
+
+def test_with_two_slots_a_frozen_worker_is_replaced_and_the_other_slot_is_untouched():
+    site = started(slots=2, watchdog=WATCHDOG_S, mold="mold")
+    other, frozen = site.serving(0), site.serving(1)
+    freeze(site, frozen)
+    site.run_until(site.now + WATCHDOG_S + FORK_S + 0.1)
+    assert site.serving(0) == other and site.serving(1) not in (None, frozen)
+    assert [pid for pid, _ in site.sent] == [frozen]
+
+
+def test_an_unresponsive_mold_is_killed_and_restarted_like_a_dead_one_and_workers_keep_serving():
+    site = started(watchdog=WATCHDOG_S, mold="mold")
+    mold, worker = site.mold_pid, site.serving()
+    freeze(site, mold)
+    site.run_until(site.now + WATCHDOG_S + 0.1)
+    assert site.logged("unresponsive", pid=mold, role="mold")
+    assert (mold, signal.SIGKILL) in site.sent and site.logged("mold-failed", pid=mold, reason="unresponsive")
+    site.run_until(site.now + launcher.BACKOFF_FIRST_S + WARM_S + 0.1)
+    assert site.mold_pid != mold and site.core.molds.fork_from() == site.mold_pid
+    assert site.serving() == worker and site.core.tally.unresponsive_kills == 1
+
+
+def test_a_worker_that_goes_silent_while_draining_is_killed():
+    site = started(watchdog=WATCHDOG_S)
+    pid = site.serving()
+    site.behaviour[0] = "hang"  # never finishes its drain...
+    site.signal_launcher(signal.SIGUSR1, sender=pid)
+    site.run_until(site.now + WARM_S + 0.1)
+    assert site.core.workers[pid].role == "draining"
+    freeze(site, pid)  # ...and then stops speaking
+    site.run_until(site.now + WATCHDOG_S + 0.1)
+    assert (pid, signal.SIGKILL) in site.sent and pid not in site.core.workers
+
+
+# --------------------------------------------------------------------------
+# SIGUSR2
+
+def test_sigusr2_is_passed_to_every_worker_that_speaks_notify_and_never_to_the_mold():
+    site = started(slots=2, mold="mold")
+    workers = {site.serving(0), site.serving(1)}
+    site.signal_launcher(signal.SIGUSR2, sender=42)
+    assert set(site.sent) == {(pid, signal.SIGUSR2) for pid in workers}
+    assert site.logged("stacks-asked", workers=2)
+
+
+def test_sigusr2_spares_a_stock_worker_which_it_would_kill():
+    site = Site(speaks_notify=False, ready_timeout=5.0)
+    site.run_until(5.1)
+    site.signal_launcher(signal.SIGUSR2, sender=42)
+    assert not site.sent and site.logged("stacks-asked", workers=0)
+
+
+# --------------------------------------------------------------------------
+# A stale mold
+
+def stale(site, reason="trac.ini"):
+    site.core.notified(site.mold_pid, {"MOLD_STALE": reason}, site.now)
+    site.wake_at = site.settle()
+
+
+def test_a_stale_mold_is_replaced_make_before_break_with_no_rolling_restart():
+    site = started(slots=2, mold="mold")
+    old_mold, workers = site.mold_pid, {site.serving(0), site.serving(1)}
+    stale(site)
+    assert site.logged("mold-stale", pid=old_mold, reason="trac.ini") and site.mold_pid != old_mold
+    site.run_until(site.now + WARM_S / 2)
+    assert site.core.molds.fork_from() == old_mold, "the stale mold forks until its successor is ready"
+    site.run_until(site.now + WARM_S)
+    assert site.core.molds.fork_from() == site.mold_pid
+    assert site.logged("mold-refreshed", old=old_mold) and site.logged("mold-exit", pid=old_mold)
+    assert {site.serving(0), site.serving(1)} == workers and not site.logged("rolling-restart")
+    assert site.core.tally.stale_molds == 1
+
+
+def test_a_mold_stale_again_and_again_is_refreshed_at_most_once_per_refresh_interval_and_the_wait_is_logged():
+    site = started(mold="mold")
+    minutes = 10
+    end = site.now + minutes * 60
+    while site.now < end:
+        if site.core.molds.current and site.core.molds.current.ready and site.core.molds.current.stale is None:
+            stale(site)  # a plugin that rewrites trac.ini on every request
+        site.run_until(site.now + 0.5)
+    refreshes = len(site.logged("mold-refreshed"))
+    assert minutes * 60 / launcher.MOLD_REFRESH_MIN_S - 1 <= refreshes <= minutes * 60 / launcher.MOLD_REFRESH_MIN_S + 1
+    assert site.logged("mold-refresh-deferred")
+    assert site.core.ready_workers() == 1 and site.core.molds.fork_from() is not None
+
+
+def test_a_refresh_whose_new_mold_dies_leaves_the_stale_one_forking_and_is_tried_again_later():
+    site = started(mold="mold")
+    old_mold = site.mold_pid
+    stale(site)
+    site.kill(site.mold_pid)
+    site.run_until(site.now + 0.1)
+    assert site.logged("mold-refresh-failed") and site.core.molds.fork_from() == old_mold
+    site.run_until(site.now + launcher.MOLD_REFRESH_MIN_S + WARM_S)
+    assert site.core.molds.fork_from() not in (None, old_mold)
+
+
+def test_sighup_while_a_stale_mold_is_refreshed_gives_up_the_refresh_for_a_mold_of_the_new_code():
+    site = started(mold="mold")
+    stale(site)
+    refresh = site.mold_pid
+    site.signal_launcher(signal.SIGHUP)
+    assert (refresh, signal.SIGKILL) in site.sent
+    site.run_until(site.now + 60)
+    assert site.core.molds.fork_from() not in (None, refresh) and site.logged("rolling-restart-done")
+
+
+def test_a_launcher_that_was_suspended_itself_does_not_take_its_workers_silence_for_theirs():
+    site = started(slots=2, watchdog=WATCHDOG_S, mold="mold")
+    workers, mold = {site.serving(0), site.serving(1)}, site.mold_pid
+    site.now += 3 * WATCHDOG_S  # the machine slept; their datagrams wait, unread, in our socket
+    site.wake_at = site.settle()
+    assert site.logged("watchdog-restarted", watched=3) and not site.logged("unresponsive")
+    site.run_until(site.now + 3 * WATCHDOG_S)
+    assert {site.serving(0), site.serving(1)} == workers and site.mold_pid == mold and not site.sent
+
+
+def test_while_anything_is_watched_the_loop_wakes_every_quarter_of_the_timeout_and_not_more():
+    site = started(watchdog=WATCHDOG_S)
+    freeze(site, site.serving())  # no datagram wakes it now: only its own deadlines
+    site.run_until(site.now + WATCHDOG_S * 0.99)
+    assert site.wakes <= 4 + 1 and not site.logged("watchdog-restarted")
+
+
+def test_without_headroom_two_slots_asking_at_once_are_stopped_and_started_one_after_the_other():
+    site = started(slots=2, shortage={"limit": "cgroup"})
+    first, second = site.serving(0), site.serving(1)
+    site.signal_launcher(signal.SIGUSR1, sender=first)
+    site.signal_launcher(signal.SIGUSR1, sender=second)
+    site.run_until(site.now + 60)
+    order = [(e, f.get("pid")) for e, f in site.log if e in ("stop-then-start", "ready")][-4:]
+    # The second slot's worker is stopped only once the first's new worker is ready: a worker
+    # still starting has not grown to its size, and the memory beside it would be misread.
+    assert [e for e, _ in order] == ["stop-then-start", "ready", "stop-then-start", "ready"], order
+    assert site.serving(0) not in (None, first) and site.serving(1) not in (None, second)

@@ -360,6 +360,8 @@ def test_the_file_holds_every_declared_metric_and_memory_for_every_worker(launch
     found = settled(process.metrics, serving(2))
     names = {name for name, _ in found}
     for name, kind, _, _ in launcher.METRICS:
+        if name.startswith("trac_fcgi_cgroup_") and launcher.cgroup_memory() is None:
+            continue  # no memory limit here to report: tests/test_cgroup.py makes one
         assert (name + "_count" if kind == "histogram" else name) in names, name
     pids = set(workers_of(process.pid))
     assert len(pids) == 2
@@ -554,6 +556,23 @@ def test_status_prints_a_row_per_worker_then_the_recycles_by_reason(launch):
         assert "2 of 2 slots ready" in outcome.stdout
         assert "8 requests;" in outcome.stdout
         assert lines[-1] == "recycles: rolling 2"
+
+
+def test_status_shows_slow_and_stuck_requests_unresponsive_kills_and_the_cgroup_s_memory(tmp_path):
+    path = tmp_path / "trac.prom"
+    recycles = dict.fromkeys(launcher.RECYCLE_REASONS, 0)
+    recycles.update(stuck=1, unresponsive=2)
+    path.write_text(launcher.render_metrics({
+        "trac_fcgi_slots": 1, "trac_fcgi_workers": 1, "trac_fcgi_slow_requests_total": 3,
+        "trac_fcgi_stuck_requests_total": 1, "trac_fcgi_unresponsive_kills_total": 2,
+        "trac_fcgi_stale_molds_total": 4, "trac_fcgi_cgroup_memory_limit_bytes": 1 << 30,
+        "trac_fcgi_cgroup_memory_usage_bytes": 300 << 20,
+        "trac_fcgi_recycles_total": {(reason,): count for reason, count in recycles.items()}}))
+    shown = run_status(str(path))
+    assert shown.returncode == 0, shown.stderr
+    assert "3 slow requests; 1 stuck requests; 2 unresponsive kills; 4 stale molds replaced" in shown.stdout
+    assert "cgroup memory: 300.0M used of 1024.0M" in shown.stdout
+    assert shown.stdout.splitlines()[-1] == "recycles: unresponsive 2, stuck 1"
 
 
 def test_status_of_a_file_not_rewritten_for_a_while_asks_whether_the_launcher_still_runs(tmp_path):

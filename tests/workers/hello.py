@@ -4,6 +4,7 @@ Environment knobs (all optional):
   HELLO_DELAY             seconds each request sleeps (a slow app); ?delay=S per request
   (no knob)               ?bytes=N answers N bytes of "x" instead of its greeting (a download)
   HELLO_LEAK              bytes each request leaks (a growing app)
+  HELLO_BALLAST           bytes allocated and filled at start (a big app)
   HELLO_START_DELAY       seconds to sleep before serving (a slow warm-up)
   HELLO_NOTIFY            0: never speak the notify protocol (like a stock trac.fcgi)
   HELLO_FAIL_IF_EXISTS    path: exit 1 at start while it exists (a broken replacement)
@@ -24,6 +25,8 @@ import sys
 import time
 
 _leak = []
+# Filled, so resident and private: a worker this much bigger than hello's own.
+_ballast = bytearray(b"x") * int(os.environ.get("HELLO_BALLAST", "0"))
 # A log handler that logging.shutdown() flushes at exit.  /hold-log-lock holds
 # its lock for the request's delay, as a request stuck writing to a full log
 # pipe would.
