@@ -439,7 +439,7 @@ def serve(server, sock):
     # serving worker: held until run() has installed the handlers, never
     # left to the default action, which would end us at once.
     signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
-    sd_notify(server.watchdog.with_ready())
+    sd_notify(server.watchdog.first("READY=1"))
     server.succession.ready()
     leave(0, abandoned=server.run(sock))
 
@@ -1681,15 +1681,19 @@ class Watchdog:
         self.period = int(usec) / 4e6 if usec.isdigit() and int(usec) and mine else None
         self.last = 0.0
 
-    def with_ready(self):
-        """READY=1, and the first beat with it, so the watching begins as the serving does."""
+    def first(self, message):
+        """MESSAGE (READY=1, or the mold's MOLD=1) with the first beat, so the watching begins as the serving does."""
         if self.period is None:
-            return "READY=1"
+            return message
         self.last = time.monotonic()
-        return "READY=1\nWATCHDOG=1"
+        return message + "\nWATCHDOG=1"
+
+    def due(self):
+        """When the next beat is due (infinity with no watchdog), for a loop that waits on something else."""
+        return float("inf") if self.period is None else self.last + self.period
 
     def beat(self, now):
-        if self.period is not None and now - self.last >= self.period:
+        if now >= self.due():
             self.last = now
             sd_notify("WATCHDOG=1")
 
@@ -2443,16 +2447,6 @@ REPARENT_TIMEOUT_S = 5.0
 STALE_CHECK_S = 5.0
 
 
-def watchdog_period():
-    """Seconds between WATCHDOG=1 messages, or None: systemd's sd_watchdog_enabled() contract.
-
-    WATCHDOG_USEC is the timeout; a quarter of it leaves three messages to
-    lose before the launcher (or systemd) calls us unresponsive.
-    """
-    usec = os.environ.get("WATCHDOG_USEC", "")
-    return int(usec) / 4e6 if usec.isdigit() and int(usec) > 0 else None
-
-
 class WarmedState:
     """What the mold warmed, as the disk had it then; changed() names what no longer matches.
 
@@ -2599,14 +2593,13 @@ class Mold:
         pss, private = smaps_rollup()
         log("mold", rss=ResidentMemory.once(), pss=pss, private=private, frozen=gc.get_freeze_count(),
             templates=templates)
-        beat = watchdog_period()
-        sd_notify("MOLD=1\nWATCHDOG=1" if beat else "MOLD=1")
-        now = time.monotonic()
-        next_beat, next_check, stale = now + (beat or float("inf")), now + STALE_CHECK_S, False
+        watchdog = Watchdog(os.environ)
+        sd_notify(watchdog.first("MOLD=1"))
+        next_check, stale = time.monotonic() + STALE_CHECK_S, False
         while True:
             # The wait is bounded, so that the mold's heartbeat and its check
             # of the disk run between fork requests.
-            wait = min(next_beat, next_check) - time.monotonic()
+            wait = min(watchdog.due(), next_check) - time.monotonic()
             self.channel.settimeout(None if wait == float("inf") else max(0.001, wait))
             try:
                 message, fds, _, _ = socket.recv_fds(self.channel, 4096, 1)
@@ -2614,9 +2607,7 @@ class Mold:
                 continue
             except TimeoutError:
                 now = time.monotonic()
-                if now >= next_beat:
-                    sd_notify("WATCHDOG=1")
-                    next_beat = now + beat
+                watchdog.beat(now)
                 if now >= next_check and not stale:
                     changed = warmed.changed()
                     if changed:

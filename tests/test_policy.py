@@ -99,10 +99,13 @@ def test_with_slow_entries_off_a_stuck_request_is_named_stuck_only():
 
 
 def test_the_watchdog_beats_with_ready_and_then_every_quarter_of_its_timeout_as_systemd_says():
-    assert Watchdog({}).with_ready() == "READY=1"
+    assert Watchdog({}).first("READY=1") == "READY=1"
+    assert Watchdog({}).due() == float("inf")
     assert Watchdog({"WATCHDOG_USEC": "0"}).period is None
     # WATCHDOG_PID names the one process systemd watches: a fork of it is not that one.
     assert Watchdog({"WATCHDOG_USEC": "20000000", "WATCHDOG_PID": "1"}).period is None
     dog = Watchdog({"WATCHDOG_USEC": "20000000", "WATCHDOG_PID": str(os.getpid())})
     assert dog.period == 5.0
-    assert dog.with_ready() == "READY=1\nWATCHDOG=1"
+    assert dog.first("READY=1") == "READY=1\nWATCHDOG=1"
+    assert dog.due() == dog.last + 5.0
+    assert dog.first("MOLD=1") == "MOLD=1\nWATCHDOG=1"  # the mold's first beat, likewise

@@ -1,12 +1,12 @@
 """The launcher's watchdog and SIGUSR2, with real processes: a worker frozen by SIGSTOP is replaced.
 
-The workers are tests/workers/watchdog.py: hello.py's worker, which says
-WATCHDOG=1 with READY=1 and then from its main loop, as the notify protocol
-asks, and logs `event=stacks` on SIGUSR2.  The mold is trac_fcgi.py's own,
-which sends WATCHDOG=1 from its fork-request loop.  The requests go through
-a real FastCGI client (flup's) on the launcher's socket: a request that
-arrives while the only worker is frozen waits in the listen backlog, as
-behind nginx, until a worker accepts it.
+The workers are tests/workers/hello.py: trac_fcgi.py's own server, which says
+WATCHDOG=1 with READY=1 and then from its main loop, and logs `event=stacks`
+on SIGUSR2.  The mold is trac_fcgi.py's own too, which sends WATCHDOG=1 from
+its fork-request loop.  The requests go through a real FastCGI client
+(flup's) on the launcher's socket: a request that arrives while the only
+worker is frozen waits in the listen backlog, as behind nginx, until a
+worker accepts it.
 """
 import os
 import re
@@ -16,9 +16,8 @@ import time
 import pytest
 
 import launcher as launcher_module
-from support import TRAC_FCGI, alive, fcgi_get, start_launcher, wait_until, worker_script
+from support import PYTHON, TRAC_FCGI, alive, fcgi_get, start_launcher, wait_until, worker_script
 
-WATCHDOG = worker_script("watchdog.py")
 HELLO = worker_script("hello.py")
 DEFAULT_TIMEOUT_S = next(default for flag, _, _, default, _, _ in launcher_module.SETTINGS
                          if flag == "--watchdog-timeout")
@@ -32,7 +31,7 @@ SLACK_S = 5.0
 def launch(tmp_path):
     started = []
 
-    def launch(*flags, env=None, worker=WATCHDOG, name="launcher"):
+    def launch(*flags, env=None, worker=HELLO, name="launcher"):
         launcher = start_launcher(tmp_path, worker, *flags, env=env, name=name)
         started.append(launcher)
         return launcher
@@ -160,11 +159,19 @@ def test_a_launcher_stopped_and_continued_keeps_its_workers_and_its_mold(launch)
     assert {answering_pid(launcher) for _ in range(6)} <= before
 
 
-WORKER_SENDS_WATCHDOG = "READY=1\\nWATCHDOG=1" in open(TRAC_FCGI).read()
-
-
-@pytest.mark.skipif(not WORKER_SENDS_WATCHDOG, reason="trac_fcgi.py's own worker does not send WATCHDOG=1 on "
-                    "this branch; this test passes once its side of the notify protocol is merged")
-def test_a_stopped_only_trac_fcgi_worker_is_replaced_within_the_watchdog_timeout_plus_a_fork(launch):
-    launcher = launch(worker=HELLO)
-    freeze_the_only_worker_and_time_the_next_answer(launcher, DEFAULT_TIMEOUT_S)
+def test_a_stopped_trac_worker_is_replaced_and_the_site_answers_within_the_watchdog_timeout_plus_a_fork(
+        launch, trac_env):
+    # Every default, and a real Trac site: what an admin who sent kill -STOP would see.
+    launcher = launch(worker=[PYTHON, TRAC_FCGI], env={"TRAC_ENV": str(trac_env)})
+    launcher.wait_for("all-ready", timeout=120)
+    frozen = int(launcher.events("ready")[0]["pid"])
+    assert fcgi_get(launcher.socket, "/wiki/WikiStart").status == 200
+    os.kill(frozen, signal.SIGSTOP)
+    stopped = time.monotonic()
+    response = fcgi_get(launcher.socket, "/wiki/WikiStart", timeout=DEFAULT_TIMEOUT_S * 3 + 60)
+    waited = time.monotonic() - stopped
+    assert response.status == 200 and b"Welcome to Trac" in response.body
+    launcher.wait_for("exit", pid=frozen, signal="SIGKILL")
+    [replacement] = [event for event in launcher.events("ready") if int(event["pid"]) != frozen]
+    assert launcher.events("spawn", pid=replacement["pid"])[0]["how"] == "fork"
+    assert waited <= DEFAULT_TIMEOUT_S + float(replacement["ready_s"]) + SLACK_S, (waited, replacement)
