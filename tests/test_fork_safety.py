@@ -90,12 +90,19 @@ def test_forked_workers_create_tickets_at_once_through_recycles_and_each_lands_e
                                         env={"TRAC_FCGI_MAX_REQUESTS": "12"})
     [mold] = [int(e["pid"]) for e in launcher.events("mold-start")]
     load = TicketLoad(nginx.port, clients=6, tag="forked")
+    # What PostgreSQL lists, sampled through the run: which workers held a
+    # backend of their own at once depends on which of them had served yet,
+    # and on a loaded machine one moment may catch a single one.
     seen_by_postgres = []
 
+    def several_workers_seen_connected():
+        return any(sum(1 for ports in sample.values() if ports) >= 2 for _, sample in seen_by_postgres)
+
     def enough(seconds):
-        if database.postgres and seconds >= 2 and not seen_by_postgres:
-            seen_by_postgres.append(backends_by_worker())
-        return len(recycles(launcher)) >= 12 and seconds >= 5
+        if database.postgres and seconds >= 2 and (not seen_by_postgres or seconds - seen_by_postgres[-1][0] >= 1):
+            seen_by_postgres.append((seconds, backends_by_worker()))
+        return (len(recycles(launcher)) >= 12 and seconds >= 5
+                and (not database.postgres or several_workers_seen_connected()))
 
     def backends_by_worker():
         """{worker pid: {its local ports of connections PostgreSQL lists as its backends}}."""
@@ -129,11 +136,10 @@ def test_forked_workers_create_tickets_at_once_through_recycles_and_each_lands_e
     # The mold holds no database handle; each worker holds its own.
     if database.postgres:
         assert not database_sockets(mold, database.postgres.port)
-        [by_worker] = seen_by_postgres
-        connected = {pid: ports for pid, ports in by_worker.items() if ports}
-        assert len(connected) >= 2, "workers with their own backend: %s" % by_worker
-        every_port = [port for ports in connected.values() for port in ports]
-        assert len(every_port) == len(set(every_port)), "a backend shared by two workers: %s" % by_worker
+        assert several_workers_seen_connected(), "workers with their own backend: %s" % seen_by_postgres
+        for _, by_worker in seen_by_postgres:
+            every_port = [port for ports in by_worker.values() for port in ports]
+            assert len(every_port) == len(set(every_port)), "a backend shared by two workers: %s" % by_worker
     else:
         assert not database_files(mold, database.path)
 
