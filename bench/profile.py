@@ -35,7 +35,7 @@ import load  # noqa: E402
 import rows  # noqa: E402
 import sampling  # noqa: E402
 from servers import VENV, Running, Stage, find_program  # noqa: E402
-from support import cpu_seconds, family  # noqa: E402
+from support import cpu_seconds, family, stat_fields  # noqa: E402
 
 FRAME = re.compile(r"^(?P<function>.*?) \((?P<file>[^:()]*)(?::\d+)?\)$")
 
@@ -73,6 +73,12 @@ def cpu(pids):
     return {pid: cpu_seconds(pid, children=True) for pid in pids}
 
 
+def user_system(pid):
+    """(user, system) CPU seconds of PID: the kernel's share is sockets, select and the GIL's futex."""
+    fields = stat_fields(pid)
+    return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
+
+
 def one(stage, row, seconds, number, scratch):
     """One turn of ROW: (pages/s, {process kind: CPU ms/page}, Counter of buckets)."""
     env = dict(row["env"], **({"PYTHONPATH": scratch} if scratch and row["server"] == "ours" else {}))
@@ -83,7 +89,7 @@ def one(stage, row, seconds, number, scratch):
         worker = running.workers()[0]
         kinds = {"worker": [worker], "launcher": [running.root] if row["server"] == "ours" else [],
                  "nginx": family(nginx.process.pid) if row["server"] == "ours" else []}
-        before = cpu(p for pids in kinds.values() for p in pids)
+        before, split_before = cpu(p for pids in kinds.values() for p in pids), user_system(worker)
         raw = stage.work / ("profile-%s-%d.txt" % (row["name"], number))
         spying = spy(worker, seconds + 1, raw)
         time.sleep(0.5)
@@ -91,7 +97,7 @@ def one(stage, row, seconds, number, scratch):
             figures = ceiling.run_cell(stage.socket, 8, seconds, rows.cycle(rows.WIKI))
         else:
             figures = load.wrk(stage.wrk, nginx.url("/"), "profile", 8, seconds, rows.cycle(rows.WIKI))
-        after = cpu(p for pids in kinds.values() for p in pids)
+        after, split_after = cpu(p for pids in kinds.values() for p in pids), user_system(worker)
         spying.wait(timeout=60)
     finally:
         running.stop()
@@ -99,6 +105,7 @@ def one(stage, row, seconds, number, scratch):
                                    "machine": {"load_end": None, "busy": None}, "kills": []})
     whole = pages["requests"] - pages["non2xx"] - pages["cut_off"]
     per_page = {kind: 1000 * sum(after[p] - before[p] for p in pids) / max(1, whole) for kind, pids in kinds.items()}
+    per_page["worker system"] = 1000 * (split_after[1] - split_before[1]) / max(1, whole)
     counts = collections.Counter()
     for line in raw.read_text().splitlines() if raw.exists() else []:
         stack, _, count = line.rpartition(" ")
@@ -109,7 +116,7 @@ def one(stage, row, seconds, number, scratch):
 def main():
     seconds = int(sys.argv[1]) if len(sys.argv) > 1 else 8
     scratch = sys.argv[2] if len(sys.argv) > 2 else None
-    stage = Stage(BENCH / "work")
+    stage = Stage(Path(os.environ.get("BENCH_WORK") or BENCH / "work") / "profile")
     stage.wrk = find_program("wrk")
     chosen = [dict(r, run_args=r["args"]) for r in rows.ROWS if r["name"] in ("ours", "ceiling")]
     found = collections.defaultdict(list)
@@ -126,12 +133,12 @@ def main():
 def report(found, seconds, scratch):
     print("/wiki/WikiStart, 8 connections, %d s a turn, 3 turns each%s; load average at the end %s.\n" % (
         seconds, ", trac_fcgi.py from %s" % scratch if scratch else "", ", ".join("%.2f" % x for x in os.getloadavg())))
-    print("| setup | pages/s per turn | worker CPU ms/page | launcher | nginx |")
-    print("|---|---|---|---|---|")
+    print("| setup | pages/s per turn | worker CPU ms/page | of which in the kernel | launcher | nginx |")
+    print("|---|---|---|---|---|---|")
     for name, turns in found.items():
         med = {k: sorted(t[1][k] for t in turns)[1] for k in turns[0][1]}
-        print("| %s | %s | %.1f | %.2f | %.1f |" % (name, ", ".join("%.1f" % t[0] for t in turns),
-                                                     med["worker"], med["launcher"], med["nginx"]))
+        print("| %s | %s | %.1f | %.1f | %.2f | %.1f |" % (name, ", ".join("%.1f" % t[0] for t in turns), med["worker"],
+                                                           med["worker system"], med["launcher"], med["nginx"]))
     print()
     for name, turns in found.items():
         total = collections.Counter()
