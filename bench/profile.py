@@ -33,7 +33,6 @@ import analysis  # noqa: E402
 import ceiling  # noqa: E402
 import load  # noqa: E402
 import rows  # noqa: E402
-import sampling  # noqa: E402
 from servers import VENV, Running, Stage, find_program  # noqa: E402
 from support import cpu_seconds, family, stat_fields  # noqa: E402
 

@@ -2,6 +2,7 @@
 """recycle_tail.py: what makes open-loop p99 worse while recycling, run by hand.
 
     .venv/bin/python bench/recycle_tail.py [ROUNDS] [DIR...]
+    .venv/bin/python bench/recycle_tail.py --record bench/results/latest.json
 
 The bench's target cell, alone: ours (limits never hit) and ours recycling
 every rows.RECYCLE_REQUESTS requests take turns, a fresh server each turn;
@@ -16,6 +17,10 @@ while it waited: a gc.freeze gate (a worker's event=freeze line, whose
 waited_s says how long the gate held new requests), a handoff (event=hup
 'replaced by', the new worker ready and the old one draining), the old
 worker's exit, or nothing.  Prints Markdown.
+
+--record reads a make bench record instead: for each open-loop round at 80%
+of the recycling row and its baseline, the slow requests' scheduled times
+against the handoffs of that round (the record keeps when each was logged).
 """
 
 import collections
@@ -90,7 +95,29 @@ def causes(latencies, rate, started, lines):
     return found
 
 
+def from_record(path):
+    import json
+    record = json.loads(Path(path).read_text())
+    print("| row | round | p50 ms | p99 ms | recycles | each request at or above p99: latency ms, "
+          "s after the last handoff |")
+    print("|---|---|---|---|---|---|")
+    for r in record["rounds"]:
+        if r["scenario"] == "open" and r.get("fraction") == FRACTION and r["row"] in ("ours", "ours-requests"):
+            latencies, rate = r["load"]["latency_ms"], r["load"]["rate"]
+            p99 = analysis.percentile(latencies, 99)
+            slow = []
+            for index, latency in enumerate(latencies):
+                if latency >= p99:
+                    scheduled = 0.05 + index / rate   # seconds from the round's start, as its recycles are
+                    before = [scheduled - when for when in r["recycles"] if when <= scheduled + 0.01]
+                    slow.append("%.0f, %s" % (latency, "%.2f" % min(before) if before else "–"))
+            print("| %s | %d | %.0f | %.0f | %d | %s |" % (r["row"], r["round"], analysis.percentile(latencies, 50),
+                                                         p99, len(r["recycles"]), "; ".join(slow)))
+
+
 def main():
+    if sys.argv[1:2] == ["--record"]:
+        return from_record(sys.argv[2])
     number_of_rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
     variants = [None] + sys.argv[2:]
     stage = Stage(Path(os.environ.get("BENCH_WORK") or BENCH / "work") / "tail")
