@@ -37,6 +37,7 @@ sys.path[:0] = [str(BENCH), str(BENCH.parent / "tests")]
 import analysis  # noqa: E402
 import load  # noqa: E402
 import rows  # noqa: E402
+import sampling  # noqa: E402
 from servers import Running, Stage, find_program  # noqa: E402
 
 OPEN_S, FRACTION = 7, 0.8
@@ -66,9 +67,11 @@ def turn(stage, row, capacity, number):
             measured = analysis.closed_round({"load": figures, "recycles": [], "samples": [], "cpu": {"total_s": None},
                                               "machine": {"load_end": None, "busy": None}, "kills": []})["rps"]
         rate = FRACTION * (capacity or measured)
+        cpu_before = sampling.tree_cpu(running.root)
         started = time.time() + 0.05    # open_loop schedules its first request 50 ms after it starts
         figures = load.open_loop(nginx.port, rows.cycle(rows.MIX), rate, OPEN_S)
-        return measured, rate, figures["latency_ms"], started, running.lines()
+        cpu_ms = 1000 * sampling.cpu_between(cpu_before, sampling.tree_cpu(running.root)) / len(figures["latency_ms"])
+        return measured, rate, figures["latency_ms"], started, running.lines(), cpu_ms
     finally:
         running.stop()
 
@@ -124,7 +127,7 @@ def main():
     stage.wrk = find_program("wrk")
     p99 = collections.defaultdict(list)
     tails = collections.defaultdict(collections.Counter)
-    capacity = {}
+    capacity, cpu = {}, collections.defaultdict(list)
     try:
         for number in range(number_of_rounds):
             for path in (variants if number % 2 == 0 else variants[::-1]):
@@ -132,7 +135,8 @@ def main():
                 for recycling in (False, True):
                     row = variant_row(name, recycling, path)
                     base = statistics.median(capacity[name]) if recycling else None
-                    measured, rate, latencies, started, lines = turn(stage, row, base, number)
+                    measured, rate, latencies, started, lines, cpu_ms = turn(stage, row, base, number)
+                    cpu[(name, recycling)].append(cpu_ms)
                     if measured:
                         capacity.setdefault(name, []).append(measured)
                     p99[(name, recycling)].append(analysis.percentile([x for x in latencies if x is not None], 99))
@@ -143,16 +147,17 @@ def main():
         stage.stop()
     print("Open loop at %d%% of capacity, %d s a turn, %d rounds; load average at the end %s.\n" % (
         100 * FRACTION, OPEN_S, number_of_rounds, ", ".join("%.2f" % x for x in os.getloadavg())))
-    print("| trac_fcgi.py | p99 ms, not recycling | p99 ms, every %d | ratio (medians) | per round |" %
-          rows.RECYCLE_REQUESTS)
-    print("|---|---|---|---|---|")
+    print("| trac_fcgi.py | p99 ms, not recycling | p99 ms, every %d | ratio (medians) | per round "
+          "| CPU ms/request, not recycling | every %d |" % (rows.RECYCLE_REQUESTS, rows.RECYCLE_REQUESTS))
+    print("|---|---|---|---|---|---|---|")
     for path in variants:
         name = path or "checkout"
         plain, recycled = p99[(name, False)], p99[(name, True)]
-        print("| %s | %s | %s | %.2f | %s |" % (
+        print("| %s | %s | %s | %.2f | %s | %.1f | %.1f |" % (
             name, ", ".join("%.0f" % x for x in plain), ", ".join("%.0f" % x for x in recycled),
             statistics.median(recycled) / statistics.median(plain),
-            ", ".join("%.2f" % (r / p) for p, r in zip(plain, recycled))))
+            ", ".join("%.2f" % (r / p) for p, r in zip(plain, recycled)),
+            statistics.median(cpu[(name, False)]), statistics.median(cpu[(name, True)])))
     print("\nWhat the requests at or above each round's p99 waited through (all rounds):\n")
     print("| trac_fcgi.py | recycling | " + " | ".join(sorted({k for c in tails.values() for k in c})) + " |")
     keys = sorted({k for c in tails.values() for k in c})

@@ -270,6 +270,7 @@ the plot and the top README's summary from the raw records alone.
 | `driver.py`, `experiments.py` | run everything, write `results/latest.json` |
 | `analysis.py`, `report.py`, `plot.py` | figures, this report and the plot, from the JSON |
 | `fronts.py`, `metrics_plot.py` | studies run by hand: nginx's connection settings and POSTs run twice (`results/fronts.md`); a recycling run seen through `--metrics-file` (`results/metrics.md`) |
+| `profile.py`, `recycle_tail.py` | studies run by hand: where ours spends what the ceiling does not (`results/ceiling.md`; py-spy, which it needs, goes into the venv by hand: `.venv/bin/python -m pip install py-spy`, a bench-only tool); what makes open-loop p99 worse while recycling, and a proposed change measured beside the checkout (`results/recycle-tail.md`) |
 
 """
 

@@ -68,8 +68,10 @@ def headline(record):
             every["cpu_ms_per_request"]["median"], rows.EXPERIMENTS["recycle_cpu"]["every"],
             never["cpu_ms_per_request"]["median"]))
     results = analysis.targets(record)
-    found.append("Targets: %d met, %d missed, %d not measured." % tuple(
-        sum(1 for t in results if t["met"] is v) for v in (True, False, None)))
+    missed = [t for t in results if t["met"] is False]
+    found.append("Targets: %d met, %d missed, %d not measured%s." % (tuple(
+        sum(1 for t in results if t["met"] is v) for v in (True, False, None)) + (
+        "; missed: " + "; ".join("%s (%s)" % (t["text"], t["figure"]) for t in missed) if missed else "",)))
     return found
 
 
@@ -123,12 +125,20 @@ def mod_wsgi_lines(record):
         else "It beats ours on none of these.")]
 
 
+def load_range(record):
+    """The machine's load average over the table's cells, lowest to highest: others' work shares the cores."""
+    loads = [r["machine"][k] for r in record["rounds"] for k in ("load_start", "load_end") if r["machine"].get(k)]
+    loads += record["machine"]["load_average_at_start"][:1]
+    return "%.1f–%.1f on %d cores" % (min(loads), max(loads), record["machine"]["nproc"])
+
+
 def readme_section(record):
     return "\n".join([README_MARKS[0], "## Benchmark", "",
-                       "Measured %s at %s with `%s`%s; every table, the method and the targets are in "
-                       "[bench/README.md](bench/README.md)." % (
+                       "Measured %s at %s with `%s`%s, the machine's 1-minute load average %s during the run; "
+                       "every table, the method and the targets are in [bench/README.md](bench/README.md)." % (
                            record["date"], record["code"]["commit"], record["command"],
-                           " (quick mode: the figures test the pipeline, not the code)" if record["quick"] else ""),
+                           " (quick mode: the figures test the pipeline, not the code)" if record["quick"] else "",
+                           load_range(record)),
                        ""] + ["- " + line for line in headline(record)] + [
                       "", "![memory and open-loop latency over time while recycling](bench/results/latest.png)", "",
                       README_MARKS[1]])
