@@ -45,20 +45,30 @@ APP_FILES = re.compile(r"(/|^)(trac|tracopt|jinja2|markupsafe|genshi|pygments|ba
 def bucket(stack):
     """(group, bucket) of one collapsed py-spy stack (root first, ';'-separated).
 
-    Trac is any sample with a frame of the application or its libraries
-    (a sample's stack can come without its root); else the deepest frame
-    of trac_fcgi.py or of flup names the bucket; else the leaf does.
+    The deepest frame that is Trac's (the application or its libraries),
+    trac_fcgi.py's or flup's names it: Trac's write() runs flup's output
+    stream and the socket under dispatch_request, and those count as theirs.
+    A stack with none of them is named by its leaf.
     """
     frames = [FRAME.match(f.strip()) for f in stack.split(";")]
     frames = [(m["function"], m["file"]) for m in frames if m]
-    if any(function == "dispatch_request" or APP_FILES.search(path) for function, path in frames):
-        return "Trac", "Trac and its libraries (Jinja2, MarkupSafe...)"
     for function, path in reversed(frames):
         if path.endswith("trac_fcgi.py"):
             return "trac_fcgi.py", "trac_fcgi.py " + function
         if "/flup/" in path:
             return "flup", "flup %s %s" % (Path(path).name, function)
+        if function == "dispatch_request" or APP_FILES.search(path):
+            return "Trac", "Trac and its libraries (Jinja2, MarkupSafe...)"
     return "other", "other: %s (%s)" % frames[-1] if frames else "other: no frame"
+
+
+def counted(raw):
+    """Counter of buckets in one py-spy raw file."""
+    counts = collections.Counter()
+    for line in raw.read_text().splitlines() if raw.exists() else []:
+        stack, _, count = line.rpartition(" ")
+        counts[bucket(stack)] += int(count)
+    return counts
 
 
 def spy(pid, seconds, out):
@@ -105,14 +115,16 @@ def one(stage, row, seconds, number, scratch):
     whole = pages["requests"] - pages["non2xx"] - pages["cut_off"]
     per_page = {kind: 1000 * sum(after[p] - before[p] for p in pids) / max(1, whole) for kind, pids in kinds.items()}
     per_page["worker system"] = 1000 * (split_after[1] - split_before[1]) / max(1, whole)
-    counts = collections.Counter()
-    for line in raw.read_text().splitlines() if raw.exists() else []:
-        stack, _, count = line.rpartition(" ")
-        counts[bucket(stack)] += int(count)
-    return pages["rps"], per_page, counts
+    return pages["rps"], per_page, counted(raw)
 
 
 def main():
+    if sys.argv[1:2] == ["--buckets"]:
+        # Saved samples again (SETUP=FILE,FILE...), without the turns' figures.
+        for spec in sys.argv[2:]:
+            name, _, files = spec.partition("=")
+            print_buckets(name, [counted(Path(f)) for f in files.split(",")])
+        return
     seconds = int(sys.argv[1]) if len(sys.argv) > 1 else 8
     scratch = sys.argv[2] if len(sys.argv) > 2 else None
     stage = Stage(Path(os.environ.get("BENCH_WORK") or BENCH / "work") / "profile")
@@ -140,23 +152,27 @@ def report(found, seconds, scratch):
                                                            med["worker system"], med["launcher"], med["nginx"]))
     print()
     for name, turns in found.items():
-        total = collections.Counter()
-        for t in turns:
-            total.update(t[2])
-        everything = sum(total.values()) or 1
-        print("%s, py-spy --gil samples of the worker, all turns (%d):\n" % (name, everything))
-        groups = collections.Counter()
-        for (group, _), count in total.items():
-            groups[group] += count
-        print("| group | share | | bucket | share |")
-        print("|---|---|---|---|---|")
-        ranked, named = list(total.most_common(12)), groups.most_common()
-        for line in range(max(len(ranked), len(named))):
-            left = ("%s | %.1f%%" % (named[line][0], 100 * named[line][1] / everything)) if line < len(named) else " | "
-            right = ("%s | %.1f%%" % (ranked[line][0][1], 100 * ranked[line][1] / everything)
-                     if line < len(ranked) else " | ")
-            print("| %s | | %s |" % (left, right.replace("<", "&lt;")))
-        print()
+        print_buckets(name, [t[2] for t in turns])
+
+
+def print_buckets(name, counters):
+    total = collections.Counter()
+    for counter in counters:
+        total.update(counter)
+    everything = sum(total.values()) or 1
+    print("%s, py-spy --gil samples of the worker, all turns (%d):\n" % (name, everything))
+    groups = collections.Counter()
+    for (group, _), count in total.items():
+        groups[group] += count
+    print("| group | share | | bucket | share |")
+    print("|---|---|---|---|---|")
+    ranked, named = list(total.most_common(12)), groups.most_common()
+    for line in range(max(len(ranked), len(named))):
+        left = ("%s | %.1f%%" % (named[line][0], 100 * named[line][1] / everything)) if line < len(named) else " | "
+        right = ("%s | %.1f%%" % (ranked[line][0][1], 100 * ranked[line][1] / everything)
+                 if line < len(ranked) else " | ")
+        print("| %s | | %s |" % (left, right.replace("<", "&lt;")))
+    print()
 
 
 if __name__ == "__main__":

@@ -140,5 +140,9 @@ def readme_section(record):
                            " (quick mode: the figures test the pipeline, not the code)" if record["quick"] else "",
                            load_range(record)),
                        ""] + ["- " + line for line in headline(record)] + [
+                      "", "Studies beside the table, run by hand: where ours spends what the ceiling does not "
+                      "([bench/results/ceiling.md](bench/results/ceiling.md)); what makes open-loop p99 worse while "
+                      "recycling, and a change to trac_fcgi.py measured beside the checkout "
+                      "([bench/results/recycle-tail.md](bench/results/recycle-tail.md))."] + [
                       "", "![memory and open-loop latency over time while recycling](bench/results/latest.png)", "",
                       README_MARKS[1]])
