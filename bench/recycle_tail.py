@@ -6,8 +6,9 @@
 
 The bench's target cell, alone: ours (limits never hit) and ours recycling
 every rows.RECYCLE_REQUESTS requests take turns, a fresh server each turn;
-the first measures capacity (closed loop, steady mix, rows.SECONDS["steady"]),
-then both take the same open-loop load at 80% of it for 7 s.  Each DIR is a
+the first measures capacity (closed loop, steady mix, rows.SECONDS["steady"])
+and takes open-loop load at 80% of it for 7 s; the second takes 80% of the
+median of the first's capacities so far, the same load but for the drift.  Each DIR is a
 variant: a directory put first on the worker's PYTHONPATH, holding a changed
 copy of trac_fcgi.py (the checkout's own is the first variant), so a
 proposed change is measured beside the code as it is, in one run.
