@@ -12,7 +12,7 @@ import os
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 
 # --------------------------------------------------------------------------
-# Timing.  A full `make bench` must finish in about 25 minutes on a 2-core
+# Timing.  A full `make bench` must finish in about 30 minutes on a 2-core
 # machine: every figure below is budgeted against that (see bench/run).
 
 ROUNDS = 1 if QUICK else 3
