@@ -254,7 +254,7 @@ def markdown(record):
 
 BENCH_README_HEAD = """\
 <!-- written by bench/report.py from bench/results/latest.json; edit report.py, not this file -->
-Run it with `make bench` (about 30 minutes on 2 cores; 40 beside other test runs). `BENCH_ROWS=other-front make bench` runs the
+Run it with `make bench` (40 minutes on 2 cores beside other test runs, with the mod_wsgi and ceiling rows; 20 on a quiet machine before them). `BENCH_ROWS=other-front make bench` runs the
 second row set: nginx with the FastCGI connection choice `examples/nginx.conf` does not make (kept-alive
 connections, or one a request). `BENCH_QUICK=1 bench/run` is a smoke test, and
 `make test` runs it. `bench/report.py bench/results/latest.json` rebuilds this page, `results/latest.md`,
