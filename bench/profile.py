@@ -3,6 +3,7 @@
 
     .venv/bin/python -m pip install py-spy     # a bench-only tool, not a dependency
     .venv/bin/python bench/profile.py [SECONDS] [PYTHONPATH-for-trac_fcgi]
+    .venv/bin/python bench/profile.py --threads 15,2,1
 
 /wiki/WikiStart, 8 connections, closed loop: ours (spawn-fcgi → launcher →
 worker behind examples/nginx.conf) and the ceiling (bench/ceiling.py, Trac
@@ -118,7 +119,43 @@ def one(stage, row, seconds, number, scratch):
     return pages["rps"], per_page, counted(raw)
 
 
+def threads(counts, seconds=5, turns=3):
+    """/wiki/WikiStart pages/s of ours at each TRAC_FCGI_MAX_THREADS in COUNTS, and of the ceiling with
+    a thread per connection and with one: how much a worker loses to its own threads taking turns."""
+    stage = Stage(Path(os.environ.get("BENCH_WORK") or BENCH / "work") / "profile")
+    stage.wrk = find_program("wrk")
+    base = {r["name"]: r for r in rows.ROWS}
+    setups = [("ours, TRAC_FCGI_MAX_THREADS=%d" % n, dict(base["ours"], env=dict(base["ours"]["env"],
+                                                                             TRAC_FCGI_MAX_THREADS=str(n))))
+              for n in counts] + [(base[name]["label"], base[name]) for name in ("ceiling", "ceiling-1")]
+    found = collections.defaultdict(list)
+    try:
+        for number in range(turns):
+            for label, row in setups if number % 2 == 0 else setups[::-1]:
+                running = Running.of_row(stage, row, "threads-%d" % len(found[label]), row["args"], row["env"])
+                try:
+                    running.warm(stage.front("shipped"))
+                    if row["server"] == "ceiling":
+                        figures = ceiling.run_cell(stage.socket, 8, seconds, rows.cycle(rows.WIKI))
+                    else:
+                        figures = load.wrk(stage.wrk, stage.front("shipped").url("/"), "threads", 8, seconds,
+                                           rows.cycle(rows.WIKI))
+                finally:
+                    running.stop()
+                found[label].append((figures["requests"] - figures["non2xx"] - figures["cut_off"])
+                                    / (figures["duration_us"] / 1e6))
+    finally:
+        stage.stop()
+    print("/wiki/WikiStart, 8 connections, %d s a turn, %d turns; load average at the end %s.\n" % (
+        seconds, turns, ", ".join("%.2f" % x for x in os.getloadavg())))
+    print("| setup | pages/s per turn | median |\n|---|---|---|")
+    for label, values in found.items():
+        print("| %s | %s | %.1f |" % (label, ", ".join("%.1f" % v for v in values), sorted(values)[len(values) // 2]))
+
+
 def main():
+    if sys.argv[1:2] == ["--threads"]:
+        return threads([int(n) for n in sys.argv[2].split(",")])
     if sys.argv[1:2] == ["--buckets"]:
         # Saved samples again (SETUP=FILE,FILE...), without the turns' figures.
         for spec in sys.argv[2:]:
