@@ -37,7 +37,8 @@ serve-debs:
 # lighttpd, apache2 and mod_fcgid are the other fronts tests/test_fronts.py runs.
 # prometheus-node-exporter reads the launcher's metrics file in its tests;
 # postgresql, the server the fork-safety tests run Trac on; iproute2 (ip, ss),
-# the network namespaces tests/test_hosts.py makes its hosts of.
+# the network namespaces tests/test_hosts.py makes its hosts of.  mod_wsgi is
+# a row of make bench: Apache in mod_wsgi's daemon mode, as Trac's docs advise.
 debs:
 	@missing=""; \
 	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$$missing nginx-light"; \
@@ -48,6 +49,7 @@ debs:
 	command -v lighttpd >/dev/null || [ -x /usr/sbin/lighttpd ] || missing="$$missing lighttpd"; \
 	command -v apache2 >/dev/null || [ -x /usr/sbin/apache2 ] || missing="$$missing apache2"; \
 	[ -e /usr/lib/apache2/modules/mod_fcgid.so ] || missing="$$missing libapache2-mod-fcgid"; \
+	[ -e /usr/lib/apache2/modules/mod_wsgi.so ] || missing="$$missing libapache2-mod-wsgi-py3"; \
 	command -v htpasswd >/dev/null || missing="$$missing apache2-utils"; \
 	command -v prometheus-node-exporter >/dev/null || missing="$$missing prometheus-node-exporter"; \
 	command -v ip >/dev/null || [ -x /usr/sbin/ip ] || missing="$$missing iproute2"; \

@@ -128,7 +128,7 @@ def mold_memory(record):
             found[key] = {"not_run": config["not_run"]}
             continue
         workers = [p for p in config["processes"] if p["role"] == "worker" and p.get("rss")]
-        others = [p for p in config["processes"] if p["role"] not in ("worker", "launcher") and p.get("rss")]
+        others = [p for p in config["processes"] if p["role"] not in ("worker", "launcher", "front") and p.get("rss")]
         counted = workers + others  # every process under the launcher; uWSGI's master holds its app
         if not workers:
             found[key] = {"not_run": "no worker was found after the load"}
@@ -242,11 +242,26 @@ def check_target(record, t):
         return {"met": None, "figure": "; ".join(sorted({missing(record, ref) for ref, v in zip(refs, [value] + against)
                                                          if v is None}))}
     base = max(against, key=lambda a: a["median"])
+    if t.get("every_round"):
+        return every_round(record, t)
     ratio = value["median"] / base["median"]
     low, high = value["min"] / base["max"], value["max"] / base["min"]
     met = ratio <= t["limit"] if check == "ratio_at_most" else ratio >= t["limit"]
     return {"met": met, "figure": "%s vs %s: %.2f× (rounds' spread %.2f–%.2f×)" % (
         describe(value), describe(base), ratio, low, high), "crosses": low <= t["limit"] <= high}
+
+
+def every_round(record, t):
+    """A closed-loop ratio held on each round, the two rows' rounds of the same number paired."""
+    (_, subject, scenario, measure), (_, base, _, _) = t["figure"], t["against"]
+    def per_round(row):
+        return {r["round"]: closed_round(r)[measure] for r in rounds_of(record, row, scenario)}
+    mine, theirs = per_round(subject), per_round(base)
+    ratios = [mine[n] / theirs[n] for n in sorted(set(mine) & set(theirs)) if theirs[n]]
+    if not ratios:
+        return {"met": None, "figure": "not measured in this run"}
+    return {"met": min(ratios) >= t["limit"], "figure": "per round %s×" % ", ".join("%.2f" % x for x in ratios),
+            "crosses": min(ratios) < t["limit"] <= max(ratios)}
 
 
 def missing(record, ref):

@@ -35,12 +35,14 @@ BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH), str(BENCH.parent / "tests")]
 
 import analysis  # noqa: E402
+import ceiling  # noqa: E402
 import experiments  # noqa: E402
 import load  # noqa: E402
 import rows  # noqa: E402
 import sampling  # noqa: E402
+from peers import MOD_WSGI  # noqa: E402
 from servers import (PYTHON, ROOT, VENV, Running, Stage, find_program, http_get, resolve,  # noqa: E402
-                     other_front, shipped_keepalive, warm_up)
+                     other_front, shipped_keepalive)
 
 
 def log(event, **facts):
@@ -83,8 +85,11 @@ def closed(stage, running, row, scenario, number):
         killer = sampling.Killer(running, spec["kill_every"]) if spec.get("kill_every") else None
         if killer:
             killer.start()
-        figures = load.wrk(stage.wrk, nginx.url("/"), tag, spec["clients"], rows.SECONDS[scenario],
-                           rows.cycle(spec["mix"]))
+        if row["server"] == "ceiling":
+            figures = ceiling.run_cell(stage.socket, spec["clients"], rows.SECONDS[scenario], rows.cycle(spec["mix"]))
+        else:
+            figures = load.wrk(stage.wrk, nginx.url("/"), tag, spec["clients"], rows.SECONDS[scenario],
+                               rows.cycle(spec["mix"]))
         return dict(figures, kind="closed", clients=spec["clients"]), killer.stop() if killer else []
     return measure(running, row["name"], scenario, number, work)
 
@@ -113,7 +118,7 @@ def table(stage, record, runnable):
             wanted = [s for s in ORDER if s in row["scenarios"] and rows.SECONDS.get(s) != 0]
             running = Running.of_row(stage, row, "%s-%d" % (row["name"], number), row["run_args"], row["run_env"])
             try:
-                warm_up(stage.front(row["nginx"]), rows.cycle(rows.MIX))
+                running.warm(stage.front(row["nginx"]))
                 for scenario in wanted:
                     record["rounds"].extend(run_cell(stage, running, row, scenario, number, record))
                     record["capacity"] = analysis.capacities(record)
@@ -131,7 +136,8 @@ def run_cell(stage, running, row, scenario, number, record):
         found = [closed(stage, running, row, scenario, number)]
         # wrk leaves its last requests queued (64 of them after overload): the
         # next cell starts once one more request has waited its turn behind them.
-        http_get(stage.front(row["nginx"]).url("/wiki/WikiStart"), timeout=120)
+        if stage.front(row["nginx"]):
+            http_get(stage.front(row["nginx"]).url("/wiki/WikiStart"), timeout=120)
         return found
     capacity = record["capacity"].get(row["baseline"] or row["name"])
     if not capacity:
@@ -159,6 +165,9 @@ def machine():
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
         "versions": {"nginx": version([find_program("nginx"), "-v"]), "wrk": version([find_program("wrk"), "-v"]),
                      "uwsgi": version([str(uwsgi), "--version"]) if uwsgi.exists() else None,
+                     "apache": version([find_program("apache2"), "-v"]),
+                     "mod_wsgi": version(["dpkg-query", "-W", "-f", "${Version}", "libapache2-mod-wsgi-py3"])
+                     if MOD_WSGI.exists() else None,
                      "trac": version([PYTHON, "-W", "ignore", "-c", "import trac; print(trac.__version__)"])},
     }
 
@@ -207,6 +216,8 @@ def main():
             row = dict(row, label=row["label"].format(other_front=other_front()[0]))
             if row["server"] == "uwsgi" and not (VENV / "uwsgi").exists():
                 args, env, note = None, None, "not run: uWSGI is not installed (bench/run installs it)"
+            if row["server"] == "mod_wsgi" and not MOD_WSGI.exists():
+                args, env, note = None, None, "not run: mod_wsgi is not installed (make debs installs it)"
             record["rows"].append(dict(row, run_args=args, run_env=env, note=note, run=args is not None))
         table(stage, record, [row for row in record["rows"] if row["run"]])
         experiments.run_all(stage, record, save)

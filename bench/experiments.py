@@ -60,9 +60,9 @@ def ours(stage, name, args=(), env=None, nginx=True):
 MOLD = {"mold": ["--mold", "on"], "cold": ["--mold", "off"]}
 
 
-def counted_load(stage, paths, requests, clients=8):
+def counted_load(stage, paths, requests, clients=8, front="shipped"):
     """Closed loop until REQUESTS answers: the answers (stack.Load keeps every one)."""
-    nginx = stage.front("shipped")
+    nginx = stage.front(front)
     work = Load(nginx.port, paths, clients, timeout=60)
     return work.run(lambda _: len(work.answers) >= requests, max_seconds=600)
 
@@ -130,21 +130,30 @@ def mold_memory(stage):
                     continue
                 running = Running(stage, "uwsgi", stage_uwsgi(stage, workers), {}, "memory-uwsgi-%d" % workers)
                 note = None
+            elif setup == "mod_wsgi":
+                # WSGIDaemonProcess processes=N: each loads Trac itself, as it starts.
+                running = Running(stage, "mod_wsgi", SERVERS["mod_wsgi"].command(stage, [], processes=workers), {},
+                                  "memory-mod_wsgi-%d" % workers)
+                note = None
             else:
                 running, note = ours(stage, "memory-%s-%d" % (setup, workers),
                                      MOLD[setup] + ["--workers", str(workers)], rows.NEVER_HIT)
                 if running is None:
                     found.append({"setup": setup, "workers": workers, "not_run": note})
                     continue
+            front = "apache" if setup == "mod_wsgi" else "shipped"
             try:
-                warm_up(stage.front("shipped"), rows.cycle(rows.MIX))
+                warm_up(stage.front(front), rows.cycle(rows.MIX))
                 settle(running, workers)
-                answers = counted_load(stage, rows.cycle(rows.MIX), workers * spec["requests_per_worker"]).answers
+                answers = counted_load(stage, rows.cycle(rows.MIX), workers * spec["requests_per_worker"],
+                                       front=front).answers
                 time.sleep(0.5)
                 serving, mold = set(running.workers()), molds(running.lines())
                 processes = []
                 for pid in family(running.root):
-                    role = ("worker" if pid in serving else "launcher" if pid == running.root and setup != "uwsgi"
+                    # Apache's own processes are mod_wsgi's front, as nginx is ours: not counted.
+                    role = ("worker" if pid in serving else "front" if setup == "mod_wsgi"
+                            else "launcher" if pid == running.root and setup != "uwsgi"
                             else "master" if pid == running.root else "mold" if pid in mold else "other")
                     processes.append(dict(memory(pid), pid=pid, role=role, command=sampling.command(pid)))
                 found.append({"setup": setup, "workers": workers, "note": note, "requests": len(answers),

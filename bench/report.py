@@ -19,11 +19,11 @@ sys.path.insert(0, str(BENCH))
 
 import analysis  # noqa: E402
 import rows  # noqa: E402
+from summary import README_MARKS, ratio, readme_section  # noqa: E402
 
 ROOT = BENCH.parent
 COMMITTED = BENCH / "results" / "latest.json"
-README_MARKS = ("<!-- benchmark: written by bench/report.py from bench/results/latest.json -->",
-                "<!-- end of benchmark -->")
+
 
 
 def fmt(value, digits=0):
@@ -45,22 +45,18 @@ def label(row):
     return row["label"] + (" ¹" if row.get("note") else "")
 
 
-def ratio(c, base, key="rps"):
-    if not c or not base or not base[key]["median"]:
-        return "–"
-    return "%.2f" % (c[key]["median"] / base[key]["median"])
-
-
 # --------------------------------------------------------------------------
 
 def intro(record):
     m, code, s = record["machine"], record["code"], record["settings"]
     v = m["versions"]
     out = ["Measured %s at commit %s%s in one run of `%s` (%.0f s including installs); %d cores (%s), %.0f GiB, "
-           "kernel %s, Python %s, nginx %s, wrk %s, uWSGI %s, Trac %s; load average at start %s.%s"
+           "kernel %s, Python %s, nginx %s, wrk %s, uWSGI %s, %sTrac %s; load average at start %s.%s"
            % (record["date"], code["commit"], " (launcher.py or trac_fcgi.py changed since)" if code["changed"] else "",
               record["command"], record.get("total_s", 0), m["nproc"], m["cpu"], m["memory_gib"], m["kernel"],
-              m["python"], v["nginx"], v["wrk"], v["uwsgi"] or "–", v["trac"],
+              m["python"], v["nginx"], v["wrk"], v["uwsgi"] or "–",
+              "Apache %s with mod_wsgi %s (Debian's, on Debian's Python 3.11), " % (v["apache"], v["mod_wsgi"])
+              if v.get("mod_wsgi") else "", v["trac"],
               ", ".join("%.2f" % x for x in m["load_average_at_start"]),
               " **Quick mode: one short round per cell; these figures test the pipeline, not the code.**"
               if record["quick"] else ""), ""]
@@ -72,14 +68,30 @@ def intro(record):
             "reverse order. A figure is the median of the rounds, [min–max] across them; a target is met only "
             "on the median. MB are MiB."
             % (s["tickets"], "FastCGI keepalive %d" % keepalive if keepalive else "a FastCGI connection per request",
-               ", except the rows that say which nginx they had" if any(r["nginx"] != "shipped"
+               ", except the rows that say which nginx they had" if any(r["nginx"] == "other"
                                                                         for r in record["rows"]) else "",
                ", ".join("%d× %s" % (n, p.replace("{ticket}", "N")) for p, n in s["mix"].items()),
                s["rounds"], "" if s["rounds"] == 1 else "s"), ""]
+    kinds = {r["server"] for r in record["rows"] if r["run"]}
+    if "mod_wsgi" in kinds:
+        out += ["The mod_wsgi rows have Apache in front instead of nginx: load → Apache → mod_wsgi's daemon "
+                "socket → its daemon process (`bench/peers.py`). %s" % MOD_WSGI_FACTS, ""]
+    if "ceiling" in kinds:
+        out += ["The ceiling rows have nothing in front: the driver hands the cell to `bench/ceiling.py`, which "
+                "calls Trac's WSGI application in a loop from a thread per connection (or one), frozen after its "
+                "warm-up and before each cell as a worker freezes. Its 2xx/s is the most one process does on "
+                "these pages.", ""]
     notes = [r for r in record["rows"] if r.get("note")]
     if notes:
         out += ["¹ " + "; ".join("%s: %s" % (r["name"], r["note"]) for r in notes) + ".", ""]
     return out
+
+
+MOD_WSGI_FACTS = (
+    "With maximum-requests, a daemon process that reaches the count keeps serving while it waits for a "
+    "moment with no request in flight, up to its graceful-timeout; then it shuts down, and Apache starts the "
+    "next (which loads Trac again, cold) at its next once-a-second check, while connections wait in the "
+    "daemon socket's backlog.")
 
 
 def capacity_section(record):
@@ -151,10 +163,11 @@ def experiments_section(record):
             f.get("note") for f in freeze.values()) else []
     memory = analysis.mold_memory(record)
     if memory:
-        out += ["## Memory per worker: cold exec, mold, uWSGI preload", "",
+        out += ["## Memory per worker: cold exec, mold, uWSGI preload, mod_wsgi daemon processes", "",
                 "After load (closed loop, %d requests per worker): RSS counts shared pages in full, PSS divides "
                 "them among their sharers, private is what an exit frees. *Total* is every process under the "
-                "launcher (workers and the mold) or uWSGI's master and workers; *PSS ÷ N×RSS* is that total PSS "
+                "launcher (workers and the mold), uWSGI's master and workers, or mod_wsgi's daemon processes (Apache's "
+                "own, its front, are left out as nginx is); *PSS ÷ N×RSS* is that total PSS "
                 "over N times one worker's RSS." % spec["mold_memory"]["requests_per_worker"], ""]
         body = []
         for (setup, n), f in sorted(memory.items(), key=lambda kv: (kv[0][1], kv[0][0])):
@@ -232,84 +245,16 @@ def targets_section(found):
 
 
 def markdown(record):
-    out = ["# Benchmark: trac-fcgi-launcher against stock trac.fcgi and uWSGI", ""]
+    out = ["# Benchmark: trac-fcgi-launcher against stock trac.fcgi, uWSGI, mod_wsgi and the ceiling", ""]
     out += intro(record) + capacity_section(record) + open_loop_section(record) + experiments_section(record)
     out += targets_section(analysis.targets(record))
     out += ["![memory and open-loop latency over time while recycling](latest.png)", ""]
     return "\n".join(out)
 
 
-# --------------------------------------------------------------------------
-# The READMEs.
-
-def headline(record):
-    """The few figures the top README gives, one line each."""
-    def c(row, scenario, fraction=None):
-        return analysis.cell(record, row, scenario, fraction)
-    found = []
-    for scenario, what in (("wiki", "/wiki/WikiStart"), ("steady", "The page mix")):
-        ours, stock = c("ours", scenario), c("stock", scenario)
-        if ours and stock:
-            others = [(name, c(name, scenario)) for name in ("flup", "uwsgi", "ours-nofreeze")]
-            found.append("%s, 8 connections: ours %.1f pages/s, %s× stock trac.fcgi%s." % (
-                what, ours["rps"]["median"], ratio(ours, stock), "".join(
-                    ", %s× %s" % (ratio(ours, other), {"flup": "stock flup", "uwsgi": "uWSGI",
-                                                       "ours-nofreeze": "ours without gc.freeze"}[name])
-                    for name, other in others if other)))
-    plain, recycling = c("ours", "open", 0.8), c("ours-requests", "open", 0.8)
-    if plain and recycling:
-        found.append("Open loop at 80%% of capacity: p99 %.0f ms recycling every %d requests, %.0f ms without." % (
-            recycling["p99_ms"]["median"], rows.RECYCLE_REQUESTS, plain["p99_ms"]["median"]))
-    freeze = {k: v for k, v in analysis.freeze_memory(record).items() if "requests" in v}
-    if freeze:
-        verdict = ""
-        if {"on", "off"} <= set(freeze):
-            verdict = ": gc.freeze %s" % ("made them recycle more often" if freeze["on"]["recycles"] >
-                                         freeze["off"]["recycles"] else "did not make them recycle more often")
-        found.append("Default memory limits over %s requests of a wide page mix: %s%s." % (
-            "/".join("%d" % f["requests"] for f in freeze.values()), ", ".join(
-                "%d recycles with gc.freeze %s (peak RSS %.0f MB)" % (f["recycles"], k, f["rss_peak_mb"])
-                for k, f in freeze.items()), verdict))
-    memory, handoff = analysis.mold_memory(record), record["experiments"].get("handoff", {})
-    shares = [(setup, memory[(setup, 4)]["pss_share"]) for setup in ("cold", "mold", "uwsgi")
-              if "pss_share" in memory.get((setup, 4), {})]
-    if shares:
-        found.append("4 workers: total PSS ÷ 4×RSS %s." % ", ".join("%.2f %s" % (v, k) for k, v in shares))
-    times = {k: analysis.spread(v.get("ready_s", [])) for k, v in handoff.items()}
-    if all(times.get(k) for k in ("mold", "cold")):
-        found.append("SIGUSR1 to READY=1: %.3f s with the mold, %.3f s cold." % (
-            times["mold"]["median"], times["cold"]["median"]))
-    killed = {k: analysis.spread(v.get("first_200_s", []))
-              for k, v in record["experiments"].get("only_worker_killed", {}).items()}
-    if all(killed.get(k) for k in ("mold", "cold")):
-        found.append("The only worker SIGKILLed: a 200 again after %.3f s with the mold, %.3f s cold." % (
-            killed["mold"]["median"], killed["cold"]["median"]))
-    cpu = analysis.recycle_cpu(record)
-    every, never = cpu.get(("mold", "every"), {}), cpu.get(("mold", "never"), {})
-    if every.get("cpu_ms_per_request") and never.get("cpu_ms_per_request"):
-        found.append("CPU per request with the mold: %.1f ms recycling every %d requests, %.1f ms never." % (
-            every["cpu_ms_per_request"]["median"], rows.EXPERIMENTS["recycle_cpu"]["every"],
-            never["cpu_ms_per_request"]["median"]))
-    results = analysis.targets(record)
-    found.append("Targets: %d met, %d missed, %d not measured." % tuple(
-        sum(1 for t in results if t["met"] is v) for v in (True, False, None)))
-    return found
-
-
-def readme_section(record):
-    return "\n".join([README_MARKS[0], "## Benchmark", "",
-                       "Measured %s at %s with `%s`%s; every table, the method and the targets are in "
-                       "[bench/README.md](bench/README.md)." % (
-                           record["date"], record["code"]["commit"], record["command"],
-                           " (quick mode: the figures test the pipeline, not the code)" if record["quick"] else ""),
-                       ""] + ["- " + line for line in headline(record)] + [
-                      "", "![memory and open-loop latency over time while recycling](bench/results/latest.png)", "",
-                      README_MARKS[1]])
-
-
 BENCH_README_HEAD = """\
 <!-- written by bench/report.py from bench/results/latest.json; edit report.py, not this file -->
-Run it with `make bench` (about 25 minutes on 2 cores). `BENCH_ROWS=other-front make bench` runs the
+Run it with `make bench` (40 minutes on 2 cores beside other test runs, with the mod_wsgi and ceiling rows; 20 on a quiet machine before them). `BENCH_ROWS=other-front make bench` runs the
 second row set: nginx with the FastCGI connection choice `examples/nginx.conf` does not make (kept-alive
 connections, or one a request). `BENCH_QUICK=1 bench/run` is a smoke test, and
 `make test` runs it. `bench/report.py bench/results/latest.json` rebuilds this page, `results/latest.md`,
@@ -319,11 +264,13 @@ the plot and the top README's summary from the raw records alone.
 | --- | --- |
 | `rows.py` | rows, scenarios, experiments, durations and targets, as data |
 | `servers.py` | the stage (Trac environment, nginx) and how each server starts |
+| `peers.py`, `ceiling.py` | mod_wsgi daemon mode under Apache; the ceiling, Trac called in-process |
 | `load.py`, `mix.lua` | closed-loop (wrk) and open-loop load |
 | `sampling.py` | memory, CPU and machine load while a cell runs; the fault injector |
 | `driver.py`, `experiments.py` | run everything, write `results/latest.json` |
 | `analysis.py`, `report.py`, `plot.py` | figures, this report and the plot, from the JSON |
 | `fronts.py`, `metrics_plot.py` | studies run by hand: nginx's connection settings and POSTs run twice (`results/fronts.md`); a recycling run seen through `--metrics-file` (`results/metrics.md`) |
+| `profile.py`, `recycle_tail.py` | studies run by hand: where ours spends what the ceiling does not (`results/ceiling.md`; py-spy, which it needs, goes into the venv by hand: `.venv/bin/python -m pip install py-spy`, a bench-only tool); what makes open-loop p99 worse while recycling, and a proposed change measured beside the checkout (`results/recycle-tail.md`) |
 
 """
 

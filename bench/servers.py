@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import rows
+from peers import Ceiling, Endpoint, ModWsgi
 from stack import KEEPALIVE_FRONT, Nginx
 from support import Process, children, kill_tree, make_trac_env, wait_until
 
@@ -70,7 +71,12 @@ class Stage:
         return other
 
     def front(self, variant):
-        """The nginx of a variant: "shipped" (examples/nginx.conf as it is) or "other" (see other_front)."""
+        """The front of a variant: nginx "shipped" (examples/nginx.conf as it is) or "other" (see
+        other_front); "apache", the port of a server that is its own front (mod_wsgi); None for none."""
+        if variant is None:
+            return None
+        if variant == "apache" and variant not in self.nginx:
+            self.nginx[variant] = Endpoint()
         if variant not in self.nginx:
             self.nginx[variant] = Nginx(self.work / ("nginx-" + variant + self.name), "unix:%s" % self.socket,
                                         **(other_front()[1] if variant == "other" else {}))
@@ -232,7 +238,7 @@ def molds(lines):
             for pid in found if pid}
 
 
-SERVERS = {"stock": Stock(), "uwsgi": UWSGI(), "ours": Ours()}
+SERVERS = {"stock": Stock(), "uwsgi": UWSGI(), "ours": Ours(), "mod_wsgi": ModWsgi(), "ceiling": Ceiling()}
 
 
 class Running:
@@ -251,6 +257,13 @@ class Running:
     def of_row(cls, stage, row, name, args, env):
         kind = SERVERS[row["server"]]
         return cls(stage, row["server"], kind.command(stage, args), env, name)
+
+    def warm(self, front):
+        """Wait until it serves, and serve every page once (uncounted): the ceiling does so itself."""
+        if isinstance(self.kind, Ceiling):
+            self.processes[-1].wait_for_line(r"event=ready ", timeout=120)
+        else:
+            warm_up(front, rows.cycle(rows.MIX))
 
     def start(self):
         if self.stage.socket.exists():
