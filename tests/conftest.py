@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -10,7 +11,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 from stack import Postgres  # noqa: E402
-from support import make_trac_env  # noqa: E402
+from support import make_trac_env, start_launcher, worker_script  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +47,27 @@ def started():
         except Exception as problem:  # noqa: BLE001 - stop the rest, then say so
             problems.append(problem)
     assert not problems, problems
+
+
+@pytest.fixture
+def launch(tmp_path):
+    """Start launchers (every default: the mold on) on fresh sockets in tmp_path; stop them all at the end.
+
+    A worker a test froze (SIGSTOP) is continued first, so that it drains as
+    any other and the stop takes no longer than usual.
+    """
+    started = []
+
+    def launch(*flags, env=None, worker=worker_script("hello.py"), name="launcher"):
+        launcher = start_launcher(tmp_path, worker, *flags, env=env, name=name)
+        started.append(launcher)
+        return launcher
+
+    yield launch
+    for launcher in started:
+        for event in launcher.events("spawn"):
+            try:
+                os.kill(int(event["pid"]), signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        launcher.stop(timeout=40)

@@ -13,10 +13,9 @@ import re
 import signal
 import time
 
-import pytest
 
 import launcher as launcher_module
-from support import PYTHON, TRAC_FCGI, alive, fcgi_get, start_launcher, wait_until, worker_script
+from support import PYTHON, TRAC_FCGI, alive, fcgi_get, wait_until, worker_script
 
 HELLO = worker_script("hello.py")
 DEFAULT_TIMEOUT_S = next(default for flag, _, _, default, _, _ in launcher_module.SETTINGS
@@ -27,23 +26,7 @@ DEFAULT_TIMEOUT_S = next(default for flag, _, _, default, _, _ in launcher_modul
 SLACK_S = 5.0
 
 
-@pytest.fixture
-def launch(tmp_path):
-    started = []
-
-    def launch(*flags, env=None, worker=HELLO, name="launcher"):
-        launcher = start_launcher(tmp_path, worker, *flags, env=env, name=name)
-        started.append(launcher)
-        return launcher
-
-    yield launch
-    for launcher in started:
-        for event in launcher.events("spawn"):
-            try:
-                os.kill(int(event["pid"]), signal.SIGCONT)  # a frozen worker, should a test fail
-            except ProcessLookupError:
-                pass
-        launcher.stop(timeout=40)
+# `launch` (conftest.py) starts launchers with every default and stops them at the end.
 
 
 def answering_pid(launcher, timeout=30):
