@@ -389,7 +389,7 @@ def main(argv=None):
         # A worker forked from the mold: its own draw of the jittered limits,
         # its own server and threads.
         limits = Limits(os.environ)
-        opened = open_server(application, limits, None)
+        opened = open_server(application, limits, None, forked=True)
     serve(*opened)
 
 
@@ -451,9 +451,10 @@ def parse_bind(text):
         raise BadInput("--bind %r is not %s" % (text, address.__doc__))
 
 
-def open_server(application, limits, bind):
-    """The server and its listening socket: fd 0, or a new one for --bind."""
-    server = RecyclingWSGIServer(application, limits, succession_for(os.environ, bind), bindAddress=bind)
+def open_server(application, limits, bind, forked=False):
+    """The server and its listening socket: fd 0, or a new one for --bind.  FORKED: from the mold."""
+    server = RecyclingWSGIServer(application, limits, succession_for(os.environ, bind), bindAddress=bind,
+                                 first_freeze_at=FORKED_FIRST_FREEZE if forked else 1)
     return server, server._setupSocket()
 
 
@@ -1288,7 +1289,7 @@ class RecyclingWSGIServer(WSGIServer):
 
     request_class = CountedRequest
 
-    def __init__(self, application, limits, succession, bindAddress=None):
+    def __init__(self, application, limits, succession, bindAddress=None, first_freeze_at=1):
         # ThreadedServer.__init__ would start a stock pool's threads only for
         # us to replace it, so only the FastCGI half is initialised here.
         fcgi_base.BaseFCGIServer.__init__(self, application, multithreaded=True, multiprocess=True,
@@ -1310,7 +1311,7 @@ class RecyclingWSGIServer(WSGIServer):
         # Threads and signal handlers wake the main loop through this pipe.
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.connections = Connections(limits.max_threads, self.wake)
-        self.refreezer = Refreezer(limits.gc_freeze, self.wake)
+        self.refreezer = Refreezer(limits.gc_freeze, self.wake, first_at=first_freeze_at)
         self.late = LateRequests(limits)
         self.watchdog = Watchdog(os.environ)
 
@@ -1882,7 +1883,8 @@ class InPlace:
             self.turn.forget()      # our copy only: the parent holds the turn
             # The fork has only this thread: a fresh server, pool and locks,
             # as a newly started worker has, and our own /proc/self.
-            stand_in = RecyclingWSGIServer(server.application, server.limits, StandIn(parent))
+            stand_in = RecyclingWSGIServer(server.application, server.limits, StandIn(parent),
+                                           first_freeze_at=FORKED_FIRST_FREEZE)
             log("stand-in", serves_for=parent, requests=server.requests, rss=stand_in.rss())
             abandoned = stand_in.run(socket.socket(fileno=os.dup(0)))
             status = 0
@@ -2083,6 +2085,14 @@ def close_trac_databases():
 # that a freeze finds none.  Past it they go ahead and the freeze waits for
 # the next point of the schedule: a slow report must not stall the site.
 FREEZE_WAIT_S = 1.0
+# The first freeze of a worker forked from the mold (or of a stand-in, forked
+# from a worker).  The mold froze what its warm-up made and every template it
+# compiled, so the early doublings (after requests 1, 2, 4 ... 32) catch
+# almost nothing there, and each closes the gate until the requests in
+# flight are done: in a worker replaced every 50 requests they made most of
+# the slowest requests while recycling (bench/results/recycle-tail.md).  A
+# worker exec'd cold still starts at 1.
+FORKED_FIRST_FREEZE = 64
 
 
 def freeze_warm_set():
@@ -2103,7 +2113,8 @@ class Refreezer:
     Trac keeps making long-lived objects after the warm-up (templates,
     environments, cache entries), and each one left unfrozen is walked by
     every request's collection, so the worker freezes again after requests
-    1, 2, 4, 8 and so on, without end: a cap would leave Trac's still
+    1, 2, 4, 8 and so on (64, 128 ... in a worker forked from the mold, see
+    FORKED_FIRST_FREEZE), without end: a cap would leave Trac's still
     growing set walked for good, and a threshold would need the young
     objects counted at every request (README.md, "Freezing the warm set",
     has the measurements).  gc.freeze() is global, so a freeze must not
@@ -2113,13 +2124,13 @@ class Refreezer:
     freezes and opens the gate; or, past wait_s, postpones it.
     """
 
-    def __init__(self, enabled, wake, wait_s=FREEZE_WAIT_S):
+    def __init__(self, enabled, wake, wait_s=FREEZE_WAIT_S, first_at=1):
         self.enabled = enabled
         self.wake = wake              # wakes the main loop, which polls us
         self.wait_s = wait_s
         self.lock = threading.Condition()
         self.in_flight = 0
-        self.next_at = 1              # the request count at which to freeze next
+        self.next_at = first_at       # the request count at which to freeze next
         self.closed_at = None         # when the gate closed; None while it is open
         self.freezing = False
 

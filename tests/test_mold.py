@@ -5,32 +5,20 @@ answers as a mold when the launcher starts it as one.  Its knobs act where
 it starts: HELLO_START_DELAY slows the mold's warm-up, never a fork's.
 """
 import os
+import re
 import signal
 import threading
 import time
 
-import pytest
 
 import trac_fcgi
-from support import (PYTHON, TRAC_FCGI, alive, children, fcgi_get, make_trac_env, start_launcher, wait_until,
+from support import (PYTHON, TRAC_FCGI, alive, children, fcgi_get, make_trac_env, wait_until,
                      worker_script)
 
 HELLO = worker_script("hello.py")
 
 
-@pytest.fixture
-def launch(tmp_path):
-    """Start launchers (mold on, as by default) on fresh sockets; stop them all at the end."""
-    started = []
-
-    def launch(*flags, env=None, worker=HELLO, name="launcher"):
-        launcher = start_launcher(tmp_path, worker, *flags, env=env, name=name)
-        started.append(launcher)
-        return launcher
-
-    yield launch
-    for launcher in started:
-        launcher.stop(timeout=10)
+# `launch` (conftest.py) starts launchers with every default and stops them at the end.
 
 
 def mold_pids(launcher):
@@ -100,6 +88,17 @@ def test_a_replacement_forked_from_the_mold_is_ready_without_warming_up_again(la
     new = launcher.events("ready")[-1]
     assert int(new["pid"]) != old and float(new["ready_s"]) < 5
     assert serving_pid(launcher) == int(new["pid"])
+
+
+def test_a_forked_worker_first_refreezes_after_request_64_for_the_mold_froze_its_warm_set(launch):
+    launcher = launch()
+    launcher.wait_for("all-ready")
+    worker = serving_pid(launcher)
+    for _ in range(trac_fcgi.FORKED_FIRST_FREEZE + 5):
+        assert serving_pid(launcher) == worker
+    launcher.wait_for("freeze", requests=trac_fcgi.FORKED_FIRST_FREEZE)
+    pattern = r"trac-fcgi\[%d\] event=freeze .*requests=(\d+)" % worker
+    assert [int(n) for n in re.findall(pattern, launcher.log())] == [trac_fcgi.FORKED_FIRST_FREEZE]
 
 
 def test_forked_workers_draw_their_own_random_numbers(launch):

@@ -11,6 +11,7 @@ import weakref
 
 import pytest
 
+import trac_fcgi
 from trac_fcgi import Refreezer
 
 # Long enough that a freeze is never postponed on a slow machine, unless a test wants it.
@@ -60,6 +61,13 @@ def test_freezes_come_due_after_requests_1_2_4_8_and_so_on(capsys):
     for requests in range(1, 40):
         serve(refreezer, requests)
     assert freezes_logged(capsys) == [1, 2, 4, 8, 16, 32]
+
+
+def test_a_worker_forked_from_the_frozen_mold_first_freezes_after_request_64_then_doubles(capsys):
+    refreezer = Refreezer(True, wake=lambda: None, wait_s=PATIENT, first_at=trac_fcgi.FORKED_FIRST_FREEZE)
+    for requests in range(1, 300):
+        serve(refreezer, requests)
+    assert freezes_logged(capsys) == [64, 128, 256]
 
 
 def test_a_freeze_that_waited_for_requests_in_flight_sets_the_next_one_a_doubling_past_them(capsys):
