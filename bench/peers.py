@@ -109,14 +109,8 @@ class ModWsgi:
         return workers[kills % len(workers)] if workers else None
 
 
-class Ceiling:
-    """bench/ceiling.py on the bench socket: no HTTP, no FastCGI; the driver asks it for each cell."""
-    restart_when_dead = False
-
-    def command(self, stage, args):
-        # The driver runs in the venv: its Python is the venv's, as ours's workers.
-        paths = sorted(set(rows.cycle(rows.MIX)) | set(rows.WIKI))
-        return [sys.executable, str(BENCH / "ceiling.py"), str(stage.socket)] + list(args) + paths
+class OneProcess:
+    """A server that is one process: it is its own worker, logs no recycles, and is the one faults kill."""
 
     def workers(self, root):
         return [root]
@@ -126,6 +120,16 @@ class Ceiling:
 
     def victim(self, root, kills):
         return root
+
+
+class Ceiling(OneProcess):
+    """bench/ceiling.py on the bench socket: no HTTP, no FastCGI; the driver asks it for each cell."""
+    restart_when_dead = False
+
+    def command(self, stage, args):
+        # The driver runs in the venv: its Python is the venv's, as ours's workers.
+        paths = sorted(set(rows.cycle(rows.MIX)) | set(rows.WIKI))
+        return [sys.executable, str(BENCH / "ceiling.py"), str(stage.socket)] + list(args) + paths
 
 
 def command_line(pid):

@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import rows
-from peers import Ceiling, Endpoint, ModWsgi
+from peers import Ceiling, Endpoint, ModWsgi, OneProcess
 from stack import KEEPALIVE_FRONT, Nginx
 from support import Process, children, kill_tree, make_trac_env, wait_until
 
@@ -165,7 +165,7 @@ def resolve(row, known):
 # The servers: how each kind starts on the bench socket, which of its
 # processes are workers, which log lines are recycles, and whom faults kill.
 
-class Stock:
+class Stock(OneProcess):
     """Trac's own cgi-bin/trac.fcgi under spawn-fcgi.
 
     It has no master to restart it, so faults run it under a restart loop, as
@@ -175,15 +175,6 @@ class Stock:
 
     def command(self, stage, args):
         return [stage.spawn_fcgi, "-n", "-s", str(stage.socket), "--", str(stage.deploy / "cgi-bin" / "trac.fcgi")]
-
-    def workers(self, root):
-        return [root]
-
-    def recycles(self, lines):
-        return []
-
-    def victim(self, root, kills):
-        return root
 
 
 class UWSGI:
