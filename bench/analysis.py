@@ -147,22 +147,37 @@ def mold_memory(record):
 
 
 def recycle_cpu(record):
-    """{(setup, 'every'|'never'): spread of CPU ms per request over the rounds}, and raw runs."""
-    runs = record["experiments"].get("recycle_cpu", {}).get("runs", [])
+    """{(setup, 'every'|'never'): CPU ms per request over the rounds}: cpu_runs()."""
+    return cpu_runs(record, "recycle_cpu", "recycling")
+
+
+def config_set_cpu(record):
+    """{('mold', 'before'|'after'): CPU ms per request over the rounds, and how long refreshes took}."""
+    return cpu_runs(record, "config_set_cpu", "phase")
+
+
+def cpu_runs(record, experiment, by):
+    """{(setup, run[BY]): spread of CPU ms per request over the rounds, with their totals}."""
+    runs = record["experiments"].get(experiment, {}).get("runs", [])
     found = {}
     for run in runs:
-        key = (run["setup"], run["recycling"])
+        key = (run["setup"], run[by])
         if "not_run" in run:
             found.setdefault(key, {"not_run": run["not_run"]})
             continue
-        entry = found.setdefault(key, {"values": [], "recycles": 0, "requests": 0, "failed": 0})
+        entry = found.setdefault(key, {"values": [], "recycles": 0, "requests": 0, "failed": 0, "refresh_s": []})
         entry["values"].append(1000 * run["cpu_s"] / run["requests"])
         for k in ("recycles", "requests", "failed"):
             entry[k] += run[k]
+        if "refresh_s" in run:
+            entry["refresh_s"].append(run["refresh_s"])
     for entry in found.values():
         if "values" in entry:
             entry["cpu_ms_per_request"] = spread(entry["values"])
     return found
+
+
+CPU_EXPERIMENTS = {"recycle_cpu": recycle_cpu, "config_set_cpu": config_set_cpu}
 
 
 def launcher(record):
@@ -193,8 +208,8 @@ def figure(record, ref):
     if kind in ("closed", "open"):
         c = cell(record, subject, "open" if kind == "open" else which, which if kind == "open" else None)
         return c and c.get(measure)
-    if kind == "recycle_cpu":
-        return recycle_cpu(record).get((subject, which), {}).get(measure)
+    if kind in CPU_EXPERIMENTS:
+        return CPU_EXPERIMENTS[kind](record).get((subject, which), {}).get(measure)
     if kind == "mold_memory":
         value = mold_memory(record).get((subject, which), {}).get(measure)
         return spread([value]) if value is not None else None
@@ -271,8 +286,8 @@ def missing(record, ref):
     if kind in ("closed", "open"):
         row = next((r for r in record["rows"] if r["name"] == subject), None)
         reason = "%s is not in this run's rows" % subject if row is None else row["note"] if not row["run"] else None
-    elif kind == "recycle_cpu":
-        reason = recycle_cpu(record).get((subject, which), {}).get("not_run")
+    elif kind in CPU_EXPERIMENTS:
+        reason = CPU_EXPERIMENTS[kind](record).get((subject, which), {}).get("not_run")
     elif kind == "mold_memory":
         reason = mold_memory(record).get((subject, which), {}).get("not_run")
     elif kind in ("handoff", "only_worker_killed"):

@@ -29,7 +29,7 @@ def run_all(stage, record, save):
     only = [name for name in os.environ.get("BENCH_EXPERIMENTS", "").split(",") if name]
     for name, experiment in (("freeze_memory", freeze_memory), ("mold_memory", mold_memory), ("handoff", handoff),
                              ("only_worker_killed", only_worker_killed), ("recycle_cpu", recycle_cpu),
-                             ("launcher", launcher_handoffs)):
+                             ("config_set_cpu", config_set_cpu), ("launcher", launcher_handoffs)):
         if only and name not in only:
             record["experiments"][name] = {}
             continue
@@ -239,17 +239,57 @@ def recycle_cpu(stage):
                 found.append({"setup": setup, "recycling": name, "round": number, "not_run": note})
                 continue
             try:
-                settle(running, 1)
-                before = sampling.tree_cpu(running.root)
-                started = time.time()
-                answers = counted_load(stage, rows.cycle(rows.MIX), spec["requests"]).answers
-                settle(running, 1)
-                cpu = sampling.cpu_between(before, sampling.tree_cpu(running.root))
-                found.append({"setup": setup, "recycling": name, "round": number, "note": note,
-                              "requests": len(answers), "failed": sum(1 for a in answers if not a.ok),
-                              "cpu_s": cpu, "recycles": len(running.recycles(started, time.time()))})
+                found.append(dict(cpu_of_requests(stage, running, spec["requests"]), setup=setup, recycling=name,
+                                  round=number, note=note))
             finally:
                 running.stop()
+    return {"runs": found}
+
+
+def cpu_of_requests(stage, running, requests, warm=0):
+    """CPU of every process under the launcher over REQUESTS answers of the page mix, after WARM
+    answers not counted, once no replacement is warming: a run's figures."""
+    if warm:
+        counted_load(stage, rows.cycle(rows.MIX), warm)
+    settle(running, 1)
+    before, started = sampling.tree_cpu(running.root), time.time()
+    answers = counted_load(stage, rows.cycle(rows.MIX), requests).answers
+    settle(running, 1)
+    return {"requests": len(answers), "failed": sum(1 for a in answers if not a.ok),
+            "cpu_s": sampling.cpu_between(before, sampling.tree_cpu(running.root)),
+            "recycles": len(running.recycles(started, time.time()))}
+
+
+def config_set_cpu(stage):
+    """CPU per request, recycling every N, before and after `trac-admin config set` rewrites
+    trac.ini as Trac's web admin does, with no signal sent: the mold notices and is replaced.
+
+    "after" is measured once the launcher logs the new mold ready, so its warm-up is not in it;
+    refresh_s is how long that took from the edit.  Both phases start after two workers' worth of
+    requests uncounted: the worker serving at the edit, forked from the old mold, reopens its
+    environment once, as Trac does for any process whose trac.ini changed, and is not what stays."""
+    spec, found = SPECS["config_set_cpu"], []
+    env = dict(rows.NEVER_HIT, TRAC_FCGI_MAX_REQUESTS=str(spec["every"]), TRAC_FCGI_JITTER="0")
+    for number in range(spec["rounds"]):
+        running, note = ours(stage, "config-set-%d" % number, MOLD["mold"], env)
+        if running is None:
+            found += [{"setup": "mold", "phase": phase, "round": number, "not_run": note}
+                      for phase in ("before", "after")]
+            continue
+        try:
+            warm = 2 * spec["every"]
+            found.append(dict(cpu_of_requests(stage, running, spec["requests"], warm), setup="mold", phase="before",
+                              round=number, note=note))
+            edited = time.monotonic()
+            run([str(VENV / "trac-admin"), str(stage.env), "config", "set", "project", "descr",
+                 "edited by make bench, round %d" % number])
+            wait_until(lambda: any(" event=mold-refreshed " in line for _, line in running.lines()), 180,
+                       "the launcher's mold-refreshed line")
+            refresh_s = round(time.monotonic() - edited, 1)
+            found.append(dict(cpu_of_requests(stage, running, spec["requests"], warm), setup="mold", phase="after",
+                              round=number, note=note, refresh_s=refresh_s))
+        finally:
+            running.stop()
     return {"runs": found}
 
 

@@ -217,6 +217,22 @@ def handoff_section(record):
             body.append([setup, "every %d" % every if name == "every" else "never", fmt(f["cpu_ms_per_request"], 1),
                          "%d" % f["recycles"], "%d" % f["failed"]])
         out += table(["setup", "recycling", "CPU ms/request", "recycles", "failed"], body)
+    edited = analysis.config_set_cpu(record)
+    if edited:
+        spec = record["settings"]["experiments"]["config_set_cpu"]
+        out += ["## CPU per request after a trac.ini edit", "",
+                "The same measure with the mold, recycling every %d requests: %d requests before `trac-admin ENV "
+                "config set project descr ...` rewrites trac.ini as Trac's web admin does, and %d after, once the "
+                "launcher has logged the new mold ready; each phase after %d requests not counted.  No signal is "
+                "sent." % (spec["every"], spec["requests"], spec["requests"], 2 * spec["every"]), ""]
+        body = []
+        for (setup, phase), f in sorted(edited.items(), key=lambda item: item[0][1] != "before"):
+            if "not_run" in f:
+                body.append([phase, f["not_run"], "", "", ""])
+                continue
+            body.append([phase, fmt(f["cpu_ms_per_request"], 1), "%d" % f["recycles"], "%d" % f["failed"],
+                         fmt(analysis.spread(f["refresh_s"]), 1) if f["refresh_s"] else "–"])
+        out += table(["trac.ini", "CPU ms/request", "recycles", "failed", "edit to new mold ready, s"], body)
     launcher = analysis.launcher(record)
     if launcher:
         out += ["## The launcher alone", ""]

@@ -67,6 +67,13 @@ def headline(record):
         found.append("CPU per request with the mold: %.1f ms recycling every %d requests, %.1f ms never." % (
             every["cpu_ms_per_request"]["median"], rows.EXPERIMENTS["recycle_cpu"]["every"],
             never["cpu_ms_per_request"]["median"]))
+    edited = analysis.config_set_cpu(record)
+    before, after = edited.get(("mold", "before"), {}), edited.get(("mold", "after"), {})
+    if before.get("cpu_ms_per_request") and after.get("cpu_ms_per_request"):
+        found.append("After `trac-admin config set`, no signal sent: %.1f ms of CPU a request, against %.1f ms "
+                     "before (recycling every %d)." % (after["cpu_ms_per_request"]["median"],
+                                                        before["cpu_ms_per_request"]["median"],
+                                                        rows.EXPERIMENTS["config_set_cpu"]["every"]))
     results = analysis.targets(record)
     missed = [t for t in results if t["met"] is False]
     found.append("Targets: %d met, %d missed, %d not measured%s." % (tuple(

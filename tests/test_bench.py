@@ -42,7 +42,7 @@ def test_quick_mode_runs_every_stage_of_the_benchmark_and_writes_a_report(tmp_pa
     opened = [r for r in record["rounds"] if r["scenario"] == "open"]
     assert all(r["load"]["latency_ms"] and r["samples"] for r in opened)
     assert set(record["experiments"]) == {"freeze_memory", "mold_memory", "handoff", "only_worker_killed",
-                                          "recycle_cpu", "launcher"}
+                                          "recycle_cpu", "config_set_cpu", "launcher"}
 
     text = (tmp_path / "results" / "latest.md").read_text()
     for heading in ("## Capacity (closed loop)", "## Latency (open loop)", "### 80% of capacity", "## Targets"):
