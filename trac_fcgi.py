@@ -1006,6 +1006,7 @@ class CountedConnection(fcgi_base.Connection):
         self.params_bytes = 0
         self.cut_off = False
         self.kept_alive = False  # has served a request and stays open for more
+        self.answered_at = None  # when its last request's end went out
         # Since when the next request has waited for us: from accept for the
         # first, from its first record for a later one on a kept-alive
         # connection (idle time between requests is nobody's wait).
@@ -1110,6 +1111,10 @@ class CountedConnection(fcgi_base.Connection):
         fcgi_base.Connection._do_params(self, inrec)
 
     def end_request(self, req, appStatus=0, protocolStatus=fcgi_base.FCGI_REQUEST_COMPLETE, remove=True):
+        # Taken before the client can learn the request is over: how long a
+        # kept-alive connection has been idle is never confused by how soon
+        # its thread got back to wait (see Connections.release_idle).
+        self.answered_at = time.monotonic()
         fcgi_base.Connection.end_request(self, req, appStatus, protocolStatus, remove)
         # The next request on a kept-alive connection gets its own deadline.
         self._sock.restart()
@@ -1213,7 +1218,7 @@ class Connections:
         self.lock = threading.Lock()
         self.open = set()
         # Kept-alive connections holding a thread while they wait for their
-        # next request (oldest first, with when they began to wait); whether
+        # next request, with when their last answer went out; whether
         # a connection waits in the backlog for a thread; and the connection
         # closing to give it one.
         self.idle = {}
@@ -1253,7 +1258,7 @@ class Connections:
 
     def now_idle(self, connection):
         with self.lock:
-            self.idle[connection] = time.monotonic()
+            self.idle[connection] = connection.answered_at
 
     def now_busy(self, connection):
         """Called as an idle connection wakes: True if the server released it meanwhile."""
@@ -1265,7 +1270,9 @@ class Connections:
         with self.lock:
             if not self.backlog_waiting or self.releasing is not None or not self.idle:
                 return
-            connection, since = next(iter(self.idle.items()))
+            # The one idle longest, by its last answer: the order in which
+            # threads got back to wait is the scheduler's, not nginx's.
+            connection, since = min(self.idle.items(), key=lambda item: item[1])
             if time.monotonic() - since < RELEASE_IDLE_S:
                 return
             del self.idle[connection]
