@@ -4,6 +4,7 @@
     .venv/bin/python -m pip install py-spy     # a bench-only tool, not a dependency
     .venv/bin/python bench/profile.py [SECONDS] [PYTHONPATH-for-trac_fcgi]
     .venv/bin/python bench/profile.py --threads 15,2,1
+    .venv/bin/python bench/profile.py --setting TRAC_FCGI_TURN=0,0.05,0.1 [TURNS]
 
 /wiki/WikiStart, 8 connections, closed loop: ours (spawn-fcgi → launcher →
 worker behind examples/nginx.conf) and the ceiling (bench/ceiling.py, Trac
@@ -119,26 +120,26 @@ def one(stage, row, seconds, number, scratch):
     return pages["rps"], per_page, counted(raw)
 
 
-def threads(counts, seconds=5, turns=3):
-    """/wiki/WikiStart pages/s of ours at each TRAC_FCGI_MAX_THREADS in COUNTS, and of the ceiling with
-    a thread per connection and with one: how much a worker loses to its own threads taking turns."""
+def setting(name, values, seconds=5, turns=3):
+    """/wiki/WikiStart pages/s of ours at each of VALUES of the setting NAME, and of the ceiling with a
+    thread per connection and with one, taking turns: --threads (TRAC_FCGI_MAX_THREADS), how much a
+    worker loses to its own threads; TRAC_FCGI_TURN, how much its requests taking turns win back."""
     stage = Stage(Path(os.environ.get("BENCH_WORK") or BENCH / "work") / "profile")
     stage.wrk = find_program("wrk")
     base = {r["name"]: r for r in rows.ROWS}
-    setups = [("ours, TRAC_FCGI_MAX_THREADS=%d" % n, dict(base["ours"], env=dict(base["ours"]["env"],
-                                                                             TRAC_FCGI_MAX_THREADS=str(n))))
-              for n in counts] + [(base[name]["label"], base[name]) for name in ("ceiling", "ceiling-1")]
+    setups = [("ours, %s=%s" % (name, value), dict(base["ours"], env=dict(base["ours"]["env"], **{name: value})))
+              for value in values] + [(base[row]["label"], base[row]) for row in ("ceiling", "ceiling-1")]
     found = collections.defaultdict(list)
     try:
         for number in range(turns):
             for label, row in setups if number % 2 == 0 else setups[::-1]:
-                running = Running.of_row(stage, row, "threads-%d" % len(found[label]), row["args"], row["env"])
+                running = Running.of_row(stage, row, "setting-%d" % len(found[label]), row["args"], row["env"])
                 try:
                     running.warm(stage.front("shipped"))
                     if row["server"] == "ceiling":
                         figures = ceiling.run_cell(stage.socket, 8, seconds, rows.cycle(rows.WIKI))
                     else:
-                        figures = load.wrk(stage.wrk, stage.front("shipped").url("/"), "threads", 8, seconds,
+                        figures = load.wrk(stage.wrk, stage.front("shipped").url("/"), "setting", 8, seconds,
                                            rows.cycle(rows.WIKI))
                 finally:
                     running.stop()
@@ -155,7 +156,10 @@ def threads(counts, seconds=5, turns=3):
 
 def main():
     if sys.argv[1:2] == ["--threads"]:
-        return threads([int(n) for n in sys.argv[2].split(",")])
+        return setting("TRAC_FCGI_MAX_THREADS", sys.argv[2].split(","))
+    if sys.argv[1:2] == ["--setting"]:
+        name, _, values = sys.argv[2].partition("=")
+        return setting(name, values.split(","), turns=int(sys.argv[3]) if len(sys.argv) > 3 else 3)
     if sys.argv[1:2] == ["--buckets"]:
         # Saved samples again (SETUP=FILE,FILE...), without the turns' figures.
         for spec in sys.argv[2:]:

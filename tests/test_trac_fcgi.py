@@ -314,6 +314,35 @@ def test_idle_kept_alive_connections_give_their_threads_up_to_a_waiting_client(s
         conn.close()
 
 
+def test_requests_run_the_application_one_at_a_time_within_their_turns(spawn):
+    worker = spawn(HELLO, env={"TRAC_FCGI_TURN": "600"})
+    threads, results = ask_in_background(worker.socket, query="delay=0.2", count=4)
+    for thread in threads:
+        thread.join(60)
+    assert [getattr(result, "status", result) for result in results] == [200] * 4
+    # hello.py's /overlap: the most requests it has had in the application at once.
+    assert fcgi_get(worker.socket, "/overlap").body == b"1\n"
+
+
+def test_a_quick_request_is_answered_while_a_slow_one_runs_past_its_turn(spawn):
+    worker = spawn(HELLO, env={"TRAC_FCGI_TURN": "0.1"})
+    threads, results = ask_in_background(worker.socket, query="delay=5")
+    wait_until(lambda: fcgi_get(worker.socket, "/overlap").body == b"1\n", what="the slow one running")
+    assert fcgi_get(worker.socket).status == 200
+    assert not results, "answered before the slow one ended"
+    threads[0].join(60)
+    assert [getattr(result, "status", result) for result in results] == [200]
+
+
+def test_turn_zero_runs_requests_all_at_once_as_flup_does(spawn):
+    worker = spawn(HELLO, env={"TRAC_FCGI_TURN": "0"})
+    threads, results = ask_in_background(worker.socket, query="delay=1", count=4)
+    for thread in threads:
+        thread.join(60)
+    assert [getattr(result, "status", result) for result in results] == [200] * 4
+    assert int(fcgi_get(worker.socket, "/overlap").body) >= 2
+
+
 def test_a_busy_kept_alive_connection_gives_its_thread_up_after_its_request(spawn):
     # nginx reuses a kept-alive connection the moment its request ends, so it
     # is never idle for long: it must close after a request when a client waits.

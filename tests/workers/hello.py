@@ -17,11 +17,14 @@ Environment knobs (all optional):
   HELLO_CONNECTION_BUG    1: a request for ?bug ends, once answered, in an
                           exception raised inside the connection code, where a
                           bug of trac_fcgi's own would raise one
+  (no knob)               /overlap answers the most requests there have been in
+                          the application at once
 """
 import logging
 import os
 import random
 import sys
+import threading
 import time
 
 _leak = []
@@ -32,9 +35,28 @@ _ballast = bytearray(b"x") * int(os.environ.get("HELLO_BALLAST", "0"))
 # pipe would.
 _handler = logging.StreamHandler(sys.stderr)
 logging.getLogger("hello").addHandler(_handler)
+# Requests in the application now, and the most there have been at once
+# (answered by /overlap, which is not counted itself).
+_inside = {"now": 0, "most": 0}
+_inside_lock = threading.Lock()
 
 
 def app(environ, start_response):
+    if environ["PATH_INFO"] == "/overlap":
+        body = b"%d\n" % _inside["most"]
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        return [body]
+    with _inside_lock:
+        _inside["now"] += 1
+        _inside["most"] = max(_inside["most"], _inside["now"])
+    try:
+        return greet(environ, start_response)
+    finally:
+        with _inside_lock:
+            _inside["now"] -= 1
+
+
+def greet(environ, start_response):
     """Says which process answered; /broken answers 500; /raise raises; /random, a number from `random`;
     /hold-log-lock holds a log handler's lock while it sleeps."""
     if environ["PATH_INFO"] == "/raise":
