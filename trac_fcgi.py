@@ -1187,7 +1187,7 @@ class CountedRequest(fcgi_base.Request):
         fcgi_base.Request._end(self, appStatus, protocolStatus)
 
     def run(self):
-        turn = self.server.turns.take()
+        turn = self.server.request_turns.take()
         try:
             self.server.refreezer.request_starting()
             try:
@@ -1195,7 +1195,7 @@ class CountedRequest(fcgi_base.Request):
             finally:
                 self.count()  # also a request whose client went away before its end
         finally:
-            self.server.turns.done(turn)
+            self.server.request_turns.done(turn)
 
     def count(self):
         if not self.counted:
@@ -1207,7 +1207,7 @@ class CountedRequest(fcgi_base.Request):
             self.server.refreezer.request_done(self.server.requests)
 
 
-class Turns:
+class RequestTurns:
     """Requests take turns to run the application, first come first served; one whose turn is over
     (TRAC_FCGI_TURN) lets the next one start beside it.
 
@@ -1403,7 +1403,7 @@ class RecyclingWSGIServer(WSGIServer):
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.connections = Connections(limits.max_threads, self.wake)
         self.refreezer = Refreezer(limits.gc_freeze, self.wake, first_at=first_freeze_at)
-        self.turns = Turns(limits.turn)
+        self.request_turns = RequestTurns(limits.turn)
         self.late = LateRequests(limits)
         self.watchdog = Watchdog(os.environ)
 

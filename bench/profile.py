@@ -136,22 +136,27 @@ def setting(name, values, seconds=5, turns=3):
                 running = Running.of_row(stage, row, "setting-%d" % len(found[label]), row["args"], row["env"])
                 try:
                     running.warm(stage.front("shipped"))
+                    server = family(running.root)  # launcher, mold and worker; or the ceiling's one process
+                    before = sum(cpu_seconds(pid) for pid in server)
                     if row["server"] == "ceiling":
                         figures = ceiling.run_cell(stage.socket, 8, seconds, rows.cycle(rows.WIKI))
                     else:
                         figures = load.wrk(stage.wrk, stage.front("shipped").url("/"), "setting", 8, seconds,
                                            rows.cycle(rows.WIKI))
+                    used = sum(cpu_seconds(pid) for pid in server) - before
                 finally:
                     running.stop()
-                found[label].append((figures["requests"] - figures["non2xx"] - figures["cut_off"])
-                                    / (figures["duration_us"] / 1e6))
+                whole = figures["requests"] - figures["non2xx"] - figures["cut_off"]
+                found[label].append((whole / (figures["duration_us"] / 1e6), 1000 * used / max(1, whole)))
     finally:
         stage.stop()
     print("/wiki/WikiStart, 8 connections, %d s a turn, %d turns; load average at the end %s.\n" % (
         seconds, turns, ", ".join("%.2f" % x for x in os.getloadavg())))
-    print("| setup | pages/s per turn | median |\n|---|---|---|")
+    print("| setup | pages/s per turn | median | server CPU ms/page, median |\n|---|---|---|---|")
     for label, values in found.items():
-        print("| %s | %s | %.1f |" % (label, ", ".join("%.1f" % v for v in values), sorted(values)[len(values) // 2]))
+        rates, costs = sorted(v[0] for v in values), sorted(v[1] for v in values)
+        print("| %s | %s | %.1f | %.1f |" % (label, ", ".join("%.1f" % v[0] for v in values),
+                                             rates[len(rates) // 2], costs[len(costs) // 2]))
 
 
 def main():

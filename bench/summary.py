@@ -90,7 +90,8 @@ def ceiling_lines(record):
         if ours and top:
             parts.append("%s %.1f pages/s, ours ÷ ceiling %s%s" % (
                 what, top["rps"]["median"], ratio(ours, top),
-                " (one thread at a time: %.1f pages/s)" % one["rps"]["median"] if one else ""))
+                " (one thread: %.1f pages/s, ours ÷ that %s)" % (one["rps"]["median"], ratio(ours, one))
+                if one else ""))
     if not parts:
         return []
     return ["The ceiling, Trac's WSGI application called in-process by a thread per connection, nothing in "
@@ -148,7 +149,8 @@ def readme_section(record):
                            load_range(record)),
                        ""] + ["- " + line for line in headline(record)] + [
                       "", "Studies beside the table, run by hand: where ours spends what the ceiling does not "
-                      "([bench/results/ceiling.md](bench/results/ceiling.md)); what makes open-loop p99 worse while "
+                      "([bench/results/ceiling.md](bench/results/ceiling.md)); requests taking turns against all "
+                      "at once ([bench/results/turns.md](bench/results/turns.md)); what makes open-loop p99 worse while "
                       "recycling, and a change to trac_fcgi.py measured beside the checkout "
                       "([bench/results/recycle-tail.md](bench/results/recycle-tail.md))."] + [
                       "", "![memory and open-loop latency over time while recycling](bench/results/latest.png)", "",

@@ -326,7 +326,7 @@ def test_requests_run_the_application_one_at_a_time_within_their_turns(spawn):
 
 def test_a_quick_request_is_answered_while_a_slow_one_runs_past_its_turn(spawn):
     worker = spawn(HELLO, env={"TRAC_FCGI_TURN": "0.1"})
-    threads, results = ask_in_background(worker.socket, query="delay=5")
+    threads, results = ask_in_background(worker.socket, query="delay=10")
     wait_until(lambda: fcgi_get(worker.socket, "/overlap").body == b"1\n", what="the slow one running")
     assert fcgi_get(worker.socket).status == 200
     assert not results, "answered before the slow one ended"

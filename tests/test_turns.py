@@ -1,4 +1,4 @@
-"""Requests take turns to run the application (trac_fcgi.Turns), in-process with real threads.
+"""Requests take turns to run the application (trac_fcgi.RequestTurns), in-process with real threads.
 
 Each "request" below is a thread that takes its turn, notes when it started,
 and holds the turn until the test lets it go: the order of events is the
@@ -8,7 +8,7 @@ speed.  The worker tests in test_trac_fcgi.py show that a real worker obeys it.
 import threading
 import time
 
-from trac_fcgi import Turns
+from trac_fcgi import RequestTurns
 
 # A turn no test request outlasts on any machine, unless a test wants it to.
 LONG_TURN = 600
@@ -22,9 +22,10 @@ class Request(threading.Thread):
         self.turns = turns
         self.started = threading.Event()
         self.finishing = threading.Event()
-        self.started_at = None
+        self.asked_at = self.started_at = None
 
     def run(self):
+        self.asked_at = time.monotonic()
         turn = self.turns.take()
         self.started_at = time.monotonic()
         self.started.set()
@@ -42,16 +43,17 @@ def queue_up(turns, names):
     for name in names:
         request = Request(turns, name)
         request.start()
+        requests.append(request)
         deadline = time.monotonic() + 10
-        while len(turns.waiting) + bool(turns.latest) < len(requests) + 1 and not request.started.is_set():
+        # Each one so far is in line or has started (none has been let finish).
+        while len(turns.waiting) + sum(r.started.is_set() for r in requests) < len(requests):
             assert time.monotonic() < deadline, "request %s never reached the line" % name
             time.sleep(0.001)
-        requests.append(request)
     return requests
 
 
 def test_requests_run_one_at_a_time_first_come_first_served():
-    turns = Turns(LONG_TURN)
+    turns = RequestTurns(LONG_TURN)
     first, second, third = queue_up(turns, "abc")
     assert first.started.wait(10)
     assert not second.started.wait(0.2) and not third.started.is_set()
@@ -66,20 +68,21 @@ def test_requests_run_one_at_a_time_first_come_first_served():
 
 def test_a_request_whose_turn_is_over_lets_the_next_one_start_beside_it():
     turn_s = 0.2
-    turns = Turns(turn_s)
+    turns = RequestTurns(turn_s)
     slow, quick = queue_up(turns, ["slow", "quick"])
     assert quick.started.wait(10), "the next one starts while the slow one still runs"
-    assert quick.started_at - slow.started_at >= turn_s
+    assert quick.started_at - slow.asked_at >= turn_s
     quick.finish()
     slow.finish()
 
 
 def test_after_a_long_one_the_rest_take_turns_again():
     # The one that started last is the one to wait for: the long one had its turn.
-    turns = Turns(0.2)
+    turns = RequestTurns(0.2)
     slow, second, third = queue_up(turns, ["slow", "second", "third"])
     assert second.started.wait(10)
-    assert not third.started.wait(0.1), "the third waits for the second, which is within its turn"
+    turns.turn_s = LONG_TURN  # from now on, however slow the machine, the second is within its turn
+    assert not third.started.wait(0.2), "the third waits for the second"
     second.finish()
     assert third.started.wait(10), "and starts once the second is done, with the slow one still running"
     third.finish()
@@ -87,7 +90,7 @@ def test_after_a_long_one_the_rest_take_turns_again():
 
 
 def test_a_request_whose_turn_is_over_is_not_waited_for_once_it_is_done():
-    turns = Turns(LONG_TURN)
+    turns = RequestTurns(LONG_TURN)
     (first,) = queue_up(turns, ["first"])
     first.finish()
     (after,) = queue_up(turns, ["after"])
@@ -96,7 +99,7 @@ def test_a_request_whose_turn_is_over_is_not_waited_for_once_it_is_done():
 
 
 def test_turn_zero_runs_every_request_at_once_as_flup_does():
-    turns = Turns(0)
+    turns = RequestTurns(0)
     requests = queue_up(turns, "abcd")
     assert all(request.started.wait(10) for request in requests)
     for request in requests:
