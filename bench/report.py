@@ -286,7 +286,7 @@ the plot and the top README's summary from the raw records alone.
 | `driver.py`, `experiments.py` | run everything, write `results/latest.json` |
 | `analysis.py`, `report.py`, `plot.py` | figures, this report and the plot, from the JSON |
 | `fronts.py`, `metrics_plot.py` | studies run by hand: nginx's connection settings and POSTs run twice (`results/fronts.md`); a recycling run seen through `--metrics-file` (`results/metrics.md`) |
-| `profile.py`, `recycle_tail.py` | studies run by hand: where ours spends what the ceiling does not (`results/ceiling.md`; py-spy, which it needs, goes into the venv by hand: `.venv/bin/python -m pip install py-spy`, a bench-only tool); what makes open-loop p99 worse while recycling, and a proposed change measured beside the checkout (`results/recycle-tail.md`) |
+| `profile.py`, `recycle_tail.py` | studies run by hand: where ours spends what the ceiling does not (`results/ceiling.md`; py-spy, which it needs, goes into the venv by hand: `.venv/bin/python -m pip install py-spy`, a bench-only tool); a setting's values side by side, `profile.py --setting TRAC_FCGI_TURN=0,0.05,0.1` (`results/turns.md`); what makes open-loop p99 worse while recycling, and a proposed change measured beside the checkout (`results/recycle-tail.md`) |
 
 """
 
