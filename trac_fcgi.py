@@ -1302,10 +1302,10 @@ class Connections:
         self.lock = threading.Lock()
         self.open = set()
         # Kept-alive connections holding a thread while they wait for their
-        # next request, with when their last answer went out; whether
+        # next request (each knows when its last answer went out); whether
         # a connection waits in the backlog for a thread; and the connection
         # closing to give it one.
-        self.idle = {}
+        self.idle = set()
         self.backlog_waiting = False
         self.releasing = None
         self.draining = False  # set once, as the worker stops accepting
@@ -1342,12 +1342,12 @@ class Connections:
 
     def now_idle(self, connection):
         with self.lock:
-            self.idle[connection] = connection.answered_at
+            self.idle.add(connection)
 
     def now_busy(self, connection):
         """Called as an idle connection wakes: True if the server released it meanwhile."""
         with self.lock:
-            self.idle.pop(connection, None)
+            self.idle.discard(connection)
             return self.releasing is connection
 
     def release_idle(self):
@@ -1356,10 +1356,10 @@ class Connections:
                 return
             # The one idle longest, by its last answer: the order in which
             # threads got back to wait is the scheduler's, not nginx's.
-            connection, since = min(self.idle.items(), key=lambda item: item[1])
-            if time.monotonic() - since < RELEASE_IDLE_S:
+            connection = min(self.idle, key=lambda idle: idle.answered_at)
+            if time.monotonic() - connection.answered_at < RELEASE_IDLE_S:
                 return
-            del self.idle[connection]
+            self.idle.remove(connection)
             self.releasing = connection
         try:
             connection._sock.shutdown(socket.SHUT_RD)  # wakes its thread's select()

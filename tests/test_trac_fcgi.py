@@ -314,14 +314,19 @@ def test_idle_kept_alive_connections_give_their_threads_up_to_a_waiting_client(s
         conn.close()
 
 
-def test_requests_run_the_application_one_at_a_time_within_their_turns(spawn):
-    worker = spawn(HELLO, env={"TRAC_FCGI_TURN": "600"})
-    threads, results = ask_in_background(worker.socket, query="delay=0.2", count=4)
+def most_at_once(spawn, turn, delay):
+    """Four requests of DELAY seconds sent together to a worker with TRAC_FCGI_TURN=TURN, all answered:
+    the most that were in the application at once (hello.py's /overlap)."""
+    worker = spawn(HELLO, env={"TRAC_FCGI_TURN": turn})
+    threads, results = ask_in_background(worker.socket, query="delay=%s" % delay, count=4)
     for thread in threads:
         thread.join(60)
     assert [getattr(result, "status", result) for result in results] == [200] * 4
-    # hello.py's /overlap: the most requests it has had in the application at once.
-    assert fcgi_get(worker.socket, "/overlap").body == b"1\n"
+    return int(fcgi_get(worker.socket, "/overlap").body)
+
+
+def test_requests_run_the_application_one_at_a_time_within_their_turns(spawn):
+    assert most_at_once(spawn, turn="600", delay=0.2) == 1
 
 
 def test_a_quick_request_is_answered_while_a_slow_one_runs_past_its_turn(spawn):
@@ -335,12 +340,7 @@ def test_a_quick_request_is_answered_while_a_slow_one_runs_past_its_turn(spawn):
 
 
 def test_turn_zero_runs_requests_all_at_once_as_flup_does(spawn):
-    worker = spawn(HELLO, env={"TRAC_FCGI_TURN": "0"})
-    threads, results = ask_in_background(worker.socket, query="delay=1", count=4)
-    for thread in threads:
-        thread.join(60)
-    assert [getattr(result, "status", result) for result in results] == [200] * 4
-    assert int(fcgi_get(worker.socket, "/overlap").body) >= 2
+    assert most_at_once(spawn, turn="0", delay=1) >= 2
 
 
 def test_a_busy_kept_alive_connection_gives_its_thread_up_after_its_request(spawn):
