@@ -179,9 +179,12 @@ def test_the_listen_backlog_counts_connections_that_no_one_has_accepted(tmp_path
 
 
 def test_pss_and_private_memory_of_a_real_process_are_at_most_its_resident_size():
-    child = subprocess.Popen([PYTHON, "-c", "import time; b = bytearray(32 << 20); time.sleep(30)"])
+    # The child says when its buffer is filled: its resident size passes 32 MiB
+    # (the interpreter's own pages count too) before the last of it is written.
+    child = subprocess.Popen([PYTHON, "-c", "import time; b = bytearray(32 << 20); print('filled', flush=True); "
+                              "time.sleep(30)"], stdout=subprocess.PIPE)
     try:
-        wait_until(lambda: launcher.resident_bytes(child.pid) > 32 << 20, 10, "the child to fill its buffer")
+        assert child.stdout.readline() == b"filled\n"
         pss, private = launcher.shared_memory(child.pid)
         rss = launcher.resident_bytes(child.pid)
         assert 32 << 20 < private <= pss <= rss
